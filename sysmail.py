@@ -1,0 +1,2311 @@
+#!/usr/bin/env python3
+"""sysmail: a platform's system emails, queued durably and sent DKIM-signed.
+
+System emails (password resets, verifications, two-factor codes, security alerts, billing
+notices, announcements, suspension notices) are infrastructure: configuration comes from the
+environment only, mail is written atomically into a Maildir-style spool, and a sender thread
+delivers it over SMTP with one reused connection, signing each message at send time.
+
+Environment (see Config.from_env; every bad value is reported at once, exit 78):
+    SYSTEM_DOMAIN                     brand domain (required with SMTP_URL; else "localhost")
+    SYSTEM_FROM, SYSTEM_FROM_NAME     sender address (noreply@$SYSTEM_DOMAIN) and display name
+    SYSTEM_REPLY_TO                   optional Reply-To address
+    SYSTEM_DKIM_SELECTOR              RSA selector (default "default")
+    SYSTEM_DKIM_PRIVATE_KEY           PEM RSA key, 2048 bits or more (literal \\n accepted)
+    SYSTEM_DKIM_ED25519_SELECTOR      selector of the optional ed25519 key (default "ed25519")
+    SYSTEM_DKIM_ED25519_PRIVATE_KEY   optional ed25519 key: PEM, or base64 of the 32-byte seed
+    DASHBOARD_URL                     base of the links in account mails
+    SMTP_URL                          smtp://user:pass@host:587 (STARTTLS), smtps://host:465,
+                                      smtp+plain://127.0.0.1:25 (no TLS; loopback relays only);
+                                      unset: mail is written as .eml files into SYSMAIL_OUTBOX
+    SMTP_TLS_VERIFY=0, SMTP_CA_FILE   relax certificate checks / trust a private CA
+    SMTP_TIMEOUT_SECONDS              socket timeout for the relay (default 30)
+    SYSMAIL_SPOOL, SYSMAIL_OUTBOX     ./spool and ./outbox by default
+    SYSMAIL_TEMPLATES                 folder of NAME.subject / NAME.txt / NAME.html overrides
+    SYSMAIL_ALLOW_UNSIGNED=1          allow a real relay without a DKIM key
+    SYSMAIL_LOG_LEVEL                 debug, info (default), warning, error
+
+Command line:
+    sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...]
+    sysmail send --to ADDR --subject S --text T [--html H]
+    sysmail worker [--once] | status [--json] | failed [--json] | retry ID...|--all
+    sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
+
+Contents (greppable banners, in dependency order):
+    Errors, Configuration, Logging, Messages and templates, DKIM signing, Spool,
+    SMTP transport, Sender, Mailer, CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import email.utils
+import heapq
+import html
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import signal
+import smtplib
+import socket
+import ssl
+import string
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+from typing import Self
+
+__all__ = [
+    "TEMPLATES",
+    "Claim",
+    "Config",
+    "ConfigError",
+    "DeliveryCounts",
+    "DeliveryError",
+    "DkimSigner",
+    "Mailer",
+    "MessageError",
+    "OutboxTransport",
+    "PermanentDeliveryError",
+    "QueueUnavailable",
+    "RelayUnavailable",
+    "RetryPolicy",
+    "SendResult",
+    "Sender",
+    "SmtpTransport",
+    "SmtpUrl",
+    "Spool",
+    "SpoolError",
+    "SpooledMessage",
+    "SysmailError",
+    "Template",
+    "TemporaryDeliveryError",
+    "UsageError",
+    "build_message",
+    "classify_reply",
+    "main",
+    "parse_env_file",
+    "render",
+    "validate_address",
+]
+
+Clock = Callable[[], float]
+
+
+# ---- Errors ---- #
+
+
+class SysmailError(Exception):
+    """Root of every error sysmail raises on purpose."""
+
+
+class ConfigError(SysmailError):
+    """The configuration is invalid; `problems` lists every bad variable."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration: " + "; ".join(self.problems))
+
+
+class UsageError(SysmailError):
+    """The command line was used wrongly."""
+
+
+class MessageError(SysmailError):
+    """A message cannot be built from the input (bad address, variable, header value)."""
+
+
+class SpoolError(SysmailError):
+    """The spool could not be read or written."""
+
+
+class QueueUnavailable(SysmailError):
+    """No queue could store the message: nothing was enqueued."""
+
+
+class DeliveryError(SysmailError):
+    """The relay refused a message; the SMTP code and recipients are data."""
+
+    def __init__(self, reason: str, smtp_code: int | None = None, reply: str = "",
+                 recipients: tuple[str, ...] = ()):
+        self.smtp_code = smtp_code
+        self.reply = reply
+        self.recipients = recipients
+        super().__init__(reason)
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """A 4xx answer: the message should be tried again later."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A 5xx answer: the message will never be accepted as it is."""
+
+
+class RelayUnavailable(TemporaryDeliveryError):
+    """The relay cannot be reached or is shutting down (refused, timeout, 421): no message's fault."""
+
+
+# ---- Configuration ---- #
+
+SMTP_DEFAULT_PORTS = {"smtp": 587, "smtps": 465, "smtp+plain": 25}
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+RSA_MIN_BITS = 2048
+_TRUE_WORDS = {"1", "true", "yes", "on"}
+_FALSE_WORDS = {"0", "false", "no", "off", ""}
+_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+
+
+@dataclass(frozen=True)
+class SmtpUrl:
+    """Where and how to reach the relay; the password never appears in repr or str."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> SmtpUrl:
+        """Parse an SMTP_URL; raise ValueError with a reason that never contains the password."""
+        try:
+            parts = urllib.parse.urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise ValueError("is not a URL like smtp://user:pass@host:587") from None
+        if parts.scheme not in SMTP_DEFAULT_PORTS:
+            raise ValueError("must start with smtp://, smtps:// or smtp+plain://")
+        if not parts.hostname:
+            raise ValueError("has no host")
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        return cls(parts.scheme, parts.hostname, port or SMTP_DEFAULT_PORTS[parts.scheme],
+                   user, password)
+
+    def __str__(self) -> str:
+        user = f"{self.username}:***@" if self.username else ""
+        return f"{self.scheme}://{user}{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when the relay is on this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything sysmail needs, read from the environment once; secrets are hidden from repr."""
+
+    domain: str = "localhost"
+    from_addr: str = "noreply@localhost"
+    from_name: str = "localhost"
+    reply_to: str = ""
+    dkim_selector: str = "default"
+    dkim_key: bytes | None = field(default=None, repr=False)
+    ed25519_selector: str = "ed25519"
+    ed25519_key: bytes | None = field(default=None, repr=False)
+    dashboard_url: str = ""
+    smtp: SmtpUrl | None = None
+    smtp_tls_verify: bool = True
+    smtp_ca_file: str = ""
+    smtp_timeout: float = 30.0
+    spool_dir: Path = Path("spool")
+    outbox_dir: Path = Path("outbox")
+    templates_dir: Path | None = None
+    allow_unsigned: bool = False
+    log_level: int = logging.INFO
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        """Read a Config from an environment mapping; raise ConfigError naming every bad variable."""
+        reader = _EnvReader(env)
+        config = reader.read()
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return config
+
+    @property
+    def signing(self) -> bool:
+        """True when outgoing mail is DKIM-signed."""
+        return self.dkim_key is not None or self.ed25519_key is not None
+
+
+class _EnvReader:
+    """Reads Config fields from a mapping, collecting every problem instead of stopping."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+        self.problems: list[str] = []
+
+    def read(self) -> Config:
+        smtp = self._smtp_url()
+        domain = self._domain(required=smtp is not None)
+        from_addr = self._address("SYSTEM_FROM", f"noreply@{domain}")
+        config = Config(
+            domain=domain,
+            from_addr=from_addr,
+            from_name=self._header_text("SYSTEM_FROM_NAME", domain),
+            reply_to=self._address("SYSTEM_REPLY_TO", ""),
+            dkim_selector=self._selector("SYSTEM_DKIM_SELECTOR", "default"),
+            dkim_key=self._rsa_key(),
+            ed25519_selector=self._selector("SYSTEM_DKIM_ED25519_SELECTOR", "ed25519"),
+            ed25519_key=self._ed25519_key(),
+            dashboard_url=self._url("DASHBOARD_URL"),
+            smtp=smtp,
+            smtp_tls_verify=self._bool("SMTP_TLS_VERIFY", True),
+            smtp_ca_file=self._file("SMTP_CA_FILE"),
+            smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", 30.0),
+            spool_dir=Path(self.env.get("SYSMAIL_SPOOL") or "spool"),
+            outbox_dir=Path(self.env.get("SYSMAIL_OUTBOX") or "outbox"),
+            templates_dir=self._folder("SYSMAIL_TEMPLATES"),
+            allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", False),
+            log_level=self._log_level(),
+        )
+        if smtp and not config.signing and not config.allow_unsigned:
+            self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is required with a real SMTP_URL "
+                                 "(or set SYSMAIL_ALLOW_UNSIGNED=1 to send unsigned mail)")
+        return config
+
+    def _smtp_url(self) -> SmtpUrl | None:
+        text = self.env.get("SMTP_URL", "").strip()
+        if not text:
+            return None
+        try:
+            url = SmtpUrl.parse(text)
+        except ValueError as exc:
+            self.problems.append(f"SMTP_URL {exc}")
+            return None
+        if url.scheme == "smtp+plain" and url.username and not url.is_loopback:
+            self.problems.append("SMTP_URL sends a password without TLS to a remote host: "
+                                 "use smtp:// (STARTTLS) or smtps://")
+        return url
+
+    def _domain(self, required: bool) -> str:
+        domain = self.env.get("SYSTEM_DOMAIN", "").strip().lower()
+        if not domain:
+            if required:
+                self.problems.append("SYSTEM_DOMAIN is required when SMTP_URL is set")
+            return "localhost"
+        try:
+            return _idna_domain(domain)
+        except MessageError:
+            self.problems.append("SYSTEM_DOMAIN is not a valid domain name")
+            return "localhost"
+
+    def _address(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            return validate_address(value)
+        except MessageError:
+            self.problems.append(f"{name} is not a valid email address")
+            return default
+
+    def _header_text(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip() or default
+        if _has_control_chars(value):
+            self.problems.append(f"{name} contains a line break or NUL")
+            return default
+        return value
+
+    def _selector(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip() or default
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})", value):
+            self.problems.append(f"{name} must be letters, digits, dots, '-' or '_'")
+            return default
+        return value
+
+    def _rsa_key(self) -> bytes | None:
+        text = self.env.get("SYSTEM_DKIM_PRIVATE_KEY", "").strip()
+        if not text:
+            return None
+        try:
+            bits = _rsa_key_bits(_pem_bytes(text))
+        except ValueError:
+            self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is not a PEM RSA private key")
+            return None
+        if bits < RSA_MIN_BITS:
+            self.problems.append(f"SYSTEM_DKIM_PRIVATE_KEY has {bits} bits; "
+                                 f"at least {RSA_MIN_BITS} are required")
+            return None
+        return _pem_bytes(text)
+
+    def _ed25519_key(self) -> bytes | None:
+        text = self.env.get("SYSTEM_DKIM_ED25519_PRIVATE_KEY", "").strip()
+        if not text:
+            return None
+        try:
+            seed = _ed25519_seed(text)
+        except ValueError:
+            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY is neither a PEM ed25519 key "
+                                 "nor the base64 of a 32-byte seed")
+            return None
+        if not _nacl_available():
+            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY needs PyNaCl: "
+                                 "pip install 'sysmail[ed25519]'")
+            return None
+        return base64.b64encode(seed)
+
+    def _url(self, name: str) -> str:
+        value = self.env.get(name, "").strip().rstrip("/")
+        if value and not _is_web_url(value):
+            self.problems.append(f"{name} must be an http:// or https:// URL")
+            return ""
+        return value
+
+    def _bool(self, name: str, default: bool) -> bool:
+        value = self.env.get(name)
+        if value is None:
+            return default
+        word = value.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        self.problems.append(f"{name} must be 1 or 0")
+        return default
+
+    def _positive(self, name: str, default: float) -> float:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if number <= 0:
+            self.problems.append(f"{name} must be a positive number of seconds")
+            return default
+        return number
+
+    def _file(self, name: str) -> str:
+        value = self.env.get(name, "").strip()
+        if value and not os.path.isfile(value):
+            self.problems.append(f"{name} names no readable file")
+            return ""
+        return value
+
+    def _folder(self, name: str) -> Path | None:
+        value = self.env.get(name, "").strip()
+        if value and not os.path.isdir(value):
+            self.problems.append(f"{name} names no folder")
+            return None
+        return Path(value) if value else None
+
+    def _log_level(self) -> int:
+        value = self.env.get("SYSMAIL_LOG_LEVEL", "info").strip().lower() or "info"
+        if value not in LOG_LEVELS:
+            self.problems.append("SYSMAIL_LOG_LEVEL must be debug, info, warning or error")
+            return logging.INFO
+        return LOG_LEVELS[value]
+
+
+def _pem_bytes(text: str) -> bytes:
+    """Normalise a PEM from the environment: literal \\n escapes become real line breaks."""
+    return text.replace("\\n", "\n").strip().encode("ascii", "replace") + b"\n"
+
+
+def _rsa_key_bits(pem: bytes) -> int:
+    """Return the modulus size of a PEM RSA private key; raise ValueError when it is not one."""
+    from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+    try:
+        key = parse_pem_private_key(pem)
+    except (UnparsableKeyError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError("not an RSA private key") from exc
+    return key["modulus"].bit_length()
+
+
+def _ed25519_seed(text: str) -> bytes:
+    """Return the 32-byte seed of an ed25519 key given as PEM (PKCS#8) or base64 seed."""
+    text = text.replace("\\n", "\n").strip()
+    if "-----BEGIN" in text:
+        body = "".join(line for line in text.splitlines() if not line.startswith("-----"))
+        der = base64.b64decode(body, validate=False)
+        if len(der) != 48 or not der.startswith(_ED25519_PKCS8_PREFIX):
+            raise ValueError("not an ed25519 PKCS#8 key")
+        return der[16:]
+    try:
+        seed = base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ValueError("not base64") from exc
+    if len(seed) != 32:
+        raise ValueError("not 32 bytes")
+    return seed
+
+
+def _nacl_available() -> bool:
+    """True when PyNaCl, which dkimpy needs for ed25519, can be imported."""
+    try:
+        import nacl.signing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _is_web_url(value: str) -> bool:
+    """True for an absolute http(s) URL with a host and no control characters."""
+    if _has_control_chars(value) or any(c.isspace() for c in value):
+        return False
+    parts = urllib.parse.urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """Parse systemd EnvironmentFile syntax: KEY=VALUE lines, # or ; comments, quotes, \\ joins."""
+    result: dict[str, str] = {}
+    for number, line in enumerate(_env_file_lines(text), start=1):
+        key, sep, raw = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError([f"env file entry {number} is not KEY=VALUE"])
+        result[key] = _unquote_env_value(raw.strip())
+    return result
+
+
+def _env_file_lines(text: str) -> Iterator[str]:
+    """Yield logical lines: comments dropped, quoted values and trailing backslashes joined."""
+    pending = ""
+    for line in text.splitlines():
+        if not pending and (not line.strip() or line.lstrip()[:1] in ("#", ";")):
+            continue
+        pending = f"{pending}\n{line}" if pending else line
+        if pending.endswith("\\") and not pending.endswith("\\\\"):
+            pending = pending[:-1]
+            continue
+        if _open_quote(pending):
+            continue
+        yield pending
+        pending = ""
+    if pending:
+        yield pending
+
+
+def _open_quote(line: str) -> bool:
+    """True when the value part of a line opens a quote it does not close."""
+    value = line.partition("=")[2].lstrip()
+    if value[:1] not in ("'", '"'):
+        return False
+    quote, body = value[0], value[1:]
+    if quote == '"':
+        body = re.sub(r"\\.", "", body)
+    return quote not in body
+
+
+def _unquote_env_value(raw: str) -> str:
+    """Strip quotes from an env-file value, undoing backslash escapes inside double quotes."""
+    if len(raw) >= 2 and raw[0] == raw[-1] == "'":
+        return raw[1:-1]
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        return re.sub(r'\\([\\"`$])', r"\1", raw[1:-1])
+    return raw
+
+
+# ---- Logging ---- #
+
+_log = logging.getLogger("sysmail")
+_log.addHandler(logging.NullHandler())
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, event, and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": _iso_time(record.created), "level": record.levelname.lower(),
+                 "event": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["traceback"] = "".join(traceback.format_exception(*record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+def log_event(level: int, event: str, **fields: object) -> None:
+    """Log one structured event; callers pass only fields that are safe to keep."""
+    _log.log(level, event, extra={"fields": fields})
+
+
+def _iso_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+def _has_control_chars(value: str) -> bool:
+    """True when a value holds CR, LF or NUL, which would let it forge headers."""
+    return any(c in value for c in "\r\n\0")
+
+
+# ---- Messages and templates ---- #
+
+MAX_ADDRESS_LENGTH = 254
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+URGENT, BULK = 0, 1
+PRIORITY_NAMES = {URGENT: "urgent", BULK: "bulk"}
+DAY_SECONDS = 86400
+ADHOC_TTL_SECONDS = 3 * DAY_SECONDS
+
+_HTML_LAYOUT = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>${_subject}</title>
+</head>
+<body style="margin:0;padding:0;background-color:#f4f5f7;">
+<table role="presentation" width="100%" cellpadding="0" cellspacing="0" border="0" style="background-color:#f4f5f7;">
+<tr><td align="center" style="padding:24px 12px;">
+<table role="presentation" width="560" cellpadding="0" cellspacing="0" border="0" style="max-width:560px;width:100%;background-color:#ffffff;border-radius:8px;">
+<tr><td style="padding:24px 32px 0 32px;font-family:Helvetica,Arial,sans-serif;font-size:18px;font-weight:bold;color:#111827;">${brand}</td></tr>
+<tr><td style="padding:16px 32px 24px 32px;font-family:Helvetica,Arial,sans-serif;font-size:15px;line-height:24px;color:#374151;">
+@BODY@
+</td></tr>
+<tr><td style="padding:16px 32px 24px 32px;border-top:1px solid #e5e7eb;font-family:Helvetica,Arial,sans-serif;font-size:12px;line-height:18px;color:#6b7280;">This is an automated message from ${brand} (${domain}). Replies to it are not read.</td></tr>
+</table>
+</td></tr>
+</table>
+</body>
+</html>
+"""
+
+_BUTTON = ('<p style="margin:24px 0;"><a href="${%s}" style="display:inline-block;'
+           'padding:12px 20px;background-color:#2563eb;color:#ffffff;text-decoration:none;'
+           'border-radius:6px;font-weight:bold;">%s</a></p>')
+_LINK_HINT = ('<p style="margin:0 0 16px 0;font-size:13px;color:#6b7280;">If the button does not '
+              'work, copy this address into your browser:<br>'
+              '<a href="${%s}" style="color:#2563eb;word-break:break-all;">${%s}</a></p>')
+
+
+def _html(*paragraphs: str) -> str:
+    """Wrap body paragraphs in the shared inline-styled layout; one paragraph per line."""
+    body = "\n".join(p if p.startswith("<") else f'<p style="margin:0 0 16px 0;">{p}</p>'
+                     for p in paragraphs)
+    return _HTML_LAYOUT.replace("@BODY@", body)
+
+
+def _button(var: str, label: str) -> str:
+    return _BUTTON % (var, label) + "\n" + _LINK_HINT % (var, var)
+
+
+@dataclass(frozen=True)
+class Template:
+    """One system email: subject, text and HTML parts, its variables, priority and lifetime."""
+
+    name: str
+    subject: str
+    text: str
+    html: str
+    required: tuple[str, ...]
+    defaults: Mapping[str, str]
+    samples: Mapping[str, str]
+    priority: int = URGENT
+    ttl_seconds: int = DAY_SECONDS
+    ttl_minutes_var: str = ""
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """Every variable the template accepts, required first."""
+        return self.required + tuple(v for v in self.defaults if v not in self.required)
+
+    def ttl(self, values: Mapping[str, str]) -> int:
+        """Seconds after enqueue when the mail is no longer worth sending."""
+        if self.ttl_minutes_var:
+            return int(values[self.ttl_minutes_var]) * 60
+        return self.ttl_seconds
+
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    Template(
+        name="password-reset",
+        subject="Reset your ${brand} password",
+        text="Hi ${name},\n\nSomeone asked to reset the password of your ${brand} account. "
+             "To choose a new password, open this link within ${expires_minutes} minutes:\n\n"
+             "${reset_url}\n\nIf you did not ask for this, ignore this email: your password "
+             "stays as it is.\n",
+        html=_html("Hi ${name},",
+                   "Someone asked to reset the password of your ${brand} account. To choose a "
+                   "new password, use the button below within ${expires_minutes} minutes.",
+                   _button("reset_url", "Reset password"),
+                   "If you did not ask for this, ignore this email: your password stays as it is."),
+        required=("reset_url",),
+        defaults={"name": "there", "expires_minutes": "60"},
+        samples={"reset_url": "https://dashboard.example.com/reset-password?token=SAMPLE",
+                 "name": "Ada"},
+        ttl_minutes_var="expires_minutes",
+    ),
+    Template(
+        name="email-verification",
+        subject="Confirm your email address for ${brand}",
+        text="Hi ${name},\n\nPlease confirm that this is your email address by opening this "
+             "link:\n\n${verify_url}\n\nIf you did not create a ${brand} account, ignore this "
+             "email.\n",
+        html=_html("Hi ${name},",
+                   "Please confirm that this is your email address.",
+                   _button("verify_url", "Confirm email address"),
+                   "If you did not create a ${brand} account, ignore this email."),
+        required=("verify_url",),
+        defaults={"name": "there"},
+        samples={"verify_url": "https://dashboard.example.com/verify?token=SAMPLE", "name": "Ada"},
+        ttl_seconds=DAY_SECONDS,
+    ),
+    Template(
+        name="two-factor-code",
+        subject="Your ${brand} sign-in code: ${code}",
+        text="Your ${brand} sign-in code is:\n\n    ${code}\n\nIt expires in ${expires_minutes} "
+             "minutes. Never share it: ${brand} will never ask you for it.\n",
+        html=_html("Your ${brand} sign-in code is:",
+                   '<p style="margin:16px 0;font-family:Menlo,Consolas,monospace;font-size:28px;'
+                   'letter-spacing:4px;font-weight:bold;color:#111827;">${code}</p>',
+                   "It expires in ${expires_minutes} minutes. Never share it: ${brand} will "
+                   "never ask you for it."),
+        required=("code",),
+        defaults={"expires_minutes": "10"},
+        samples={"code": "482913"},
+        ttl_minutes_var="expires_minutes",
+    ),
+    Template(
+        name="security-alert",
+        subject="Security alert for your ${brand} account",
+        text="Hi ${name},\n\nWe noticed this on your ${brand} account: ${event}\n\n"
+             "When: ${time}\nFrom address: ${ip}\n\nIf this was you, there is nothing to do. "
+             "If not, reset your password now and review your account.\n",
+        html=_html("Hi ${name},",
+                   "We noticed this on your ${brand} account: <strong>${event}</strong>",
+                   "When: ${time}",
+                   "From address: ${ip}",
+                   "If this was you, there is nothing to do. If not, reset your password now "
+                   "and review your account."),
+        required=("event",),
+        defaults={"ip": "", "time": "", "name": "there"},
+        samples={"event": "a new sign-in from Firefox on Linux", "ip": "203.0.113.7",
+                 "time": "2026-11-27 14:03 UTC", "name": "Ada"},
+        ttl_seconds=DAY_SECONDS,
+    ),
+    Template(
+        name="billing-notification",
+        subject="${brand} billing: ${summary}",
+        text="Hi ${name},\n\n${summary}\n\nAmount: ${amount}\nDue date: ${due_date}\n"
+             "Billing details: ${billing_url}\n",
+        html=_html("Hi ${name},",
+                   "${summary}",
+                   "Amount: <strong>${amount}</strong>",
+                   "Due date: ${due_date}",
+                   _BUTTON % ("billing_url", "View billing")),
+        required=("summary",),
+        defaults={"amount": "", "due_date": "", "billing_url": "", "name": "there"},
+        samples={"summary": "Your invoice for November is ready", "amount": "$49.00",
+                 "due_date": "2026-12-10", "billing_url": "https://dashboard.example.com/billing",
+                 "name": "Ada"},
+        priority=BULK,
+        ttl_seconds=3 * DAY_SECONDS,
+    ),
+    Template(
+        name="service-announcement",
+        subject="${title}",
+        text="Hi ${name},\n\n${body}\n\nThe ${brand} team\n",
+        html=_html("Hi ${name},",
+                   '<h1 style="margin:0 0 16px 0;font-size:20px;color:#111827;">${title}</h1>',
+                   "${body}",
+                   "The ${brand} team"),
+        required=("title", "body"),
+        defaults={"name": "there"},
+        samples={"title": "Scheduled maintenance on December 1",
+                 "body": "The dashboard will be read-only from 02:00 to 03:00 UTC.",
+                 "name": "Ada"},
+        priority=BULK,
+        ttl_seconds=7 * DAY_SECONDS,
+    ),
+    Template(
+        name="account-suspension",
+        subject="Your ${brand} account has been suspended",
+        text="Hi ${name},\n\nYour ${brand} account has been suspended.\n\nReason: ${reason}\n\n"
+             "To appeal this decision: ${appeal_url}\n",
+        html=_html("Hi ${name},",
+                   "Your ${brand} account has been suspended.",
+                   "Reason: ${reason}",
+                   _BUTTON % ("appeal_url", "Appeal this decision")),
+        required=("reason",),
+        defaults={"appeal_url": "", "name": "there"},
+        samples={"reason": "Unpaid invoices", "appeal_url": "https://dashboard.example.com/appeal",
+                 "name": "Ada"},
+        priority=BULK,
+        ttl_seconds=7 * DAY_SECONDS,
+    ),
+)}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A template's parts with the variables filled in."""
+
+    subject: str
+    text: str
+    html: str
+
+
+def load_templates(folder: Path | None) -> dict[str, Template]:
+    """Return the built-in templates with NAME.subject/.txt/.html files in folder overriding parts."""
+    if folder is None:
+        return dict(TEMPLATES)
+    suffixes = {"subject": ".subject", "text": ".txt", "html": ".html"}
+    templates = {}
+    for name, template in TEMPLATES.items():
+        parts = {}
+        for part, suffix in suffixes.items():
+            path = folder / f"{name}{suffix}"
+            if path.is_file():
+                parts[part] = path.read_text(encoding="utf-8").strip("\n") if part == "subject" \
+                    else path.read_text(encoding="utf-8")
+        templates[name] = dataclasses.replace(template, **parts)
+    return templates
+
+
+def render(template: Template, variables: Mapping[str, object], brand: Mapping[str, str]) -> Rendered:
+    """Fill a template in; raise MessageError for a missing, unknown or unsafe variable."""
+    values = _template_values(template, variables)
+    values.update(brand)
+    subject = _substitute(template, template.subject, values)
+    if _has_control_chars(subject):
+        raise MessageError(f"the subject of {template.name} would contain a line break")
+    html_values = {k: html.escape(v).replace("\n", "<br>\n") for k, v in values.items()}
+    html_values["_subject"] = html.escape(subject)
+    return Rendered(subject, _substitute_lines(template, template.text, values),
+                    _substitute_lines(template, template.html, html_values))
+
+
+def _template_values(template: Template, variables: Mapping[str, object]) -> dict[str, str]:
+    """Validate the caller's variables against the template and merge in the defaults."""
+    unknown = sorted(set(variables) - set(template.variables))
+    if unknown:
+        raise MessageError(f"template {template.name} has no variable {unknown[0]!r} "
+                           f"(it takes {', '.join(template.variables)})")
+    missing = [v for v in template.required if not str(variables.get(v, "")).strip()]
+    if missing:
+        raise MessageError(f"template {template.name} needs the variable {missing[0]!r}")
+    values = {**template.defaults, **{k: str(v) for k, v in variables.items()}}
+    for key, value in values.items():
+        _check_value(template.name, key, value)
+    return values
+
+
+def _check_value(template: str, key: str, value: str) -> None:
+    if "\0" in value:
+        raise MessageError(f"variable {key!r} of {template} contains a NUL character")
+    if key.endswith("_url") and value and not _is_web_url(value):
+        raise MessageError(f"variable {key!r} of {template} must be an http:// or https:// URL")
+    if key == "expires_minutes" and not (value.isdigit() and 0 < int(value) <= 10080):
+        raise MessageError(f"variable {key!r} of {template} must be a whole number of minutes")
+
+
+def _substitute(template: Template, text: str, values: Mapping[str, str]) -> str:
+    try:
+        return string.Template(text).substitute(values)
+    except (KeyError, ValueError) as exc:
+        raise MessageError(f"template {template.name} refers to an unknown variable {exc}") from None
+
+
+def _substitute_lines(template: Template, text: str, values: Mapping[str, str]) -> str:
+    """Substitute line by line, dropping a line that uses an optional variable left empty."""
+    empty = {k for k, v in values.items() if v == ""}
+    kept = [line for line in text.split("\n") if not empty & _names_in(line)]
+    return re.sub(r"\n{3,}", "\n\n", _substitute(template, "\n".join(kept), values))
+
+
+def _names_in(line: str) -> set[str]:
+    return {m.group("braced") or m.group("named") for m in string.Template.pattern.finditer(line)
+            if m.group("braced") or m.group("named")}
+
+
+def validate_address(address: str) -> str:
+    """Return a normalised address (IDNA domain); raise MessageError when it is not a plain one."""
+    if not isinstance(address, str) or _has_control_chars(address):
+        raise MessageError("an email address contains a line break or NUL")
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not _LOCAL_PART.fullmatch(local) or len(local) > 64:
+        raise MessageError(f"{address[:80]!r} is not a valid email address")
+    normalised = f"{local}@{_idna_domain(domain)}"
+    if len(normalised) > MAX_ADDRESS_LENGTH:
+        raise MessageError(f"{address[:80]!r} is longer than {MAX_ADDRESS_LENGTH} characters")
+    return normalised
+
+
+def _idna_domain(domain: str) -> str:
+    """Return the ASCII (IDNA) form of a domain name; raise MessageError when it is invalid."""
+    try:
+        ascii_domain = domain.rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise MessageError(f"{domain[:80]!r} is not a valid domain name") from None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
+        raise MessageError(f"{domain[:80]!r} is not a valid domain name")
+    return ascii_domain
+
+
+def make_message_id(domain: str, now: float) -> str:
+    """A globally unique RFC 5322 Message-ID in the brand domain."""
+    return f"<{int(now * 1000)}.{secrets.token_hex(10)}@{domain}>"
+
+
+def build_message(config: Config, to: list[str], rendered: Rendered, message_id: str,
+                  now: float) -> bytes:
+    """Build the RFC 5322 bytes (CRLF) of a multipart/alternative message."""
+    msg = EmailMessage(policy=SMTP_POLICY)
+    msg["From"] = email.utils.formataddr((config.from_name, config.from_addr))
+    msg["To"] = ", ".join(to)
+    msg["Subject"] = rendered.subject
+    msg["Date"] = email.utils.formatdate(now, usegmt=True)
+    msg["Message-ID"] = message_id
+    if config.reply_to:
+        msg["Reply-To"] = config.reply_to
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg.set_content(rendered.text, cte=_text_cte(rendered.text))
+    msg.add_alternative(rendered.html, subtype="html", cte=_text_cte(rendered.html))
+    for part in msg.iter_parts():
+        del part["MIME-Version"]  # only the top level carries it (RFC 2045)
+    return msg.as_bytes()
+
+
+def _text_cte(text: str) -> str:
+    """7bit for short ASCII lines, quoted-printable otherwise (readable, never 8bit on the wire)."""
+    if text.isascii() and all(len(line) <= 998 for line in text.splitlines()):
+        return "7bit"
+    return "quoted-printable"
+
+
+# ---- DKIM signing ---- #
+
+_SIGNED_HEADERS = (b"from", b"from", b"to", b"to", b"subject", b"subject", b"date",
+                   b"message-id", b"message-id", b"mime-version", b"content-type",
+                   b"auto-submitted")
+_REPLY_TO_HEADERS = (b"reply-to", b"reply-to")
+
+
+class DkimSigner:
+    """Signs messages at send time with the keys from the configuration (rsa, optional ed25519).
+
+    Headers named twice are over-signed: a copy added in transit breaks the signature.
+    """
+
+    def __init__(self, domain: str, rsa: tuple[str, bytes] | None = None,
+                 ed25519: tuple[str, bytes] | None = None, reply_to: bool = False):
+        self.domain = domain.encode("ascii")
+        self._keys = [(sel.encode("ascii"), key, alg) for sel, key, alg in (
+            (*(rsa or ("", b"")), b"rsa-sha256"), (*(ed25519 or ("", b"")), b"ed25519-sha256"))
+            if key]
+        self._headers = _SIGNED_HEADERS + (_REPLY_TO_HEADERS if reply_to else ())
+
+    def __repr__(self) -> str:
+        return f"DkimSigner(domain={self.domain.decode()!r}, keys={len(self._keys)})"
+
+    @classmethod
+    def from_config(cls, config: Config) -> DkimSigner | None:
+        """A signer for the From domain, or None when no key is configured."""
+        if not config.signing:
+            return None
+        rsa = (config.dkim_selector, config.dkim_key) if config.dkim_key else None
+        ed = (config.ed25519_selector, config.ed25519_key) if config.ed25519_key else None
+        return cls(config.from_addr.rpartition("@")[2], rsa, ed, bool(config.reply_to))
+
+    def sign(self, message: bytes) -> bytes:
+        """Return the message with a DKIM-Signature header per key prepended."""
+        import dkim
+
+        signatures = [dkim.sign(message, selector, self.domain, key, signature_algorithm=alg,
+                                canonicalize=(b"relaxed", b"relaxed"),
+                                include_headers=list(self._headers))
+                      for selector, key, alg in self._keys]
+        return b"".join(signatures) + message
+
+
+# ---- Spool ---- #
+
+SPOOL_FORMAT = b"sysmail-spool/1 "
+TMP_MAX_AGE_SECONDS = 36 * 3600
+SPOOL_DIR_MODE = 0o700
+SPOOL_FILE_MODE = 0o600
+_WAKE_PREFIX = "\0sysmail-wake-"
+
+
+@dataclass(frozen=True)
+class SpoolName:
+    """PRIORITY.DUE_MS.ATTEMPT.ID: names sort by priority, then by due time."""
+
+    priority: int
+    due_ms: int
+    attempt: int
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.priority}.{self.due_ms:014d}.{self.attempt}.{self.id}"
+
+    @classmethod
+    def parse(cls, name: str) -> SpoolName:
+        """Parse a spool file name (a claim's owner suffix is ignored); ValueError if foreign."""
+        priority, due, attempt, ident = name.split(".")[:4]
+        return cls(int(priority), int(due), int(attempt), ident)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A message this process has claimed: it alone may send it until it settles the claim."""
+
+    name: SpoolName
+    path: Path
+
+
+@dataclass(frozen=True)
+class SpooledMessage:
+    """A queued message: envelope and metadata from the spool header, and the RFC 5322 bytes."""
+
+    id: str
+    message_id: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    template: str
+    queued_at: float
+    expires_at: float
+    priority: int
+    attempt: int
+    data: bytes
+
+    def header(self, rcpts: tuple[str, ...] | None = None) -> dict:
+        """The JSON spool header of this message, optionally for fewer recipients."""
+        return {"message_id": self.message_id, "from": self.mail_from,
+                "to": list(rcpts or self.rcpts), "template": self.template,
+                "queued_at": self.queued_at, "expires_at": self.expires_at}
+
+
+class Spool:
+    """A Maildir-style queue on local disk; only renames move a message once it is written.
+
+        enqueue  tmp/N --write, fsync, link--> new/N, fsync new/   (never overwrites)
+        claim    new/N --rename--> cur/N.OWNER                     (exactly one worker wins)
+        sent     cur/N.OWNER --unlink
+        defer    cur/N.OWNER --rename--> new/N'                    (attempt+1, due later)
+        release  cur/N.OWNER --rename--> new/N                     (relay down: no attempt spent)
+        fail     failed/N.json written, then cur/N.OWNER --rename--> failed/N
+        recover  cur/N.OWNER whose OWNER process is gone --rename--> new/N
+        retry    failed/N --rename--> new/N''                      (attempt 0, due now)
+
+    OWNER is pid-starttime, so a reused pid is not mistaken for the dead worker. A crash
+    between a relay's 250 and the unlink sends that message again once: the duplicate window
+    is one message per crashed worker.
+    """
+
+    def __init__(self, root: Path | str, clock: Clock = time.time):
+        self.root = Path(root)
+        self.clock = clock
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._wake_socket: socket.socket | None = None
+        try:
+            for sub in ("", "tmp", "new", "cur", "failed", "wake"):
+                _make_private_dir(self.root / sub)
+        except OSError:
+            pass  # an unwritable spool fails at enqueue, where a fallback can take over
+
+    def __repr__(self) -> str:
+        return f"Spool({str(self.root)!r})"
+
+    # -- writing -- #
+
+    def enqueue(self, header: dict, data: bytes, priority: int, due: float | None = None,
+                attempt: int = 0) -> str:
+        """Store a message durably in new/ and return its spool id; raise SpoolError on failure."""
+        name = SpoolName(priority, int((self.clock() if due is None else due) * 1000), attempt,
+                         self._new_id())
+        payload = SPOOL_FORMAT + json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
+        try:
+            self._write_new(str(name), payload)
+        except OSError as exc:
+            raise SpoolError(f"cannot write to the spool {self.root}: {exc.strerror}") from exc
+        self.notify()
+        return name.id
+
+    def _new_id(self) -> str:
+        with self._lock:
+            self._counter += 1
+            counter = self._counter
+        return f"{int(self.clock() * 1e6):x}{os.getpid():x}{counter:x}{secrets.token_hex(3)}"
+
+    def _write_new(self, name: str, payload: bytes) -> None:
+        tmp, new = self.root / "tmp" / name, self.root / "new" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
+        try:
+            _write_all(fd, payload)
+            os.fsync(fd)  # the data is on disk before the name appears in new/
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, new)  # link, unlike rename, fails rather than overwrite
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(self.root / "new")  # the new name survives a power loss
+
+    # -- claiming -- #
+
+    def claim(self, limit: int) -> tuple[list[Claim], float | None]:
+        """Claim up to limit due messages, most urgent first; also return the next due time."""
+        now_ms = int(self.clock() * 1000)
+        due: list[tuple[tuple[int, int], str, SpoolName]] = []
+        next_due_ms: int | None = None
+        for entry in _scan(self.root / "new"):
+            name = _parse_name(entry)
+            if name is None:
+                continue
+            if name.due_ms <= now_ms:
+                due.append(((name.priority, name.due_ms), entry, name))
+            elif next_due_ms is None or name.due_ms < next_due_ms:
+                next_due_ms = name.due_ms
+        owner = _process_token(os.getpid())
+        claims = [c for _, entry, name in heapq.nsmallest(limit, due, key=lambda d: d[0])
+                  if (c := self._claim_one(entry, name, owner))]
+        return claims, (next_due_ms / 1000 if next_due_ms is not None else None)
+
+    def _claim_one(self, entry: str, name: SpoolName, owner: str) -> Claim | None:
+        target = self.root / "cur" / f"{entry}.{owner}"
+        try:
+            os.rename(self.root / "new" / entry, target)
+        except FileNotFoundError:
+            return None  # another worker claimed it first
+        return Claim(name, target)
+
+    def read(self, claim: Claim) -> SpooledMessage:
+        """Read a claimed message; raise SpoolError when the file is not a spool entry."""
+        try:
+            raw = claim.path.read_bytes()
+            head, _, data = raw.partition(b"\n")
+            meta = json.loads(head.removeprefix(SPOOL_FORMAT))
+            return SpooledMessage(claim.name.id, meta["message_id"], meta["from"],
+                                  tuple(meta["to"]), meta.get("template", ""),
+                                  meta["queued_at"], meta["expires_at"], claim.name.priority,
+                                  claim.name.attempt, data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SpoolError(f"spool entry {claim.name.id} is unreadable") from exc
+
+    # -- settling a claim -- #
+
+    def ack(self, claim: Claim) -> None:
+        """Forget a delivered message."""
+        _unlink_quietly(claim.path)
+
+    def defer(self, claim: Claim, due: float) -> None:
+        """Put a message back for another attempt at `due`."""
+        name = dataclasses.replace(claim.name, due_ms=int(due * 1000),
+                                   attempt=claim.name.attempt + 1)
+        os.rename(claim.path, self.root / "new" / str(name))
+
+    def release(self, claim: Claim) -> None:
+        """Put a message back unchanged, due now: its attempt was not its fault."""
+        os.rename(claim.path, self.root / "new" / str(claim.name))
+
+    def fail(self, claim: Claim, reason: dict) -> None:
+        """Move a message to failed/ with its reason written beside it first."""
+        self._write_reason(str(claim.name), reason)
+        os.rename(claim.path, self.root / "failed" / str(claim.name))
+
+    def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
+        """Write a dead letter for some recipients of a message whose others were served."""
+        name = SpoolName(message.priority, 0, message.attempt, self._new_id())
+        payload = SPOOL_FORMAT + json.dumps(message.header(rcpts)).encode() + b"\n" + message.data
+        self._write_reason(str(name), reason)
+        _write_file_atomically(self.root / "failed" / str(name), payload, self.root / "tmp")
+
+    def _write_reason(self, name: str, reason: dict) -> None:
+        body = json.dumps({**reason, "failed_at": self.clock()}).encode()
+        _write_file_atomically(self.root / "failed" / f"{name}.json", body, self.root / "tmp")
+
+    # -- maintenance -- #
+
+    def recover(self) -> int:
+        """Return claims of dead processes to new/; return how many were taken back."""
+        taken = 0
+        for entry in _scan(self.root / "cur"):
+            base, _, owner = entry.rpartition(".")
+            if _parse_name(base) is None or _owner_alive(owner):
+                continue
+            try:
+                os.rename(self.root / "cur" / entry, self.root / "new" / base)
+                taken += 1
+            except FileNotFoundError:
+                pass  # another worker recovered it
+        return taken
+
+    def clean_tmp(self) -> int:
+        """Remove tmp/ files older than 36 hours (left by crashed writers); return the count."""
+        limit, removed = self.clock() - TMP_MAX_AGE_SECONDS, 0
+        for entry in _scan(self.root / "tmp"):
+            path = self.root / "tmp" / entry
+            try:
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    # -- dead letters -- #
+
+    def failed(self) -> list[dict]:
+        """The dead letters with their reasons, oldest first."""
+        letters = []
+        for entry in sorted(_scan(self.root / "failed")):
+            name = _parse_name(entry)
+            if name is None or entry.endswith(".json"):
+                continue
+            letters.append({"id": name.id, **self._reason(entry)})
+        return sorted(letters, key=lambda d: d.get("failed_at", 0))
+
+    def _reason(self, entry: str) -> dict:
+        try:
+            return json.loads((self.root / "failed" / f"{entry}.json").read_bytes())
+        except (OSError, ValueError):
+            return {"reason": "unknown"}
+
+    def retry(self, ids: list[str] | None = None) -> list[str]:
+        """Put dead letters (all when ids is None) back in new/, due now; return the ids moved."""
+        moved = []
+        for entry in _scan(self.root / "failed"):
+            name = _parse_name(entry)
+            if name is None or entry.endswith(".json") or (ids is not None and name.id not in ids):
+                continue
+            fresh = dataclasses.replace(name, due_ms=int(self.clock() * 1000), attempt=0)
+            os.rename(self.root / "failed" / entry, self.root / "new" / str(fresh))
+            _unlink_quietly(self.root / "failed" / f"{entry}.json")
+            moved.append(name.id)
+        if moved:
+            self.notify()
+        return moved
+
+    # -- status -- #
+
+    def counts(self) -> dict:
+        """Messages per state (new = due now, deferred = due later), and the oldest one's age."""
+        now = self.clock()
+        counts = {"new": 0, "deferred": 0, "cur": 0, "failed": 0}
+        oldest: float | None = None
+        for state in ("new", "cur", "failed"):
+            for entry in _scan(self.root / state):
+                name = _parse_name(entry)
+                if name is None or entry.endswith(".json"):
+                    continue
+                key = "deferred" if state == "new" and name.due_ms > now * 1000 else state
+                counts[key] += 1
+                if state != "failed":
+                    oldest = min(oldest or now, _id_time(name.id))
+        counts["oldest_age_seconds"] = round(now - oldest, 3) if oldest else 0
+        return counts
+
+    def mark_sent(self) -> None:
+        """Record that a message was just delivered (for status and health checks)."""
+        stamp = self.root / "last-sent"
+        try:
+            os.utime(stamp)
+        except FileNotFoundError:
+            stamp.touch(mode=SPOOL_FILE_MODE)
+
+    def last_sent(self) -> float | None:
+        """When a message was last delivered from this spool, or None."""
+        try:
+            return (self.root / "last-sent").stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    # -- waking workers in other processes -- #
+
+    def notify(self) -> None:
+        """Poke every worker listening on this spool; stale listeners are removed."""
+        if not sys.platform.startswith("linux"):
+            return  # workers fall back to their idle poll
+        if self._wake_socket is None:
+            self._wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._wake_socket.setblocking(False)
+        for entry in _scan(self.root / "wake"):
+            try:
+                self._wake_socket.sendto(b"!", _WAKE_PREFIX + entry)
+            except BlockingIOError:
+                pass  # its queue is full: it is awake already
+            except (ConnectionRefusedError, FileNotFoundError):
+                _unlink_quietly(self.root / "wake" / entry)
+
+    def listen(self, on_wake: Callable[[], None]) -> WakeListener | None:
+        """Start a listener that calls on_wake when another process enqueues; None off Linux."""
+        if not sys.platform.startswith("linux"):
+            return None
+        return WakeListener(self.root / "wake", on_wake)
+
+
+class WakeListener:
+    """A thread receiving wake-up datagrams on an abstract unix socket registered in wake/."""
+
+    def __init__(self, folder: Path, on_wake: Callable[[], None]):
+        self._marker = folder / f"{os.getpid()}-{secrets.token_hex(6)}"
+        self._address = _WAKE_PREFIX + self._marker.name
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(self._address)
+        self._marker.touch(mode=SPOOL_FILE_MODE)
+        self._on_wake = on_wake
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="sysmail-wake", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._socket.recv(64)
+            if self._closing:
+                return
+            self._on_wake()
+
+    def close(self) -> None:
+        """Stop listening and unregister."""
+        self._closing = True
+        _unlink_quietly(self._marker)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as poke:
+            poke.sendto(b"!", self._address)
+        self._thread.join(timeout=2)
+        self._socket.close()
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(mode=SPOOL_DIR_MODE, parents=True, exist_ok=True)
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_file_atomically(path: Path, payload: bytes, tmp_dir: Path) -> None:
+    """Write payload to path via a synced temporary file, then sync the folder."""
+    tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
+    try:
+        _write_all(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _scan(folder: Path) -> list[str]:
+    """Names in a spool folder (empty when it is missing)."""
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def _parse_name(entry: str) -> SpoolName | None:
+    try:
+        return SpoolName.parse(entry.removesuffix(".json"))
+    except ValueError:
+        return None
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _id_time(ident: str) -> float:
+    """The enqueue time encoded at the front of a spool id (13 hex digits of microseconds)."""
+    try:
+        return int(ident[:13], 16) / 1e6
+    except ValueError:
+        return time.time()
+
+
+def _process_token(pid: int) -> str:
+    """pid-starttime of a process ("pid-0" where /proc is missing); identifies it across pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start = stat.rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        start = "0"
+    return f"{pid}-{start}"
+
+
+def _owner_alive(owner: str) -> bool:
+    """True when the process that made a claim still runs."""
+    pid_text, _, _ = owner.partition("-")
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _process_token(pid) == owner or owner.endswith("-0")
+
+
+# ---- SMTP transport ---- #
+
+SMTP_MAX_MESSAGES_PER_CONNECTION = 1000
+SMTP_MAX_IDLE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the relay said about one message: the final reply and per-recipient refusals."""
+
+    code: int
+    reply: str
+    accepted: tuple[str, ...]
+    refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def classify_reply(code: int) -> str:
+    """ok, temporary, permanent, or unavailable (421 or no answer: the relay's fault)."""
+    if 200 <= code < 300:
+        return "ok"
+    if code == 421 or code < 200:
+        return "unavailable"
+    if 500 <= code < 600:
+        return "permanent"
+    return "temporary"  # 4xx, and anything garbled: never lose mail over a strange reply
+
+
+def _reply_text(reply: bytes | str) -> str:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return " ".join(text.split())[:500]
+
+
+class SmtpTransport:
+    """One reused SMTP connection: opened lazily, refreshed after N messages or idle time."""
+
+    def __init__(self, url: SmtpUrl, *, tls_context: ssl.SSLContext | None = None,
+                 timeout: float = 30.0, local_hostname: str | None = None,
+                 max_messages: int = SMTP_MAX_MESSAGES_PER_CONNECTION,
+                 max_idle_seconds: float = SMTP_MAX_IDLE_SECONDS,
+                 clock: Clock = time.monotonic):
+        self.url = url
+        self.tls_context = tls_context or ssl.create_default_context()
+        self.timeout = timeout
+        self.local_hostname = local_hostname
+        self.max_messages = max_messages
+        self.max_idle_seconds = max_idle_seconds
+        self.clock = clock
+        self._smtp: smtplib.SMTP | None = None
+        self._sent_on_connection = 0
+        self._last_used = 0.0
+
+    def __repr__(self) -> str:
+        return f"SmtpTransport({self.url})"
+
+    def open(self) -> bool:
+        """Make sure a fresh connection is open; return True when a new one was opened."""
+        if self._smtp is not None and not self._stale():
+            return False
+        self.close()
+        try:
+            self._smtp = self._connect()
+        except smtplib.SMTPAuthenticationError as exc:
+            raise RelayUnavailable("the relay refused the SMTP credentials", exc.smtp_code) from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise RelayUnavailable(f"cannot reach the relay {self.url.host}:{self.url.port}: "
+                                   f"{_reply_text(str(exc))}") from None
+        self._sent_on_connection, self._last_used = 0, self.clock()
+        return True
+
+    def _connect(self) -> smtplib.SMTP:
+        host, port = self.url.host, self.url.port
+        if self.url.scheme == "smtps":
+            smtp = smtplib.SMTP_SSL(host, port, self.local_hostname, timeout=self.timeout,
+                                    context=self.tls_context)
+        else:
+            smtp = smtplib.SMTP(host, port, self.local_hostname, timeout=self.timeout)
+        try:
+            smtp.ehlo()
+            if self.url.scheme == "smtp":
+                if not smtp.has_extn("starttls"):
+                    raise smtplib.SMTPNotSupportedError("the relay does not offer STARTTLS")
+                smtp.starttls(context=self.tls_context)
+                smtp.ehlo()
+            if self.url.username:
+                smtp.login(self.url.username, self.url.password)
+        except BaseException:
+            _close_quietly(smtp)
+            raise
+        return smtp
+
+    def _stale(self) -> bool:
+        idle = self.clock() - self._last_used
+        return self._sent_on_connection >= self.max_messages or idle > self.max_idle_seconds
+
+    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
+        """Send one message; raise RelayUnavailable, TemporaryDeliveryError or
+        PermanentDeliveryError when it failed for every recipient at MAIL or DATA."""
+        self.open()
+        try:
+            return self._transaction(mail_from, rcpts, data)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            self.close()
+            raise RelayUnavailable(f"the relay dropped the connection: {_reply_text(str(exc))}",
+                                   recipients=rcpts) from None
+        finally:
+            self._last_used = self.clock()
+
+    def _transaction(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
+        smtp = self._smtp
+        assert smtp is not None
+        code, reply = smtp.mail(mail_from)
+        self._check(code, reply, rcpts, "MAIL FROM")
+        accepted, refused = [], {}
+        for rcpt in rcpts:
+            code, reply = smtp.rcpt(rcpt)
+            if classify_reply(code) == "unavailable":
+                self._check(code, reply, rcpts, "RCPT TO")
+            if code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                refused[rcpt] = (code, _reply_text(reply))
+        if not accepted:
+            smtp.rset()
+            return SendResult(0, "no recipient accepted", (), refused)
+        try:
+            code, reply = smtp.data(data)
+        except smtplib.SMTPDataError as exc:
+            code, reply = exc.smtp_code, exc.smtp_error
+        self._check(code, reply, tuple(accepted), "DATA")
+        self._sent_on_connection += 1
+        return SendResult(code, _reply_text(reply), tuple(accepted), refused)
+
+    def _check(self, code: int, reply: bytes, rcpts: tuple[str, ...], stage: str) -> None:
+        kind = classify_reply(code)
+        if kind == "ok":
+            return
+        text = f"{code} {_reply_text(reply)}"
+        if kind == "unavailable":
+            self.close()
+            raise RelayUnavailable(f"the relay is unavailable at {stage}: {text}", code, text, rcpts)
+        self._reset()
+        error = PermanentDeliveryError if kind == "permanent" else TemporaryDeliveryError
+        raise error(f"{stage} refused: {text}", code, text, rcpts)
+
+    def _reset(self) -> None:
+        try:
+            assert self._smtp is not None
+            self._smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self.close()
+
+    def probe(self) -> list[str]:
+        """Connect, negotiate TLS and log in without sending; return what was checked."""
+        self.close()
+        self.open()
+        assert self._smtp is not None
+        steps = [f"connected to {self.url.host}:{self.url.port}"]
+        if self.url.scheme != "smtp+plain":
+            steps.append(f"TLS {self._smtp.sock.version()} with a verified certificate"
+                         if self.tls_context.verify_mode == ssl.CERT_REQUIRED
+                         else f"TLS {self._smtp.sock.version()} (certificate not verified)")
+        if self.url.username:
+            steps.append(f"logged in as {self.url.username}")
+        self.close()
+        return steps
+
+    def close(self) -> None:
+        """Close the connection (QUIT when possible); safe to call at any time."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            _close_quietly(smtp)
+
+
+def _close_quietly(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
+class OutboxTransport:
+    """The embedded default relay: each message is written as an .eml file into a folder."""
+
+    def __init__(self, folder: Path | str, clock: Clock = time.time):
+        self.folder = Path(folder)
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return f"OutboxTransport({str(self.folder)!r})"
+
+    def open(self) -> bool:
+        """Create the outbox folder; True the first time."""
+        existed = self.folder.is_dir()
+        try:
+            _make_private_dir(self.folder)
+        except OSError as exc:
+            raise RelayUnavailable(f"cannot create the outbox {self.folder}: {exc.strerror}") from None
+        return not existed
+
+    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
+        """Write the message (signed, exactly as it would go on the wire) to the outbox."""
+        self.open()
+        name = f"{int(self.clock() * 1000)}-{secrets.token_hex(4)}.eml"
+        try:
+            _write_file_atomically(self.folder / name, data, self.folder)
+        except OSError as exc:
+            raise RelayUnavailable(f"cannot write to the outbox: {exc.strerror}") from None
+        return SendResult(250, f"2.0.0 written to {self.folder / name}", rcpts)
+
+    def probe(self) -> list[str]:
+        """Check the outbox can be written."""
+        self.open()
+        return [f"no SMTP_URL: mail is written as .eml files into {self.folder}"]
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def tls_context_from_config(config: Config) -> ssl.SSLContext:
+    """The TLS context for the relay: verified by default, with an optional private CA."""
+    context = ssl.create_default_context(cafile=config.smtp_ca_file or None)
+    if not config.smtp_tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def transport_from_config(config: Config) -> SmtpTransport | OutboxTransport:
+    """The relay of the configuration, or the outbox folder when SMTP_URL is unset."""
+    if config.smtp is None:
+        return OutboxTransport(config.outbox_dir)
+    return SmtpTransport(config.smtp, tls_context=tls_context_from_config(config),
+                         timeout=config.smtp_timeout)
+
+
+# ---- Sender ---- #
+
+SENDER_IDLE_POLL_SECONDS = 1.0
+SENDER_BATCH_SIZE = 50
+TMP_CLEAN_INTERVAL_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """5 attempts with exponential backoff and jitter; relay outages back off as a whole."""
+
+    attempts: int = 5
+    base_seconds: float = 1.0
+    jitter: float = 0.2
+    relay_base_seconds: float = 1.0
+    relay_cap_seconds: float = 60.0
+
+    def delay(self, attempts_made: int, rand: float) -> float:
+        """Seconds before the next attempt, after attempts_made failed ones (1, 2, 4, 8 s...)."""
+        return self.base_seconds * 2 ** (attempts_made - 1) * (1 + self.jitter * (2 * rand - 1))
+
+    def relay_delay(self, failures: int, rand: float) -> float:
+        """Seconds before trying an unreachable relay again, capped."""
+        delay = min(self.relay_cap_seconds, self.relay_base_seconds * 2 ** (failures - 1))
+        return delay * (1 + self.jitter * (2 * rand - 1))
+
+
+@dataclass
+class DeliveryCounts:
+    """What one pass of the sender did."""
+
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    expired: int = 0
+    released: int = 0
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(self).items())
+
+
+class Sender:
+    """Drains a spool through a transport, signing each message at send time."""
+
+    def __init__(self, spool: Spool, transport: SmtpTransport | OutboxTransport,
+                 signer: DkimSigner | None = None, *, clock: Clock = time.time,
+                 retry: RetryPolicy = RetryPolicy(), batch_size: int = SENDER_BATCH_SIZE,
+                 rand: Callable[[], float] = random.random):
+        self.spool = spool
+        self.transport = transport
+        self.signer = signer
+        self.clock = clock
+        self.retry = retry
+        self.batch_size = batch_size
+        self.rand = rand
+        self._wake = threading.Event()
+        self._next_due: float | None = None
+        self._relay_failures = 0
+        self._relay_retry_at = 0.0
+        self._last_clean = 0.0
+
+    def wake(self) -> None:
+        """Make a waiting run() look at the spool now."""
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Deliver until stop is set (then call wake()); never dies on a message."""
+        listener = self.spool.listen(self.wake)
+        log_event(logging.INFO, "sender_started", spool=str(self.spool.root),
+                  transport=repr(self.transport), signing=self.signer is not None)
+        try:
+            while not stop.is_set():
+                self._cycle()
+                self._wake.wait(self._idle_seconds())
+                self._wake.clear()
+        finally:
+            if listener:
+                listener.close()
+            self.transport.close()
+            log_event(logging.INFO, "sender_stopped")
+
+    def _cycle(self) -> None:
+        now = self.clock()
+        if now < self._relay_retry_at:
+            return
+        if now - self._last_clean > TMP_CLEAN_INTERVAL_SECONDS:
+            self._last_clean = now
+            self.spool.clean_tmp()
+        try:
+            self.run_once()
+        except Exception:  # noqa: BLE001 - the thread must survive anything: log, slow down
+            _log.exception("sender_error", extra={"fields": {}})
+            self._relay_retry_at = self.clock() + SENDER_IDLE_POLL_SECONDS
+
+    def _idle_seconds(self) -> float:
+        now = self.clock()
+        wait = SENDER_IDLE_POLL_SECONDS
+        if self._relay_retry_at > now:
+            return min(self._relay_retry_at - now, self.retry.relay_cap_seconds * 2)
+        if self._next_due is not None:
+            wait = min(wait, self._next_due - now)
+        return max(wait, 0.001)
+
+    def run_once(self) -> DeliveryCounts:
+        """Deliver every message due now; stop early (releasing claims) if the relay is down."""
+        counts = DeliveryCounts()
+        self.spool.recover()
+        while True:
+            claims, self._next_due = self.spool.claim(self.batch_size)
+            if not claims or not self._deliver_batch(claims, counts):
+                return counts
+
+    def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
+        for index, claim in enumerate(claims):
+            try:
+                self._deliver(claim, counts)
+            except RelayUnavailable as exc:
+                for unsent in claims[index:]:
+                    self.spool.release(unsent)
+                counts.released += len(claims) - index
+                self._relay_down(exc)
+                return False
+            except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
+                _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
+                self._fail(claim, None, {"reason": "internal error", "error": type(exc).__name__})
+                counts.failed += 1
+        return True
+
+    def _deliver(self, claim: Claim, counts: DeliveryCounts) -> None:
+        try:
+            message = self.spool.read(claim)
+        except SpoolError as exc:
+            self._fail(claim, None, {"reason": "unreadable", "error": str(exc)})
+            counts.failed += 1
+            return
+        if self.clock() >= message.expires_at:
+            self._fail(claim, message, {"reason": "expired"}, event="expired")
+            counts.expired += 1
+            return
+        data = self.signer.sign(message.data) if self.signer else message.data
+        started = time.monotonic()
+        try:
+            result = self.transport.send(message.mail_from, message.rcpts, data)
+        except RelayUnavailable:
+            raise
+        except TemporaryDeliveryError as exc:
+            self._retry(claim, message, exc, counts)
+            return
+        except PermanentDeliveryError as exc:
+            self._fail(claim, message, _refusal("rejected", exc.smtp_code, exc.reply))
+            counts.failed += 1
+            return
+        self._relay_up()
+        self._settle(claim, message, result, time.monotonic() - started, counts)
+
+    def _settle(self, claim: Claim, message: SpooledMessage, result: SendResult,
+                duration: float, counts: DeliveryCounts) -> None:
+        """Finish a message the relay answered, recipient by recipient."""
+        temporary = tuple(r for r, (code, _) in result.refused.items()
+                          if classify_reply(code) != "permanent")
+        permanent = tuple(r for r in result.refused if r not in temporary)
+        if result.accepted:
+            self._log_sent(message, result, duration)
+            counts.sent += 1
+        if not result.refused:
+            self.spool.ack(claim)
+            return
+        if not result.accepted and not permanent:
+            code, reply = result.refused[temporary[0]]
+            self._retry(claim, message, TemporaryDeliveryError(reply, code, reply), counts)
+            return
+        if not result.accepted and not temporary:
+            code, reply = result.refused[permanent[0]]
+            self._fail(claim, message, _refusal("rejected", code, reply))
+            counts.failed += 1
+            return
+        self._split(claim, message, result, temporary, permanent, counts)
+
+    def _split(self, claim: Claim, message: SpooledMessage, result: SendResult,
+               temporary: tuple[str, ...], permanent: tuple[str, ...],
+               counts: DeliveryCounts) -> None:
+        """Queue the refused recipients' share apart, then forget the served message."""
+        if permanent:
+            code, reply = result.refused[permanent[0]]
+            self.spool.add_failed(message, permanent,
+                                  {**_refusal("rejected", code, reply), "to": list(permanent)})
+            log_event(logging.WARNING, "failed", rfcMessageId=message.message_id, id=message.id,
+                      to=list(permanent), reason="rejected", code=code, reply=reply)
+            counts.failed += 1
+        if temporary:
+            attempts_made = message.attempt + 1
+            code, reply = result.refused[temporary[0]]
+            if attempts_made >= self.retry.attempts:
+                self.spool.add_failed(message, temporary,
+                                      {**_refusal("attempts exhausted", code, reply),
+                                       "to": list(temporary)})
+                counts.failed += 1
+            else:
+                due = self.clock() + self.retry.delay(attempts_made, self.rand())
+                self.spool.enqueue(message.header(temporary), message.data, message.priority,
+                                   due=due, attempt=attempts_made)
+                log_event(logging.INFO, "deferred", rfcMessageId=message.message_id,
+                          to=list(temporary), attempt=attempts_made, code=code, reply=reply,
+                          next_try=_iso_time(due))
+                counts.deferred += 1
+        self.spool.ack(claim)
+
+    def _retry(self, claim: Claim, message: SpooledMessage, exc: DeliveryError,
+               counts: DeliveryCounts) -> None:
+        attempts_made = message.attempt + 1
+        if attempts_made >= self.retry.attempts:
+            self._fail(claim, message, _refusal("attempts exhausted", exc.smtp_code, exc.reply))
+            counts.failed += 1
+            return
+        due = self.clock() + self.retry.delay(attempts_made, self.rand())
+        self.spool.defer(claim, due)
+        counts.deferred += 1
+        log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
+                  attempt=attempts_made, next_try=_iso_time(due), code=exc.smtp_code,
+                  reason=str(exc))
+
+    def _fail(self, claim: Claim, message: SpooledMessage | None, reason: dict,
+              event: str = "failed") -> None:
+        if message is not None:
+            reason = {**reason, "rfcMessageId": message.message_id, "to": list(message.rcpts),
+                      "template": message.template, "attempts": message.attempt + 1}
+        self.spool.fail(claim, reason)
+        log_event(logging.WARNING, event, id=claim.name.id, **reason)
+
+    def _log_sent(self, message: SpooledMessage, result: SendResult, duration: float) -> None:
+        self.spool.mark_sent()
+        log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
+                  to=list(result.accepted), template=message.template, code=result.code,
+                  reply=result.reply, duration_ms=round(duration * 1000, 1),
+                  latency_ms=round((self.clock() - message.queued_at) * 1000, 1))
+
+    def _relay_down(self, exc: RelayUnavailable) -> None:
+        self._relay_failures += 1
+        delay = self.retry.relay_delay(self._relay_failures, self.rand())
+        self._relay_retry_at = self.clock() + delay
+        log_event(logging.WARNING, "relay_unavailable", reason=str(exc), code=exc.smtp_code,
+                  failures=self._relay_failures, retry_in_seconds=round(delay, 2))
+
+    def _relay_up(self) -> None:
+        if self._relay_failures:
+            log_event(logging.INFO, "relay_available", after_failures=self._relay_failures)
+        self._relay_failures, self._relay_retry_at = 0, 0.0
+
+
+def _refusal(reason: str, code: int | None, reply: str) -> dict:
+    return {"reason": reason, "code": code, "reply": reply}
+
+
+# ---- Mailer ---- #
+
+
+class Mailer:
+    """The embedding API: enqueue system emails, and optionally run the sender in a thread.
+
+        mailer = sysmail.Mailer.from_env()
+        mailer.start()                                   # background sender (optional)
+        mailer.enqueue("password-reset", to="ada@example.com", reset_url=url)
+        mailer.stop()
+    """
+
+    def __init__(self, config: Config, *, clock: Clock = time.time):
+        self.config = config
+        self.clock = clock
+        self.spool = Spool(config.spool_dir, clock)
+        self.templates = load_templates(config.templates_dir)
+        self._brand = {"brand": config.from_name, "domain": config.domain}
+        self._stop = threading.Event()
+        self._sender: Sender | None = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Mailer(spool={str(self.config.spool_dir)!r}, relay={self.config.smtp})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Mailer:
+        """A Mailer configured from env (os.environ by default); raise ConfigError when invalid."""
+        return cls(Config.from_env(os.environ if env is None else env))
+
+    def enqueue(self, template: str, to: str | list[str], **variables: object) -> str:
+        """Queue a system email from a template; return its Message-ID."""
+        if template not in self.templates:
+            raise MessageError(f"there is no template {template!r} "
+                               f"(templates: {', '.join(self.templates)})")
+        chosen = self.templates[template]
+        rendered = render(chosen, variables, self._brand)
+        ttl = chosen.ttl({**chosen.defaults, **{k: str(v) for k, v in variables.items()}})
+        return self._store(to, rendered, template, chosen.priority, ttl)
+
+    def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
+                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
+        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+        if _has_control_chars(subject) or "\0" in text + html:
+            raise MessageError("the subject contains a line break or NUL")
+        if not subject.strip() or not text.strip():
+            raise MessageError("an ad-hoc message needs a subject and a text")
+        return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
+
+    def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
+               ttl: int) -> str:
+        rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
+        if not rcpts:
+            raise MessageError("a message needs at least one recipient")
+        now = self.clock()
+        message_id = make_message_id(self.config.domain, now)
+        data = build_message(self.config, rcpts, rendered, message_id, now)
+        header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
+                  "template": template, "queued_at": now, "expires_at": now + ttl}
+        try:
+            spool_id = self.spool.enqueue(header, data, priority)
+        except SpoolError as exc:
+            log_event(logging.ERROR, "enqueue_failed", reason=str(exc), to=rcpts)
+            raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
+        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id,
+                  template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
+        return message_id
+
+    def sender(self) -> Sender:
+        """A Sender for this mailer's spool, relay and keys."""
+        transport = transport_from_config(self.config)
+        if isinstance(transport, OutboxTransport):
+            log_event(logging.WARNING, "outbox_mode", outbox=str(transport.folder),
+                      note="no SMTP_URL: delivered mail is written as .eml files")
+        signer = DkimSigner.from_config(self.config)
+        if signer is None:
+            log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
+        return Sender(self.spool, transport, signer, clock=self.clock)
+
+    def start(self) -> None:
+        """Run the sender in a daemon thread of this process."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._sender = self.sender()
+        self._thread = threading.Thread(target=self._sender.run, args=(self._stop,),
+                                        name="sysmail-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
+        if self._thread is None or self._sender is None:
+            return
+        self._stop.set()
+        self._sender.wake()
+        self._thread.join(timeout)
+        self._thread = self._sender = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+# ---- CLI ---- #
+
+EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = (
+    0, 64, 65, 69, 70, 75, 78)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 64) instead of exiting with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="sysmail", description="Queue and send system emails.")
+    parser.add_argument("--env-file", metavar="FILE",
+                        help="read variables from a systemd EnvironmentFile (the environment wins)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_ArgumentParser)
+    send = commands.add_parser("send", help="queue one mail and print its Message-ID")
+    send.add_argument("--to", action="append", required=True, metavar="ADDR")
+    send.add_argument("--template", choices=sorted(TEMPLATES), metavar="NAME")
+    send.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
+    send.add_argument("--subject")
+    send.add_argument("--text")
+    send.add_argument("--html", default="")
+    send.add_argument("--urgent", action="store_true", help="ad-hoc mail goes first")
+    send.set_defaults(handler=cmd_send)
+    worker = commands.add_parser("worker", help="deliver queued mail")
+    worker.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+    worker.set_defaults(handler=cmd_worker)
+    status = commands.add_parser("status", help="queue counts and the last successful send")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+    failed = commands.add_parser("failed", help="list dead letters with their reasons")
+    failed.add_argument("--json", action="store_true")
+    failed.set_defaults(handler=cmd_failed)
+    retry = commands.add_parser("retry", help="put dead letters back in the queue")
+    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("--all", action="store_true")
+    retry.set_defaults(handler=cmd_retry)
+    commands.add_parser("dns", help="print the SPF, DKIM and DMARC records").set_defaults(
+        handler=cmd_dns)
+    keygen = commands.add_parser("keygen", help="print a new DKIM key and its DNS record")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
+    keygen.add_argument("--bits", type=int, default=2048)
+    keygen.set_defaults(handler=cmd_keygen)
+    commands.add_parser("check", help="validate the configuration and probe the relay"
+                        ).set_defaults(handler=cmd_check)
+    preview = commands.add_parser("preview", help="print a rendered template")
+    preview.add_argument("template", choices=sorted(TEMPLATES), metavar="TEMPLATE")
+    preview.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
+    preview.add_argument("--part", choices=("message", "text", "html"), default="message")
+    preview.set_defaults(handler=cmd_preview)
+    return parser
+
+
+def _parse_vars(pairs: list[str]) -> dict[str, str]:
+    variables = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--var takes KEY=VALUE, not {pair[:40]!r}")
+        variables[key] = value
+    return variables
+
+
+def cmd_send(args: argparse.Namespace, config: Config) -> int:
+    """Queue one mail (template or ad hoc) and print its Message-ID."""
+    mailer = Mailer(config)
+    if args.template:
+        if args.subject or args.text or args.html:
+            raise UsageError("--template cannot be combined with --subject, --text or --html")
+        message_id = mailer.enqueue(args.template, args.to, **_parse_vars(args.var))
+    elif args.subject is None or args.text is None:
+        raise UsageError("send needs --template NAME, or --subject and --text")
+    else:
+        priority = URGENT if args.urgent else BULK
+        message_id = mailer.enqueue_message(args.to, args.subject, args.text, args.html,
+                                            priority=priority)
+    print(message_id)
+    return EX_OK
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    """Deliver queued mail: until a signal, or with --once until nothing is due."""
+    sender = Mailer(config).sender()
+    if args.once:
+        sender.spool.clean_tmp()
+        counts = sender.run_once()
+        sender.transport.close()
+        print(counts)
+        if counts.released:
+            raise RelayUnavailable(f"the relay could not be reached; {counts.released} "
+                                   "message(s) stay queued")
+        return EX_OK
+    stop = threading.Event()
+    _on_signals(lambda: (stop.set(), sender.wake()))
+    sender.run(stop)
+    return EX_OK
+
+
+def _on_signals(handler: Callable[[], object]) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: handler())
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    """Print the queue counts, the oldest message's age and the last successful send."""
+    spool = Spool(config.spool_dir)
+    status: dict[str, object] = spool.counts()
+    last = spool.last_sent()
+    status["last_sent_at"] = _iso_time(last) if last else None
+    if args.json:
+        print(json.dumps(status))
+        return EX_OK
+    for key, value in status.items():
+        print(f"{key.replace('_', ' ')}: {value if value is not None else 'never'}")
+    return EX_OK
+
+
+def cmd_failed(args: argparse.Namespace, config: Config) -> int:
+    """List the dead letters with their reasons."""
+    letters = Spool(config.spool_dir).failed()
+    if args.json:
+        print(json.dumps(letters))
+        return EX_OK
+    if not letters:
+        print("no failed messages")
+    for letter in letters:
+        code = f" {letter['code']}" if letter.get("code") else ""
+        reply = f" ({letter['reply']})" if letter.get("reply") else ""
+        print(f"{letter['id']}  {letter.get('template') or 'ad-hoc'}  "
+              f"to {', '.join(letter.get('to', []))}: {letter.get('reason')}{code}{reply}")
+    return EX_OK
+
+
+def cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    """Put dead letters back in the queue."""
+    if args.all == bool(args.ids):
+        raise UsageError("retry takes message ids or --all (not both)")
+    moved = Spool(config.spool_dir).retry(None if args.all else args.ids)
+    missing = sorted(set(args.ids) - set(moved))
+    print(f"requeued {len(moved)} message(s)")
+    if missing:
+        raise MessageError(f"no failed message with id {missing[0]}")
+    return EX_OK
+
+
+def cmd_preview(args: argparse.Namespace, config: Config) -> int:
+    """Print a template rendered with the given variables and samples for the rest."""
+    template = load_templates(config.templates_dir)[args.template]
+    variables = {**template.samples, **_parse_vars(args.var)}
+    rendered = render(template, variables, {"brand": config.from_name, "domain": config.domain})
+    if args.part != "message":
+        print(getattr(rendered, args.part))
+        return EX_OK
+    now = time.time()
+    data = build_message(config, ["ada@example.com"], rendered,
+                         make_message_id(config.domain, now), now)
+    sys.stdout.write(data.decode("ascii", "replace").replace("\r\n", "\n"))
+    return EX_OK
+
+
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    """Report the configuration and probe the relay (EHLO, STARTTLS, AUTH) without sending."""
+    print(f"configuration ok: From {config.from_name} <{config.from_addr}>, spool "
+          f"{config.spool_dir}")
+    if config.dkim_key:
+        print(f"DKIM rsa-sha256: selector {config.dkim_selector}, "
+              f"{_rsa_key_bits(config.dkim_key)} bits")
+    if config.ed25519_key:
+        print(f"DKIM ed25519-sha256: selector {config.ed25519_selector}")
+    if not config.signing:
+        print("DKIM: no key configured, mail goes out unsigned")
+    try:
+        steps = transport_from_config(config).probe()
+    except RelayUnavailable as exc:
+        if exc.smtp_code and 500 <= exc.smtp_code < 600:
+            raise ConfigError([f"SMTP_URL: {exc}"]) from None
+        raise
+    for step in steps:
+        print(f"relay: {step}")
+    return EX_OK
+
+
+def cmd_dns(args: argparse.Namespace, config: Config) -> int:
+    """Print the DNS records that let receivers trust this sender's mail."""
+    domain = config.from_addr.rpartition("@")[2]
+    print(f"; SPF: who may send for {domain} (add ip4:/include: for the relay that sends for you)")
+    print(f'{domain}. IN TXT "v=spf1 mx -all"')
+    if config.dkim_key:
+        print(f"; DKIM rsa-sha256, selector {config.dkim_selector}")
+        print(_txt_record(f"{config.dkim_selector}._domainkey.{domain}",
+                          f"v=DKIM1; k=rsa; p={_rsa_public_key_b64(config.dkim_key)}"))
+    if config.ed25519_key:
+        print(f"; DKIM ed25519-sha256 (RFC 8463), selector {config.ed25519_selector}")
+        print(_txt_record(f"{config.ed25519_selector}._domainkey.{domain}",
+                          f"v=DKIM1; k=ed25519; p={_ed25519_public_key_b64(config.ed25519_key)}"))
+    if not config.signing:
+        print("; DKIM: no key configured; create one with: sysmail keygen")
+    print("; DMARC: strict alignment, reports to a mailbox of yours")
+    print(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=quarantine; adkim=s; aspf=s; '
+          f'rua=mailto:dmarc-reports@{domain}"')
+    return EX_OK
+
+
+def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Print a new DKIM key as an environment line, and the DNS record that publishes it."""
+    domain = env.get("SYSTEM_DOMAIN") or "YOUR_DOMAIN"
+    if args.type == "ed25519":
+        selector = env.get("SYSTEM_DKIM_ED25519_SELECTOR") or "ed25519"
+        seed = _ed25519_seed(_openssl(["genpkey", "-algorithm", "ed25519"]))
+        key_b64 = base64.b64encode(seed)
+        print(f'SYSTEM_DKIM_ED25519_PRIVATE_KEY="{key_b64.decode()}"')
+        record = f"v=DKIM1; k=ed25519; p={_ed25519_public_key_b64(key_b64)}"
+    else:
+        if args.bits < RSA_MIN_BITS:
+            raise UsageError(f"--bits must be at least {RSA_MIN_BITS}")
+        selector = env.get("SYSTEM_DKIM_SELECTOR") or "default"
+        pem = _openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{args.bits}"])
+        print('SYSTEM_DKIM_PRIVATE_KEY="' + pem.strip().replace("\n", "\\n") + '"')
+        record = f"v=DKIM1; k=rsa; p={_rsa_public_key_b64(pem.encode())}"
+    variable = "SYSTEM_DKIM_ED25519_SELECTOR" if args.type == "ed25519" else "SYSTEM_DKIM_SELECTOR"
+    print(f"; publish in DNS, then set {variable}={selector}")
+    print(_txt_record(f"{selector}._domainkey.{domain}", record))
+    return EX_OK
+
+
+def _openssl(args: list[str]) -> str:
+    try:
+        result = subprocess.run(["openssl", *args], capture_output=True, text=True, check=True,
+                                timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SysmailError("keygen needs the openssl command, which failed or is missing") from exc
+    return result.stdout
+
+
+def _txt_record(name: str, value: str) -> str:
+    """A zone-file TXT record, split into 255-character strings as DNS requires."""
+    chunks = [value[i:i + 255] for i in range(0, len(value), 255)]
+    return f"{name}. IN TXT ( " + " ".join(f'"{c}"' for c in chunks) + " )"
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 128 else (
+        bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes((size.bit_length() + 7) // 8, "big"))
+    return bytes([tag]) + length + body
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _rsa_public_key_b64(pem: bytes) -> str:
+    """The base64 DER SubjectPublicKeyInfo of an RSA private key, for the DKIM p= tag."""
+    from dkim.crypto import parse_pem_private_key
+
+    key = parse_pem_private_key(pem)
+    rsa_public = _der(0x30, _der_int(key["modulus"]) + _der_int(key["publicExponent"]))
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + _der(0x05, b""))
+    return base64.b64encode(_der(0x30, algorithm + _der(0x03, b"\0" + rsa_public))).decode()
+
+
+def _ed25519_public_key_b64(seed_b64: bytes) -> str:
+    """The base64 raw public key of an ed25519 seed, for the DKIM p= tag."""
+    import nacl.signing
+
+    seed = base64.b64decode(seed_b64)
+    return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
+
+
+_HANDLERS_WITHOUT_CONFIG = {"cmd_keygen"}
+
+
+def _setup_logging(level: int) -> None:
+    """JSON lines on stderr for the sysmail logger (replacing an earlier handler of ours)."""
+    for handler in list(_log.handlers):
+        if isinstance(handler.formatter, JsonLogFormatter):
+            _log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    _log.addHandler(handler)
+    _log.setLevel(level)
+    _log.propagate = False
+
+
+def _read_env(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str]:
+    if not args.env_file:
+        return dict(env)
+    try:
+        text = Path(args.env_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"--env-file {args.env_file} cannot be read ({exc.__class__.__name__})"]
+                          ) from None
+    return {**parse_env_file(text), **env}
+
+
+def _run(argv: list[str] | None, env: Mapping[str, str]) -> int:
+    args = _build_parser().parse_args(argv)
+    env = _read_env(args, env)
+    if args.handler.__name__ in _HANDLERS_WITHOUT_CONFIG:
+        return args.handler(args, env)
+    config = Config.from_env(env)
+    _setup_logging(config.log_level)
+    return args.handler(args, config)
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run the command line; map every error to a sysexits code and one plain sentence."""
+    try:
+        return _run(argv, os.environ if env is None else env)
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else EX_OK
+    except ConfigError as exc:
+        _say("invalid configuration:\n" + "\n".join(f"  - {p}" for p in exc.problems))
+        return EX_CONFIG
+    except UsageError as exc:
+        _say(f"{exc} (see sysmail --help)")
+        return EX_USAGE
+    except MessageError as exc:
+        _say(str(exc))
+        return EX_DATAERR
+    except (QueueUnavailable, SpoolError, TemporaryDeliveryError) as exc:
+        _say(str(exc))
+        return EX_TEMPFAIL
+    except (PermanentDeliveryError, SysmailError) as exc:
+        _say(str(exc))
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+    except Exception:  # noqa: BLE001 - the one boundary where anything unexpected is caught
+        _log.exception("internal_error", extra={"fields": {}})
+        _say("internal error; the log has the details")
+        return EX_SOFTWARE
+
+
+def _say(sentence: str) -> None:
+    print(f"sysmail: {sentence}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
