@@ -40,20 +40,28 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import email.utils
+import functools
+import hashlib
 import heapq
+import hmac
 import html
+import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
+import queue
 import random
 import re
 import secrets
 import signal
 import smtplib
 import socket
+import sqlite3
 import ssl
 import string
 import subprocess
@@ -67,10 +75,12 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
-from typing import Self
+from typing import Protocol, Self
 
 __all__ = [
     "TEMPLATES",
+    "Api",
+    "App",
     "Claim",
     "Config",
     "ConfigError",
@@ -78,11 +88,16 @@ __all__ = [
     "DeliveryError",
     "DkimSigner",
     "Mailer",
+    "MemoryStore",
     "MessageError",
+    "Metrics",
     "OutboxTransport",
     "PermanentDeliveryError",
     "QueueUnavailable",
+    "RateLimiter",
     "RelayUnavailable",
+    "Request",
+    "Response",
     "RetryPolicy",
     "SendResult",
     "Sender",
@@ -91,16 +106,24 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpooledMessage",
+    "SqliteStore",
+    "StoreError",
     "SysmailError",
     "Template",
     "TemporaryDeliveryError",
+    "TokenStore",
     "UsageError",
+    "User",
+    "build_app",
     "build_message",
     "classify_reply",
+    "hash_password",
     "main",
     "parse_env_file",
     "render",
+    "serve",
     "validate_address",
+    "verify_password",
 ]
 
 Clock = Callable[[], float]
@@ -135,6 +158,10 @@ class SpoolError(SysmailError):
 
 class QueueUnavailable(SysmailError):
     """No queue could store the message: nothing was enqueued."""
+
+
+class StoreError(SysmailError):
+    """The token store could not be reached or failed."""
 
 
 class DeliveryError(SysmailError):
@@ -235,6 +262,16 @@ class Config:
     templates_dir: Path | None = None
     allow_unsigned: bool = False
     log_level: int = logging.INFO
+    listen: tuple[str, int] = ("127.0.0.1", 8025)
+    public_url: str = "http://127.0.0.1:8025"
+    public_url_set: bool = False
+    db_path: Path = Path("sysmail.db")
+    api_key: str = field(default="", repr=False)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    reset_token_seconds: int = 3600
+    forgot_client_limit: tuple[int, float] = (10, 60.0)
+    forgot_address_limit: tuple[int, float] = (3, 3600.0)
+    reset_client_limit: tuple[int, float] = (10, 60.0)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -281,11 +318,59 @@ class _EnvReader:
             templates_dir=self._folder("SYSMAIL_TEMPLATES"),
             allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", False),
             log_level=self._log_level(),
+            **self._service(),
         )
         if smtp and not config.signing and not config.allow_unsigned:
             self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is required with a real SMTP_URL "
                                  "(or set SYSMAIL_ALLOW_UNSIGNED=1 to send unsigned mail)")
         return config
+
+    def _service(self) -> dict:
+        """The HTTP service's settings."""
+        listen = self._listen()
+        public = self._url("SYSMAIL_PUBLIC_URL")
+        api_key = self.env.get("SYSMAIL_API_KEY", "").strip()
+        if api_key and len(api_key) < 16:
+            self.problems.append("SYSMAIL_API_KEY must be at least 16 characters")
+        return {
+            "listen": listen,
+            "public_url": public or f"http://{_url_host(listen[0])}:{listen[1]}",
+            "public_url_set": bool(public),
+            "db_path": Path(self.env.get("SYSMAIL_DB") or "sysmail.db"),
+            "api_key": api_key,
+            "trusted_proxies": self._networks("SYSMAIL_TRUSTED_PROXIES"),
+            "reset_token_seconds": int(self._positive("SYSMAIL_RESET_TOKEN_SECONDS", 3600)),
+            "forgot_client_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_CLIENT", (10, 60.0)),
+            "forgot_address_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS", (3, 3600.0)),
+            "reset_client_limit": self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT", (10, 60.0)),
+        }
+
+    def _listen(self) -> tuple[str, int]:
+        value = self.env.get("SYSMAIL_LISTEN", "").strip() or "127.0.0.1:8025"
+        host, _, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or int(port) > 65535:
+            self.problems.append("SYSMAIL_LISTEN must be HOST:PORT, like 127.0.0.1:8025")
+            return ("127.0.0.1", 8025)
+        return (host, int(port))
+
+    def _networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        items = [v.strip() for v in self.env.get(name, "").split(",") if v.strip()]
+        try:
+            return tuple(ipaddress.ip_network(v, strict=False) for v in items)
+        except ValueError:
+            self.problems.append(f"{name} must be a comma-separated list of IP addresses or CIDRs")
+            return ()
+
+    def _rate(self, name: str, default: tuple[int, float]) -> tuple[int, float]:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        count, _, seconds = value.partition("/")
+        if not (count.isdigit() and seconds.isdigit() and int(count) > 0 and int(seconds) > 0):
+            self.problems.append(f"{name} must be COUNT/SECONDS, like 10/60")
+            return default
+        return (int(count), float(seconds))
 
     def _smtp_url(self) -> SmtpUrl | None:
         text = self.env.get("SMTP_URL", "").strip()
@@ -521,7 +606,7 @@ def _unquote_env_value(raw: str) -> str:
     return raw
 
 
-# ---- Logging ---- #
+# ---- Logging and metrics ---- #
 
 _log = logging.getLogger("sysmail")
 _log.addHandler(logging.NullHandler())
@@ -551,6 +636,80 @@ def _iso_time(epoch: float) -> str:
 def _has_control_chars(value: str) -> bool:
     """True when a value holds CR, LF or NUL, which would let it forge headers."""
     return any(c in value for c in "\r\n\0")
+
+
+class Metrics:
+    """Counters and the delivery-latency histogram, rendered in the Prometheus text format."""
+
+    LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                               30.0, 60.0, 300.0)
+    HELP: Mapping[str, str] = {
+        "sysmail_messages_total": "Messages by delivery outcome.",
+        "sysmail_enqueued_total": "Messages queued, by storage backend.",
+        "sysmail_http_requests_total": "HTTP requests by route and status.",
+        "sysmail_rate_limited_total": "Requests refused by a rate limit, by limit.",
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+        self._buckets = [0] * len(self.LATENCY_BUCKETS_SECONDS)
+        self._latency_sum = 0.0
+        self._latency_count = 0
+
+    def inc(self, name: str, **labels: str) -> None:
+        """Add one to a labelled counter."""
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + 1
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record one enqueue-to-250 latency."""
+        with self._lock:
+            for index, bound in enumerate(self.LATENCY_BUCKETS_SECONDS):
+                if seconds <= bound:
+                    self._buckets[index] += 1
+            self._latency_sum += seconds
+            self._latency_count += 1
+
+    def render(self, gauges: Mapping[str, tuple[str, Mapping[str, str], float]]) -> str:
+        """The exposition text: the given gauges (name -> help, labels, value), then counters."""
+        lines: list[str] = []
+        for name, (help_text, labels, value) in gauges.items():
+            family = name.split("{")[0]
+            if f"# TYPE {family} gauge" not in lines:
+                lines += [f"# HELP {family} {help_text}", f"# TYPE {family} gauge"]
+            lines.append(f"{family}{_labels(labels)} {value:g}")
+        with self._lock:
+            lines += self._render_counters() + self._render_histogram()
+        return "\n".join(lines) + "\n"
+
+    def _render_counters(self) -> list[str]:
+        lines = []
+        for family, help_text in self.HELP.items():
+            lines += [f"# HELP {family} {help_text}", f"# TYPE {family} counter"]
+            lines += [f"{family}{_labels(dict(labels))} {value}"
+                      for (name, labels), value in sorted(self._counters.items())
+                      if name == family]
+        return lines
+
+    def _render_histogram(self) -> list[str]:
+        family = "sysmail_delivery_latency_seconds"
+        lines = [f"# HELP {family} Seconds from enqueue to the relay's 250.",
+                 f"# TYPE {family} histogram"]
+        lines += [f'{family}_bucket{{le="{bound:g}"}} {count}'
+                  for bound, count in zip(self.LATENCY_BUCKETS_SECONDS, self._buckets, strict=True)]
+        lines += [f'{family}_bucket{{le="+Inf"}} {self._latency_count}',
+                  f"{family}_sum {self._latency_sum:.6f}", f"{family}_count {self._latency_count}"]
+        return lines
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+               for k, v in sorted(labels.items()))
+    return "{" + ",".join(escaped) + "}"
 
 
 # ---- Messages and templates ---- #
@@ -1372,6 +1531,303 @@ def _owner_alive(owner: str) -> bool:
     return _process_token(pid) == owner or owner.endswith("-0")
 
 
+# ---- Token store ---- #
+
+RESET_PURPOSE = "password-reset"
+PASSWORD_MIN_CHARS, PASSWORD_MAX_CHARS = 8, 1024
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SQLITE_BUSY_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class User:
+    """An account as the token store knows it."""
+
+    id: str
+    email: str
+    name: str = ""
+
+
+class TokenStore(Protocol):
+    """What the password-reset flow needs from an application's user data.
+
+    Implementations must be safe to call from several threads. Any failure to reach the data
+    raises StoreError; the HTTP API then answers 503 and nothing else stops.
+    """
+
+    def find_user(self, email: str) -> User | None:
+        """The user with this address (case-insensitive), or None."""
+
+    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
+                   expires_at: float) -> None:
+        """Keep a token's SHA-256 hash (never the token) for a user and purpose."""
+
+    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
+        """Atomically mark an unused, unexpired token used and revoke the user's other tokens of
+        that purpose; return its user, or None when it is unknown, used or expired."""
+
+    def set_password(self, user: User, password_hash: str) -> None:
+        """Store a new password hash (hash_password's format) for the user."""
+
+    def audit(self, user: User, action: str, at: float, client: str) -> None:
+        """Record an audit entry: who, what, when, from which client address."""
+
+    def password_changed(self, user: User) -> None:
+        """Hook called after a password change: invalidate the user's sessions."""
+
+    def ping(self) -> None:
+        """Raise StoreError unless the store can be read and written now."""
+
+
+def hash_password(password: str) -> str:
+    """scrypt with a random per-user salt; the parameters are kept in the result."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                            maxmem=64 * 1024 * 1024, dklen=32)
+    return "$".join(("scrypt", f"n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}",
+                     base64.b64encode(salt).decode(), base64.b64encode(digest).decode()))
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True when password matches a hash_password result (constant-time comparison)."""
+    try:
+        scheme, params, salt, digest = stored.split("$")
+        cost = dict(p.split("=") for p in params.split(","))
+        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(cost["n"]),
+                                r=int(cost["r"]), p=int(cost["p"]), maxmem=64 * 1024 * 1024,
+                                dklen=len(base64.b64decode(digest)))
+    except (ValueError, KeyError):
+        return False
+    return scheme == "scrypt" and hmac.compare_digest(actual, base64.b64decode(digest))
+
+
+def token_hash(token: str) -> bytes:
+    """The SHA-256 of a token: what the store keeps instead of the token."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+
+class MemoryStore:
+    """A TokenStore in memory: for tests and for embedding without a database."""
+
+    def __init__(self, on_password_changed: Callable[[User], None] | None = None):
+        self._lock = threading.Lock()
+        self.users: dict[str, User] = {}
+        self.passwords: dict[str, str] = {}
+        self.tokens: dict[bytes, dict] = {}
+        self.audit_log: list[tuple[str, str, float, str]] = []
+        self._on_password_changed = on_password_changed
+
+    def add_user(self, email: str, name: str = "") -> User:
+        """Create a user and return it."""
+        with self._lock:
+            user = User(str(len(self.users) + 1), validate_address(email), name)
+            self.users[user.email.lower()] = user
+            return user
+
+    def find_user(self, email: str) -> User | None:
+        """The user with this address, or None."""
+        with self._lock:
+            return self.users.get(email.lower())
+
+    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
+                   expires_at: float) -> None:
+        """Keep a token hash."""
+        with self._lock:
+            self.tokens[token_hash] = {"user": user, "purpose": purpose, "created_at": created_at,
+                                       "expires_at": expires_at, "used_at": None}
+
+    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
+        """Use a token once; revoke the user's others."""
+        with self._lock:
+            token = self.tokens.get(token_hash)
+            if (token is None or token["purpose"] != purpose or token["used_at"] is not None
+                    or token["expires_at"] <= now):
+                return None
+            for other in self.tokens.values():
+                if other["user"].id == token["user"].id and other["used_at"] is None:
+                    other["used_at"] = now
+            return token["user"]
+
+    def set_password(self, user: User, password_hash: str) -> None:
+        """Store a password hash."""
+        with self._lock:
+            self.passwords[user.id] = password_hash
+
+    def audit(self, user: User, action: str, at: float, client: str) -> None:
+        """Record an audit entry."""
+        with self._lock:
+            self.audit_log.append((user.id, action, at, client))
+
+    def password_changed(self, user: User) -> None:
+        """Call the session-invalidation callback, if any."""
+        if self._on_password_changed:
+            self._on_password_changed(user)
+
+    def ping(self) -> None:
+        """Always reachable."""
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    name TEXT NOT NULL DEFAULT '',
+    password_hash TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash BLOB PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    purpose TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens(user_id, purpose, used_at);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    at REAL NOT NULL,
+    client TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore:
+    """The default TokenStore: users, token hashes and audit entries in one SQLite file.
+
+    WAL with synchronous=FULL; one connection per thread; writes in BEGIN IMMEDIATE
+    transactions, so a token is consumed exactly once however many threads race for it.
+    """
+
+    def __init__(self, path: Path | str, on_password_changed: Callable[[User], None] | None = None,
+                 clock: Clock = time.time):
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        self._on_password_changed = on_password_changed
+        self._schema_ready = False
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
+                                 isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if not self._schema_ready:
+                db.executescript(_SQLITE_SCHEMA)
+                self._schema_ready = True
+            self._local.db = db
+        return db
+
+    def _run(self, work: Callable[[sqlite3.Connection], object], write: bool = False) -> object:
+        """Run work in a transaction; wrap any database failure in StoreError."""
+        try:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        except sqlite3.Error as exc:
+            self._local.db = None
+            raise StoreError(f"the token store is unavailable ({exc.__class__.__name__})") from exc
+
+    def add_user(self, email: str, name: str = "", password: str | None = None) -> User:
+        """Create a user (optionally with a password); raise MessageError if it exists."""
+        email = validate_address(email)
+        hashed = hash_password(password) if password else None
+
+        def insert(db: sqlite3.Connection) -> int:
+            return db.execute("INSERT INTO users (email, name, password_hash, created_at) "
+                              "VALUES (?, ?, ?, ?) RETURNING id",
+                              (email, name, hashed, self.clock())).fetchone()[0]
+        try:
+            user_id = self._run(insert, write=True)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise MessageError(f"a user with the address {email} exists already") from None
+            raise
+        return User(str(user_id), email, name)
+
+    def users(self) -> list[dict]:
+        """Every user with whether they have a password, oldest first."""
+        rows = self._run(lambda db: db.execute(
+            "SELECT id, email, name, password_hash IS NOT NULL, created_at FROM users ORDER BY id"
+        ).fetchall())
+        return [{"id": str(r[0]), "email": r[1], "name": r[2], "has_password": bool(r[3]),
+                 "created_at": r[4]} for r in rows]
+
+    def find_user(self, email: str) -> User | None:
+        """The user with this address (case-insensitive), or None."""
+        row = self._run(lambda db: db.execute(
+            "SELECT id, email, name FROM users WHERE email = ?", (email,)).fetchone())
+        return User(str(row[0]), row[1], row[2]) if row else None
+
+    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
+                   expires_at: float) -> None:
+        """Keep a token hash for a user."""
+        self._run(lambda db: db.execute(
+            "INSERT INTO tokens (hash, user_id, purpose, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)", (token_hash, int(user.id), purpose, created_at, expires_at)),
+            write=True)
+
+    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
+        """Use a token once and revoke the user's other tokens of that purpose, atomically."""
+        def consume(db: sqlite3.Connection) -> User | None:
+            row = db.execute(
+                "UPDATE tokens SET used_at = ? WHERE hash = ? AND purpose = ? AND used_at IS NULL "
+                "AND expires_at > ? RETURNING user_id", (now, token_hash, purpose, now)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE tokens SET used_at = ? WHERE user_id = ? AND purpose = ? "
+                       "AND used_at IS NULL", (now, row[0], purpose))
+            user = db.execute("SELECT id, email, name FROM users WHERE id = ?", row).fetchone()
+            return User(str(user[0]), user[1], user[2]) if user else None
+        return self._run(consume, write=True)
+
+    def set_password(self, user: User, password_hash: str) -> None:
+        """Store a new password hash."""
+        self._run(lambda db: db.execute("UPDATE users SET password_hash = ? WHERE id = ?",
+                                        (password_hash, int(user.id))), write=True)
+
+    def password_hash(self, user: User) -> str | None:
+        """The stored password hash of a user, or None."""
+        row = self._run(lambda db: db.execute("SELECT password_hash FROM users WHERE id = ?",
+                                              (int(user.id),)).fetchone())
+        return row[0] if row else None
+
+    def audit(self, user: User, action: str, at: float, client: str) -> None:
+        """Record an audit entry."""
+        self._run(lambda db: db.execute(
+            "INSERT INTO audit (user_id, action, at, client) VALUES (?, ?, ?, ?)",
+            (int(user.id), action, at, client)), write=True)
+
+    def audit_entries(self, user: User) -> list[tuple[str, float, str]]:
+        """A user's audit entries (action, time, client), oldest first."""
+        return self._run(lambda db: db.execute(
+            "SELECT action, at, client FROM audit WHERE user_id = ? ORDER BY id",
+            (int(user.id),)).fetchall())
+
+    def password_changed(self, user: User) -> None:
+        """Call the session-invalidation callback, if any."""
+        if self._on_password_changed:
+            self._on_password_changed(user)
+
+    def ping(self) -> None:
+        """Take and drop the write lock: fails when the file is unreadable, locked or broken."""
+        self._run(lambda db: db.execute("SELECT count(*) FROM sqlite_master").fetchone(),
+                  write=True)
+
+
 # ---- SMTP transport ---- #
 
 SMTP_MAX_MESSAGES_PER_CONNECTION = 1000
@@ -1654,8 +2110,9 @@ class Sender:
     def __init__(self, spool: Spool, transport: SmtpTransport | OutboxTransport,
                  signer: DkimSigner | None = None, *, clock: Clock = time.time,
                  retry: RetryPolicy = RetryPolicy(), batch_size: int = SENDER_BATCH_SIZE,
-                 rand: Callable[[], float] = random.random):
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None):
         self.spool = spool
+        self.metrics = metrics or Metrics()
         self.transport = transport
         self.signer = signer
         self.clock = clock
@@ -1793,6 +2250,7 @@ class Sender:
             code, reply = result.refused[permanent[0]]
             self.spool.add_failed(message, permanent,
                                   {**_refusal("rejected", code, reply), "to": list(permanent)})
+            self.metrics.inc("sysmail_messages_total", outcome="failed")
             log_event(logging.WARNING, "failed", rfcMessageId=message.message_id, id=message.id,
                       to=list(permanent), reason="rejected", code=code, reply=reply)
             counts.failed += 1
@@ -1808,6 +2266,7 @@ class Sender:
                 due = self.clock() + self.retry.delay(attempts_made, self.rand())
                 self.spool.enqueue(message.header(temporary), message.data, message.priority,
                                    due=due, attempt=attempts_made)
+                self.metrics.inc("sysmail_messages_total", outcome="deferred")
                 log_event(logging.INFO, "deferred", rfcMessageId=message.message_id,
                           to=list(temporary), attempt=attempts_made, code=code, reply=reply,
                           next_try=_iso_time(due))
@@ -1824,6 +2283,7 @@ class Sender:
         due = self.clock() + self.retry.delay(attempts_made, self.rand())
         self.spool.defer(claim, due)
         counts.deferred += 1
+        self.metrics.inc("sysmail_messages_total", outcome="deferred")
         log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
                   attempt=attempts_made, next_try=_iso_time(due), code=exc.smtp_code,
                   reason=str(exc))
@@ -1834,10 +2294,13 @@ class Sender:
             reason = {**reason, "rfcMessageId": message.message_id, "to": list(message.rcpts),
                       "template": message.template, "attempts": message.attempt + 1}
         self.spool.fail(claim, reason)
+        self.metrics.inc("sysmail_messages_total", outcome=event)
         log_event(logging.WARNING, event, id=claim.name.id, **reason)
 
     def _log_sent(self, message: SpooledMessage, result: SendResult, duration: float) -> None:
         self.spool.mark_sent()
+        self.metrics.inc("sysmail_messages_total", outcome="sent")
+        self.metrics.observe_latency(max(self.clock() - message.queued_at, 0.0))
         log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
                   to=list(result.accepted), template=message.template, code=result.code,
                   reply=result.reply, duration_ms=round(duration * 1000, 1),
@@ -1878,6 +2341,7 @@ class Mailer:
         self.spool = Spool(config.spool_dir, clock)
         self.templates = load_templates(config.templates_dir)
         self._brand = {"brand": config.from_name, "domain": config.domain}
+        self.metrics = Metrics()
         self._stop = threading.Event()
         self._sender: Sender | None = None
         self._thread: threading.Thread | None = None
@@ -1924,6 +2388,7 @@ class Mailer:
         except SpoolError as exc:
             log_event(logging.ERROR, "enqueue_failed", reason=str(exc), to=rcpts)
             raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
+        self.metrics.inc("sysmail_enqueued_total", backend="spool")
         log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id,
                   template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
         return message_id
@@ -1937,7 +2402,7 @@ class Mailer:
         signer = DkimSigner.from_config(self.config)
         if signer is None:
             log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
-        return Sender(self.spool, transport, signer, clock=self.clock)
+        return Sender(self.spool, transport, signer, clock=self.clock, metrics=self.metrics)
 
     def start(self) -> None:
         """Run the sender in a daemon thread of this process."""
@@ -1963,6 +2428,677 @@ class Mailer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# ---- HTTP API ---- #
+
+MAX_BODY_BYTES = 16 * 1024
+REQUEST_DEADLINE_SECONDS = 10.0
+MAX_CONNECTIONS = 128
+IDEMPOTENCY_SECONDS = 24 * 3600
+FORGOT_QUEUE_SIZE = 10_000
+_JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+_PAGE_HEADERS = {**_JSON_HEADERS, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+                 "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                            "form-action 'self'; frame-ancestors 'none'"}
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{20,128}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """An HTTP request as the API functions see it (the body already bounded and read)."""
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: bytes
+    client: str
+
+
+@dataclass(frozen=True)
+class Response:
+    """What to send back: status, body and headers."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=lambda: dict(_JSON_HEADERS))
+
+
+class HttpError(SysmailError):
+    """A request refused with a status and a message safe to show the client."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+        self.status = status
+        self.headers = dict(headers or {})
+        super().__init__(message)
+
+
+def json_response(status: int, payload: object, **headers: str) -> Response:
+    """A JSON response that is never cached."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Response(status, body, headers={**_JSON_HEADERS, **headers})
+
+
+class RateLimiter:
+    """Fixed-window counters per key, kept in memory (one process)."""
+
+    MAX_KEYS = 100_000
+
+    def __init__(self, clock: Clock = time.monotonic):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def hit(self, key: str, limit: int, window: float) -> float | None:
+        """Count one hit; None when allowed, else the seconds until the window resets."""
+        now = self.clock()
+        start = now - now % window
+        with self._lock:
+            if len(self._windows) > self.MAX_KEYS:
+                self._windows = {k: v for k, v in self._windows.items() if v[0] + window > now}
+            began, count = self._windows.get(key, (start, 0))
+            if began != start:
+                began, count = start, 0
+            self._windows[key] = (began, count + 1)
+        return None if count < limit else max(began + window - now, 0.001)
+
+
+class IdempotencyKeys:
+    """Idempotency-Key -> Message-ID for 24 h, one file per key in a folder (shared by processes)."""
+
+    def __init__(self, folder: Path, clock: Clock = time.time):
+        self.folder = folder
+        self.clock = clock
+        self._last_prune = 0.0
+
+    def remember(self, key: str, make_id: Callable[[], str]) -> tuple[str, bool]:
+        """Return (message id, True) after calling make_id for a new key, or the stored id."""
+        _make_private_dir(self.folder)
+        self._prune()
+        path = self.folder / hashlib.sha256(key.encode()).hexdigest()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
+        except FileExistsError:
+            return self._stored(path, key, make_id)
+        try:
+            message_id = make_id()
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        _write_all(fd, message_id.encode())
+        os.fsync(fd)
+        os.close(fd)
+        return message_id, True
+
+    def _stored(self, path: Path, key: str, make_id: Callable[[], str]) -> tuple[str, bool]:
+        for _ in range(50):  # a concurrent first request may still be writing the id
+            try:
+                stat = path.stat()
+                if stat.st_mtime < self.clock() - IDEMPOTENCY_SECONDS:
+                    _unlink_quietly(path)
+                    return self.remember(key, make_id)
+                text = path.read_text()
+            except FileNotFoundError:
+                return self.remember(key, make_id)
+            if text:
+                return text, False
+            time.sleep(0.02)
+        raise HttpError(409, "a request with this Idempotency-Key is still in progress")
+
+    def _prune(self) -> None:
+        now = self.clock()
+        if now - self._last_prune < 3600:
+            return
+        self._last_prune = now
+        for entry in _scan(self.folder):
+            try:
+                if (self.folder / entry).stat().st_mtime < now - IDEMPOTENCY_SECONDS:
+                    _unlink_quietly(self.folder / entry)
+            except FileNotFoundError:
+                pass
+
+
+class Api:
+    """The HTTP API's logic as plain functions of a Request; owns the forgot-password worker."""
+
+    def __init__(self, config: Config, mailer: Mailer, store: TokenStore, *,
+                 limiter: RateLimiter | None = None, clock: Clock = time.time):
+        self.config = config
+        self.mailer = mailer
+        self.store = store
+        self.metrics = mailer.metrics
+        self.limiter = limiter or RateLimiter()
+        self.clock = clock
+        self.idempotency = IdempotencyKeys(config.spool_dir / "idempotency", clock)
+        self.public_url = config.public_url
+        self._forgot: queue.Queue[tuple[str, str] | None] = queue.Queue(FORGOT_QUEUE_SIZE)
+        self._worker: threading.Thread | None = None
+        self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
+            ("POST", "/v1/auth/forgot-password"): self.forgot_password,
+            ("POST", "/v1/auth/reset-password"): self.reset_password,
+            ("GET", "/reset-password"): self.reset_page,
+            ("POST", "/reset-password"): self.reset_form,
+            ("POST", "/v1/emails"): self.send_email,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.readyz,
+            ("GET", "/metrics"): self.metrics_page,
+        }
+
+    # -- dispatch: the one error boundary -- #
+
+    def handle(self, request: Request) -> Response:
+        """Route a request; map every error to a JSON 4xx/503, or a generic 500 (logged)."""
+        route = self.route_name(request.path)
+        try:
+            response = self._dispatch(request)
+        except HttpError as exc:
+            response = json_response(exc.status, {"error": str(exc)}, **exc.headers)
+        except MessageError as exc:
+            response = json_response(400, {"error": str(exc)})
+        except (StoreError, QueueUnavailable) as exc:
+            log_event(logging.ERROR, "unavailable", route=route, reason=str(exc))
+            response = json_response(503, {"error": "temporarily unavailable, try again later"},
+                                     **{"Retry-After": "5"})
+        except Exception:  # noqa: BLE001 - the HTTP boundary: log it, tell the client nothing
+            _log.exception("http_internal_error", extra={"fields": {"route": route}})
+            response = json_response(500, {"error": "internal error"})
+        self.metrics.inc("sysmail_http_requests_total", route=route, status=str(response.status))
+        return response
+
+    def route_name(self, path: str) -> str:
+        """The route's path when it is known, else "unmatched" (raw paths may carry secrets)."""
+        return path if any(p == path for _, p in self.routes) else "unmatched"
+
+    def _dispatch(self, request: Request) -> Response:
+        handler = self.routes.get((request.method, request.path))
+        if handler is not None:
+            return handler(request)
+        allowed = sorted(m for m, p in self.routes if p == request.path)
+        if allowed:
+            raise HttpError(405, f"use {' or '.join(allowed)} for {request.path}",
+                            {"Allow": ", ".join(allowed)})
+        raise HttpError(404, "no such endpoint")
+
+    # -- password reset -- #
+
+    def forgot_password(self, request: Request) -> Response:
+        """Always 202 with one body: the lookup, token and enqueue happen off the request path."""
+        email = validate_address(_json_fields(request, ("email",))["email"])
+        self._limit(request, "forgot_client", request.client, self.config.forgot_client_limit)
+        self._limit(request, "forgot_address", email.lower(), self.config.forgot_address_limit)
+        self.store.ping()
+        try:
+            self._forgot.put_nowait((email, request.client))
+        except queue.Full:
+            log_event(logging.ERROR, "forgot_queue_full", size=FORGOT_QUEUE_SIZE)
+        return json_response(202, {"status": "accepted", "message": "If an account uses this "
+                                   "address, a password reset link is on its way."})
+
+    def process_forgot(self, email: str, client: str) -> None:
+        """For a known address: create a token, keep its hash, queue the reset mail."""
+        user = self.store.find_user(email)
+        if user is None:
+            return
+        token, now = secrets.token_urlsafe(32), self.clock()
+        ttl = self.config.reset_token_seconds
+        self.store.save_token(token_hash(token), user, RESET_PURPOSE, now, now + ttl)
+        link = f"{self.config.dashboard_url or self.public_url}/reset-password?" + \
+            urllib.parse.urlencode({"token": token})
+        variables = {"reset_url": link, "expires_minutes": str(max(ttl // 60, 1))}
+        if user.name:
+            variables["name"] = user.name
+        self.mailer.enqueue("password-reset", to=user.email, **variables)
+
+    def reset_password(self, request: Request) -> Response:
+        """Consume a valid token and set the new password; 400 with one generic error otherwise."""
+        fields = _json_fields(request, ("token", "password"))
+        self._limit(request, "reset_client", request.client, self.config.reset_client_limit)
+        self.complete_reset(fields["token"], fields["password"], request.client)
+        return json_response(200, {"status": "password changed"})
+
+    def complete_reset(self, token: str, password: str, client: str) -> User:
+        """The shared end of both reset routes; raise HttpError(400) for a bad token or password."""
+        if not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
+            raise HttpError(400, f"the password must be {PASSWORD_MIN_CHARS} to "
+                                 f"{PASSWORD_MAX_CHARS} characters long")
+        user = None
+        if _TOKEN_SHAPE.fullmatch(token):
+            user = self.store.consume_token(token_hash(token), RESET_PURPOSE, self.clock())
+        if user is None:
+            raise HttpError(400, "this reset link is invalid, used or expired")
+        self.store.set_password(user, hash_password(password))
+        self.store.audit(user, "password_reset", self.clock(), client)
+        self.store.password_changed(user)
+        log_event(logging.INFO, "password_changed", user=user.id, client=client)
+        self._alert_password_changed(user, client)
+        return user
+
+    def _alert_password_changed(self, user: User, client: str) -> None:
+        variables = {"event": "your password was changed", "ip": client,
+                     "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.clock()))}
+        if user.name:
+            variables["name"] = user.name
+        try:
+            self.mailer.enqueue("security-alert", to=user.email, **variables)
+        except SysmailError as exc:  # the password is changed: report, do not undo
+            log_event(logging.ERROR, "alert_not_queued", user=user.id, reason=str(exc))
+
+    def reset_page(self, request: Request) -> Response:
+        """The reset form; showing it never consumes the token (mail scanners follow links)."""
+        token = request.query.get("token", "")
+        if not _TOKEN_SHAPE.fullmatch(token):
+            return _page(400, "This reset link is incomplete", "<p>Open the link from the email "
+                         "again, or ask for a new one.</p>")
+        return _page(200, "Choose a new password", _RESET_FORM.format(token=html.escape(token)))
+
+    def reset_form(self, request: Request) -> Response:
+        """The form's POST: consume the token and set the password; an HTML answer either way."""
+        if _media_type(request) != "application/x-www-form-urlencoded":
+            raise HttpError(415, "send the form as application/x-www-form-urlencoded")
+        form = _form_fields(request.body)
+        token, password = form.get("token", ""), form.get("password", "")
+        self._limit(request, "reset_client", request.client, self.config.reset_client_limit)
+        if password != form.get("confirm", ""):
+            return _page(400, "The passwords differ", "<p>Go back and type the same password "
+                         "twice.</p>")
+        try:
+            self.complete_reset(token, password, request.client)
+        except HttpError as exc:
+            return _page(400, "Your password was not changed", f"<p>{html.escape(str(exc))}.</p>")
+        return _page(200, "Your password has been changed", "<p>You can now sign in with your new "
+                     "password. Other sessions have been signed out.</p>")
+
+    # -- internal send API -- #
+
+    def send_email(self, request: Request) -> Response:
+        """Queue a templated mail for an internal caller holding SYSMAIL_API_KEY."""
+        if not self.config.api_key:
+            raise HttpError(404, "no such endpoint")
+        self._authorize(request)
+        fields = _json_object(request)
+        template, to, variables = fields.get("template"), fields.get("to"), fields.get("vars", {})
+        if not isinstance(template, str) or not _is_recipients(to) or not _is_str_map(variables):
+            raise HttpError(400, 'send {"template": NAME, "to": ADDR or [ADDR], "vars": {...}}')
+        key = request.headers.get("Idempotency-Key", "")
+        enqueue = functools.partial(self.mailer.enqueue, template, to, **variables)
+        if not key:
+            return json_response(202, {"messageId": enqueue()})
+        if len(key) > 255 or _has_control_chars(key):
+            raise HttpError(400, "the Idempotency-Key header must be at most 255 characters")
+        message_id, created = self.idempotency.remember(key, enqueue)
+        return json_response(202, {"messageId": message_id, "duplicate": not created})
+
+    def _authorize(self, request: Request) -> None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        expected = self.config.api_key.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise HttpError(401, "a valid bearer token is required",
+                            {"WWW-Authenticate": 'Bearer realm="sysmail"'})
+
+    # -- health and metrics -- #
+
+    def healthz(self, request: Request) -> Response:
+        """The process is alive and answering."""
+        return json_response(200, {"status": "ok"})
+
+    def readyz(self, request: Request) -> Response:
+        """200 when the spool is writable and the store reachable, else 503 naming what is not."""
+        checks = {"spool": self._spool_writable(), "store": self._store_reachable()}
+        ready = all(checks.values())
+        return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready",
+                                                     "checks": checks})
+
+    def _spool_writable(self) -> bool:
+        probe = self.mailer.spool.root / "tmp" / f"ready-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    def _store_reachable(self) -> bool:
+        try:
+            self.store.ping()
+        except StoreError:
+            return False
+        return True
+
+    def metrics_page(self, request: Request) -> Response:
+        """Prometheus text: queue gauges read from the spool, then the process's counters."""
+        counts = self.mailer.spool.counts()
+        gauges = {f"sysmail_queue_messages{{{state}}}": (
+            "Messages in the spool by state.", {"state": state}, counts[state])
+            for state in ("new", "deferred", "cur", "failed")}
+        gauges["sysmail_queue_oldest_age_seconds"] = (
+            "Age of the oldest queued message.", {}, counts["oldest_age_seconds"])
+        last = self.mailer.spool.last_sent()
+        if last is not None:
+            gauges["sysmail_last_send_age_seconds"] = (
+                "Seconds since the last successful send.", {}, round(self.clock() - last, 3))
+        body = self.metrics.render(gauges).encode()
+        return Response(200, body, "text/plain; version=0.0.4; charset=utf-8", _JSON_HEADERS)
+
+    # -- limits and the background worker -- #
+
+    def _limit(self, request: Request, name: str, key: str, limit: tuple[int, float]) -> None:
+        retry_after = self.limiter.hit(f"{name}:{key}", *limit)
+        if retry_after is not None:
+            self.metrics.inc("sysmail_rate_limited_total", limit=name)
+            raise HttpError(429, "too many requests, try again later",
+                            {"Retry-After": str(math.ceil(retry_after))})
+
+    def start(self) -> None:
+        """Start the thread that serves forgot-password requests off the request path."""
+        self._worker = threading.Thread(target=self._work, name="sysmail-forgot", daemon=True)
+        self._worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the queued forgot-password requests, then stop the worker."""
+        if self._worker is not None:
+            self._forgot.put(None)
+            self._worker.join(timeout)
+            self._worker = None
+
+    def _work(self) -> None:
+        while (item := self._forgot.get()) is not None:
+            try:
+                self.process_forgot(*item)
+            except SysmailError as exc:
+                log_event(logging.ERROR, "forgot_failed", reason=str(exc))
+            except Exception:  # noqa: BLE001 - the worker must outlive any one request
+                _log.exception("forgot_internal_error", extra={"fields": {}})
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
+def _json_object(request: Request) -> dict:
+    """The body as a JSON object; 415 for another media type, 400 when malformed."""
+    if _media_type(request) != "application/json":
+        raise HttpError(415, "send the body as application/json")
+    try:
+        value = json.loads(request.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    if _contains_control_chars(value):
+        raise HttpError(400, "a value contains a line break or NUL")
+    return value
+
+
+def _json_fields(request: Request, names: tuple[str, ...]) -> dict[str, str]:
+    """The named string fields of a JSON body; 400 when one is missing or not a string."""
+    value = _json_object(request)
+    for name in names:
+        if not isinstance(value.get(name), str) or not value[name]:
+            raise HttpError(400, f"the field {name!r} is required and must be a string")
+    return {name: value[name] for name in names}
+
+
+def _contains_control_chars(value: object) -> bool:
+    if isinstance(value, str):
+        return _has_control_chars(value)
+    if isinstance(value, dict):
+        return any(_contains_control_chars(k) or _contains_control_chars(v)
+                   for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_control_chars(v) for v in value)
+    return False
+
+
+def _form_fields(body: bytes) -> dict[str, str]:
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), max_num_fields=10)
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "the form is malformed") from None
+    return dict(pairs)
+
+
+def _is_recipients(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and 0 < len(value) <= 50
+                                      and all(isinstance(v, str) for v in value))
+
+
+def _is_str_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str | int) for v in value.values())
+
+
+_RESET_FORM = """<form method="post" action="/reset-password">
+<input type="hidden" name="token" value="{token}">
+<p><label for="password">New password</label><br>
+<input id="password" name="password" type="password" autocomplete="new-password" minlength="8"
+ maxlength="1024" required style="width:100%;padding:8px;font-size:16px;"></p>
+<p><label for="confirm">Type it again</label><br>
+<input id="confirm" name="confirm" type="password" autocomplete="new-password" minlength="8"
+ maxlength="1024" required style="width:100%;padding:8px;font-size:16px;"></p>
+<p><button type="submit" style="padding:10px 18px;font-size:16px;">Change password</button></p>
+</form>"""
+
+
+def _page(status: int, title: str, body: str) -> Response:
+    """A small self-contained HTML page (no scripts, no remote resources)."""
+    document = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f"<title>{html.escape(title)}</title></head>"
+                f'<body style="font-family:Helvetica,Arial,sans-serif;max-width:28em;'
+                f'margin:3em auto;padding:0 1em;color:#111827;">'
+                f"<h1 style=\"font-size:1.4em;\">{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    return Response(status, document.encode(), "text/html; charset=utf-8", _PAGE_HEADERS)
+
+
+class _HttpServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections and a deadline per connection."""
+
+    daemon_threads = False  # server_close() waits for requests in flight
+    block_on_close = True
+
+    def __init__(self, address: tuple[str, int], api: Api):
+        self.api = api
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._deadline_lock = threading.Lock()
+        self._closing = threading.Event()
+        super().__init__(address, _Handler)
+        self._reaper = threading.Thread(target=self._reap, name="sysmail-http-deadlines",
+                                        daemon=True)
+        self._reaper.start()
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        if not self._slots.acquire(blocking=False):
+            _refuse_busy(request)
+            self.shutdown_request(request)
+            return
+        with self._deadline_lock:
+            self._deadlines[request] = time.monotonic() + REQUEST_DEADLINE_SECONDS
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._deadline_lock:
+                self._deadlines.pop(request, None)
+            self._slots.release()
+
+    def _reap(self) -> None:
+        """Cut connections past their deadline: a slow client cannot hold a thread for long."""
+        while not self._closing.wait(0.25):
+            now = time.monotonic()
+            with self._deadline_lock:
+                late = [s for s, deadline in self._deadlines.items() if deadline < now]
+            for sock in late:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._closing.set()
+
+
+def _refuse_busy(sock: socket.socket) -> None:
+    body = b'{"error":"too many connections, try again later"}'
+    with contextlib.suppress(OSError):
+        sock.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Cache-Control: no-store\r\nRetry-After: 1\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """The thin layer between http.server and Api: read a bounded request, write the response."""
+
+    server: _HttpServer
+    protocol_version = "HTTP/1.0"
+    server_version = "sysmail"
+    sys_version = ""
+    timeout = REQUEST_DEADLINE_SECONDS
+
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        if name.startswith("do_"):  # every method is routed, so unknown ones get 405, not 501
+            return self._serve
+        raise AttributeError(name)
+
+    def _serve(self) -> None:
+        started = time.monotonic()
+        request = self._read_request()
+        response = request if isinstance(request, Response) else self.server.api.handle(request)
+        self._write(response)
+        route = self.server.api.route_name(urllib.parse.urlsplit(self.path).path)
+        log_event(logging.INFO, "http", method=self.command[:16], route=route,
+                  status=response.status, client=self._client(),
+                  duration_ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _read_request(self) -> Request | Response:
+        parts = urllib.parse.urlsplit(self.path)
+        if self.headers.get("Transfer-Encoding"):
+            return json_response(411, {"error": "send a Content-Length, not a chunked body"})
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            return json_response(400, {"error": "the Content-Length header is invalid"})
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            return json_response(413, {"error": f"the body must be at most {MAX_BODY_BYTES} bytes"})
+        body = self.rfile.read(length) if length else b""
+        query = dict(urllib.parse.parse_qsl(parts.query, max_num_fields=20))
+        return Request(self.command, parts.path, query, self.headers, body, self._client())
+
+    def _client(self) -> str:
+        """The client's address; X-Forwarded-For only counts when a trusted proxy sent it."""
+        peer = self.client_address[0]
+        return client_address(peer, self.headers.get("X-Forwarded-For", ""),
+                              self.server.api.config.trusted_proxies)
+
+    def _write(self, response: Response) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def version_string(self) -> str:
+        """The Server header: no Python version."""
+        return self.server_version
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own protocol errors, as JSON 4xx like every other answer."""
+        status = code if 400 <= code < 500 else 400
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self._write(json_response(status, {"error": message or "bad request"}))
+
+    def log_message(self, format: str, *args: object) -> None:  # http.server's own signature
+        """Silenced: the default line holds the raw path, and with it a reset token."""
+
+
+def client_address(peer: str, forwarded_for: str, trusted: tuple) -> str:
+    """The client address: the right-most X-Forwarded-For hop not added by a trusted proxy."""
+    hops = [peer] + [h.strip() for h in reversed(forwarded_for.split(",")) if h.strip()]
+    for hop in hops:
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer
+        if not any(address in network for network in trusted):
+            return hop
+    return hops[-1]
+
+
+# ---- Wiring ---- #
+
+
+class App:
+    """The service: HTTP API, sender thread and forgot-password worker in one process."""
+
+    def __init__(self, config: Config, mailer: Mailer, store: TokenStore):
+        self.config = config
+        self.mailer = mailer
+        self.store = store
+        self.api = Api(config, mailer, store)
+        self.server: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"App(listen={self.config.listen}, store={self.store!r})"
+
+    @property
+    def url(self) -> str:
+        """The base URL the server listens on (with the real port when port 0 was asked for)."""
+        assert self.server is not None
+        host, port = self.server.server_address[:2]
+        return f"http://{_url_host(str(host))}:{port}"
+
+    def start(self) -> None:
+        """Recover the spool, start the sender and the worker, then listen."""
+        self.mailer.spool.recover()
+        self.mailer.start()
+        self.api.start()
+        self.server = _HttpServer(self.config.listen, self.api)
+        if not self.config.public_url_set:
+            self.api.public_url = self.url
+        self._thread = threading.Thread(target=self.server.serve_forever, name="sysmail-http",
+                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread.start()
+        log_event(logging.INFO, "listening", url=self.url, store=repr(self.store))
+
+    def stop(self) -> None:
+        """Stop accepting, finish requests in flight, then the worker and the sender."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        self.api.stop()
+        self.mailer.stop()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def build_app(config: Config, store: TokenStore | None = None) -> App:
+    """Wire the service from a configuration; the SQLite store at SYSMAIL_DB by default."""
+    return App(config, Mailer(config), store or SqliteStore(config.db_path))
+
+
+def serve(config: Config, stop: threading.Event) -> None:
+    """Run the service until stop is set."""
+    app = build_app(config)
+    app.start()
+    try:
+        stop.wait()
+    finally:
+        log_event(logging.INFO, "stopping")
+        app.stop()
 
 
 # ---- CLI ---- #
@@ -2019,6 +3155,18 @@ def _build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
     preview.add_argument("--part", choices=("message", "text", "html"), default="message")
     preview.set_defaults(handler=cmd_preview)
+    commands.add_parser("serve", help="run the HTTP API and the sender (SYSMAIL_LISTEN)"
+                        ).set_defaults(handler=cmd_serve)
+    user = commands.add_parser("user", help="manage the SQLite store's users")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True,
+                                        parser_class=_ArgumentParser)
+    add = user_commands.add_parser("add", help="add a user; a password may come on stdin")
+    add.add_argument("email")
+    add.add_argument("--name", default="")
+    add.set_defaults(handler=cmd_user_add)
+    listing = user_commands.add_parser("list", help="list the users")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_user_list)
     return parser
 
 
@@ -2126,6 +3274,37 @@ def cmd_preview(args: argparse.Namespace, config: Config) -> int:
     data = build_message(config, ["ada@example.com"], rendered,
                          make_message_id(config.domain, now), now)
     sys.stdout.write(data.decode("ascii", "replace").replace("\r\n", "\n"))
+    return EX_OK
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    """Run the HTTP API and the sender until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    _on_signals(stop.set)
+    serve(config, stop)
+    return EX_OK
+
+
+def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
+    """Add a user to the SQLite store; a password, if any, is read from stdin."""
+    password = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read().rstrip("\r\n")
+    if password and not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
+        raise MessageError(f"the password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
+                           "characters long")
+    user = SqliteStore(config.db_path).add_user(args.email, args.name, password or None)
+    print(f"added user {user.id}: {user.email}" + (" with a password" if password else ""))
+    return EX_OK
+
+
+def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
+    """List the SQLite store's users."""
+    users = SqliteStore(config.db_path).users()
+    if args.json:
+        print(json.dumps(users))
+        return EX_OK
+    for user in users:
+        password = "password set" if user["has_password"] else "no password"
+        print(f"{user['id']}  {user['email']}  {user['name'] or '-'}  {password}")
     return EX_OK
 
 
@@ -2289,7 +3468,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     except MessageError as exc:
         _say(str(exc))
         return EX_DATAERR
-    except (QueueUnavailable, SpoolError, TemporaryDeliveryError) as exc:
+    except (QueueUnavailable, SpoolError, StoreError, TemporaryDeliveryError) as exc:
         _say(str(exc))
         return EX_TEMPFAIL
     except (PermanentDeliveryError, SysmailError) as exc:
