@@ -272,6 +272,7 @@ class Config:
     forgot_client_limit: tuple[int, float] = (10, 60.0)
     forgot_address_limit: tuple[int, float] = (3, 3600.0)
     reset_client_limit: tuple[int, float] = (10, 60.0)
+    redis_url: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -343,7 +344,22 @@ class _EnvReader:
             "forgot_client_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_CLIENT", (10, 60.0)),
             "forgot_address_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS", (3, 3600.0)),
             "reset_client_limit": self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT", (10, 60.0)),
+            "redis_url": self._redis_url(),
         }
+
+    def _redis_url(self) -> str:
+        value = self.env.get("REDIS_URL", "").strip()
+        if not value:
+            return ""
+        if urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            self.problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
+            return ""
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            self.problems.append("REDIS_URL needs the redis package: pip install redis")
+            return ""
+        return value
 
     def _listen(self) -> tuple[str, int]:
         value = self.env.get("SYSMAIL_LISTEN", "").strip() or "127.0.0.1:8025"
@@ -570,18 +586,19 @@ def parse_env_file(text: str) -> dict[str, str]:
 
 def _env_file_lines(text: str) -> Iterator[str]:
     """Yield logical lines: comments dropped, quoted values and trailing backslashes joined."""
-    pending = ""
+    pending, joiner = "", ""
     for line in text.splitlines():
         if not pending and (not line.strip() or line.lstrip()[:1] in ("#", ";")):
             continue
-        pending = f"{pending}\n{line}" if pending else line
+        pending = f"{pending}{joiner}{line}" if pending else line
         if pending.endswith("\\") and not pending.endswith("\\\\"):
-            pending = pending[:-1]
+            pending, joiner = pending[:-1], ""  # a continuation drops the line break
             continue
         if _open_quote(pending):
+            joiner = "\n"  # a quoted value keeps its line breaks
             continue
         yield pending
-        pending = ""
+        pending, joiner = "", ""
     if pending:
         yield pending
 
@@ -879,7 +896,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template(
         name="service-announcement",
         subject="${title}",
-        text="Hi ${name},\n\n${body}\n\nThe ${brand} team\n",
+        text="Hi ${name},\n\n${title}\n\n${body}\n\nThe ${brand} team\n",
         html=_html("Hi ${name},",
                    '<h1 style="margin:0 0 16px 0;font-size:20px;color:#111827;">${title}</h1>',
                    "${body}",
@@ -1007,16 +1024,36 @@ def validate_address(address: str) -> str:
     return normalised
 
 
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # IDNA 2003 and 2008 disagree
+
+
 def _idna_domain(domain: str) -> str:
-    """Return the ASCII (IDNA) form of a domain name; raise MessageError when it is invalid."""
+    """Return the ASCII (IDNA 2008, UTS #46) form of a domain; raise MessageError if invalid.
+
+    The stdlib codec is IDNA 2003, which maps straße.de to the different domain strasse.de;
+    the `idna` package does it right, and without it such domains are refused, not misdirected.
+    """
+    domain = domain.rstrip(".")
     try:
-        ascii_domain = domain.rstrip(".").encode("idna").decode("ascii").lower()
-    except UnicodeError:
+        ascii_domain = _idna_encode(domain).lower()
+    except (UnicodeError, ValueError):
         raise MessageError(f"{domain[:80]!r} is not a valid domain name") from None
     labels = ascii_domain.split(".")
     if len(ascii_domain) > 253 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
         raise MessageError(f"{domain[:80]!r} is not a valid domain name")
     return ascii_domain
+
+
+def _idna_encode(domain: str) -> str:
+    if domain.isascii():
+        return domain
+    try:
+        import idna
+    except ImportError:
+        if _IDNA_DEVIATIONS & set(domain.lower()):
+            raise ValueError("needs IDNA 2008: pip install idna") from None
+        return domain.encode("idna").decode("ascii")
+    return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
 
 
 def make_message_id(domain: str, now: float) -> str:
@@ -1038,9 +1075,10 @@ def build_message(config: Config, to: list[str], rendered: Rendered, message_id:
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Auto-Response-Suppress"] = "All"
     msg.set_content(rendered.text, cte=_text_cte(rendered.text))
-    msg.add_alternative(rendered.html, subtype="html", cte=_text_cte(rendered.html))
-    for part in msg.iter_parts():
-        del part["MIME-Version"]  # only the top level carries it (RFC 2045)
+    if rendered.html:
+        msg.add_alternative(rendered.html, subtype="html", cte=_text_cte(rendered.html))
+        for part in msg.iter_parts():
+            del part["MIME-Version"]  # only the top level carries it (RFC 2045)
     return msg.as_bytes()
 
 
@@ -1126,10 +1164,15 @@ class SpoolName:
 
 @dataclass(frozen=True)
 class Claim:
-    """A message this process has claimed: it alone may send it until it settles the claim."""
+    """A message this process has claimed: it alone may send it until it settles the claim.
+
+    `queue` is where it came from (the spool or the Redis fallback) and settles it.
+    """
 
     name: SpoolName
-    path: Path
+    queue: Spool | RedisQueue = field(repr=False)
+    path: Path | None = None
+    entry: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -1193,9 +1236,8 @@ class Spool:
         """Store a message durably in new/ and return its spool id; raise SpoolError on failure."""
         name = SpoolName(priority, int((self.clock() if due is None else due) * 1000), attempt,
                          self._new_id())
-        payload = SPOOL_FORMAT + json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
         try:
-            self._write_new(str(name), payload)
+            self._write_new(str(name), _entry_bytes(header, data))
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool {self.root}: {exc.strerror}") from exc
         self.notify()
@@ -1247,20 +1289,15 @@ class Spool:
             os.rename(self.root / "new" / entry, target)
         except FileNotFoundError:
             return None  # another worker claimed it first
-        return Claim(name, target)
+        return Claim(name, self, target)
 
     def read(self, claim: Claim) -> SpooledMessage:
         """Read a claimed message; raise SpoolError when the file is not a spool entry."""
         try:
-            raw = claim.path.read_bytes()
-            head, _, data = raw.partition(b"\n")
-            meta = json.loads(head.removeprefix(SPOOL_FORMAT))
-            return SpooledMessage(claim.name.id, meta["message_id"], meta["from"],
-                                  tuple(meta["to"]), meta.get("template", ""),
-                                  meta["queued_at"], meta["expires_at"], claim.name.priority,
-                                  claim.name.attempt, data)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raw = claim.path.read_bytes() if claim.path else b""
+        except OSError as exc:
             raise SpoolError(f"spool entry {claim.name.id} is unreadable") from exc
+        return _parse_entry(raw, claim.name)
 
     # -- settling a claim -- #
 
@@ -1286,9 +1323,9 @@ class Spool:
     def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
         """Write a dead letter for some recipients of a message whose others were served."""
         name = SpoolName(message.priority, 0, message.attempt, self._new_id())
-        payload = SPOOL_FORMAT + json.dumps(message.header(rcpts)).encode() + b"\n" + message.data
         self._write_reason(str(name), reason)
-        _write_file_atomically(self.root / "failed" / str(name), payload, self.root / "tmp")
+        _write_file_atomically(self.root / "failed" / str(name),
+                               _entry_bytes(message.header(rcpts), message.data), self.root / "tmp")
 
     def _write_reason(self, name: str, reason: dict) -> None:
         body = json.dumps({**reason, "failed_at": self.clock()}).encode()
@@ -1381,7 +1418,10 @@ class Spool:
         try:
             os.utime(stamp)
         except FileNotFoundError:
-            stamp.touch(mode=SPOOL_FILE_MODE)
+            with contextlib.suppress(OSError):
+                stamp.touch(mode=SPOOL_FILE_MODE)
+        except OSError:
+            pass  # a broken spool must not fail a delivery that already happened
 
     def last_sent(self) -> float | None:
         """When a message was last delivered from this spool, or None."""
@@ -1443,6 +1483,25 @@ class WakeListener:
             poke.sendto(b"!", self._address)
         self._thread.join(timeout=2)
         self._socket.close()
+
+
+def _entry_bytes(header: dict, data: bytes) -> bytes:
+    """A queue entry: the format tag, the JSON header on one line, then the message."""
+    return SPOOL_FORMAT + json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
+
+
+def _parse_entry(raw: bytes, name: SpoolName) -> SpooledMessage:
+    """Parse a queue entry; raise SpoolError when it is not one."""
+    try:
+        head, _, data = raw.partition(b"\n")
+        if not head.startswith(SPOOL_FORMAT):
+            raise ValueError("no spool format tag")
+        meta = json.loads(head.removeprefix(SPOOL_FORMAT))
+        return SpooledMessage(name.id, meta["message_id"], meta["from"], tuple(meta["to"]),
+                              meta.get("template", ""), meta["queued_at"], meta["expires_at"],
+                              name.priority, name.attempt, data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpoolError(f"queue entry {name.id} is unreadable") from exc
 
 
 def _make_private_dir(path: Path) -> None:
@@ -1529,6 +1588,268 @@ def _owner_alive(owner: str) -> bool:
     except PermissionError:
         pass
     return _process_token(pid) == owner or owner.endswith("-0")
+
+
+# ---- Redis fallback ---- #
+
+REDIS_PREFIX = "sysmail:"
+REDIS_CLAIM_LEASE_SECONDS = 300
+REDIS_TIMEOUT_SECONDS = 2.0
+
+_REDIS_CLAIM = """
+local out = {}
+local limit = tonumber(ARGV[3])
+for i = 1, 2 do
+  if #out >= limit then break end
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, limit - #out)
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', KEYS[i], id)
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+    redis.call('HSET', ARGV[5] .. id, 'owner', ARGV[4])
+    local m = redis.call('HMGET', ARGV[5] .. id, 'entry', 'attempt', 'priority')
+    table.insert(out, {id, m[1], m[2], m[3]})
+  end
+end
+local next_due = false
+for i = 1, 2 do
+  local first = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+                           'LIMIT', 0, 1)
+  if first[2] and (not next_due or tonumber(first[2]) < next_due) then
+    next_due = tonumber(first[2])
+  end
+end
+return {out, next_due and tostring(next_due) or ''}
+"""
+
+# Move a claimed message back to its queue when its claim is still the one we looked at.
+_REDIS_UNCLAIM = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false then return 0 end
+if ARGV[4] ~= '' and redis.call('HGET', ARGV[5] .. ARGV[1], 'owner') ~= ARGV[4] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local priority = redis.call('HGET', ARGV[5] .. ARGV[1], 'priority') or '1'
+redis.call('ZADD', ARGV[5] .. 'queue:' .. priority, ARGV[2], ARGV[1])
+if ARGV[3] ~= '' then redis.call('HSET', ARGV[5] .. ARGV[1], 'attempt', ARGV[3]) end
+redis.call('HDEL', ARGV[5] .. ARGV[1], 'owner')
+return 1
+"""
+
+
+class RedisQueue:
+    """The fallback queue, used when the spool cannot be written; the same protocol as Spool.
+
+        enqueue  HSET msg:ID entry,priority,attempt + ZADD queue:P DUE ID   (one MULTI)
+        claim    Lua: ZRANGEBYSCORE queue:P <= now -> ZREM, ZADD claimed LEASE ID, owner
+        sent     DEL msg:ID, ZREM claimed ID
+        defer    claimed -> queue:P at DUE', attempt+1
+        release  claimed -> queue:P now
+        fail     HSET reason, claimed -> failed
+        recover  claims past their lease, or whose owner on this host is gone -> queue:P
+
+    Entries are the spool's bytes (header line + message). A standalone Redis with AOF
+    (appendfsync everysec or always) and maxmemory-policy noeviction is assumed.
+    """
+
+    def __init__(self, url: str, clock: Clock = time.time, prefix: str = REDIS_PREFIX):
+        import redis
+
+        self.clock = clock
+        self.prefix = prefix
+        self._errors = (redis.exceptions.RedisError, OSError)
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                                           socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        self._claim_script = self._redis.register_script(_REDIS_CLAIM)
+        self._unclaim_script = self._redis.register_script(_REDIS_UNCLAIM)
+        self._owner = f"{socket.gethostname()}:{_process_token(os.getpid())}"
+        self._url = _redact_url(url)
+
+    def __repr__(self) -> str:
+        return f"RedisQueue({self._url!r})"
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _call(self, work: Callable[[], object]) -> object:
+        """Run Redis commands; any failure to reach Redis becomes QueueUnavailable."""
+        try:
+            return work()
+        except self._errors as exc:
+            raise QueueUnavailable(f"Redis is unavailable ({exc.__class__.__name__})") from exc
+
+    # -- writing -- #
+
+    def enqueue(self, header: dict, data: bytes, priority: int, due: float | None = None,
+                attempt: int = 0) -> str:
+        """Store a message in Redis and return its id; raise QueueUnavailable on failure."""
+        ident = f"{int(self.clock() * 1e6):x}r{secrets.token_hex(6)}"
+        due_ms = int((self.clock() if due is None else due) * 1000)
+
+        def write() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(self._key("msg", ident), mapping={
+                "entry": _entry_bytes(header, data), "priority": priority, "attempt": attempt})
+            pipe.zadd(self._key("queue", str(priority)), {ident: due_ms})
+            pipe.execute()
+        self._call(write)
+        return ident
+
+    # -- claiming -- #
+
+    def claim(self, limit: int) -> tuple[list[Claim], float | None]:
+        """Claim up to limit due messages, most urgent first; also return the next due time."""
+        now_ms = int(self.clock() * 1000)
+        keys = [self._key("queue", "0"), self._key("queue", "1"), self._key("claimed")]
+        args = [now_ms, REDIS_CLAIM_LEASE_SECONDS * 1000, limit, self._owner, self._key("msg", "")]
+        rows, next_due = self._call(lambda: self._claim_script(keys=keys, args=args))
+        claims = [Claim(SpoolName(int(priority or 1), now_ms, int(attempt or 0), ident.decode()),
+                        self, entry=entry or b"") for ident, entry, attempt, priority in rows]
+        return claims, (int(next_due) / 1000 if next_due else None)
+
+    def read(self, claim: Claim) -> SpooledMessage:
+        """Parse a claimed message (its bytes came with the claim)."""
+        return _parse_entry(claim.entry, claim.name)
+
+    # -- settling a claim -- #
+
+    def ack(self, claim: Claim) -> None:
+        """Forget a delivered message."""
+        def forget() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self._key("claimed"), claim.name.id)
+            pipe.delete(self._key("msg", claim.name.id))
+            pipe.execute()
+        self._call(forget)
+
+    def defer(self, claim: Claim, due: float) -> None:
+        """Put a message back for another attempt at `due`."""
+        self._unclaim(claim.name.id, due, claim.name.attempt + 1, self._owner)
+
+    def release(self, claim: Claim) -> None:
+        """Put a message back unchanged, due now."""
+        self._unclaim(claim.name.id, self.clock(), None, self._owner)
+
+    def _unclaim(self, ident: str, due: float, attempt: int | None, owner: str) -> bool:
+        args = [ident, int(due * 1000), "" if attempt is None else attempt, owner,
+                self._key("msg", "")]
+        return bool(self._call(lambda: self._unclaim_script(keys=[self._key("claimed")],
+                                                            args=args)))
+
+    def fail(self, claim: Claim, reason: dict) -> None:
+        """Move a message to the dead letters with its reason."""
+        def bury() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(self._key("msg", claim.name.id), "reason",
+                      json.dumps({**reason, "failed_at": self.clock()}))
+            pipe.zrem(self._key("claimed"), claim.name.id)
+            pipe.zadd(self._key("failed"), {claim.name.id: self.clock()})
+            pipe.execute()
+        self._call(bury)
+
+    def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
+        """Write a dead letter for some recipients of a message whose others were served."""
+        ident = self.enqueue(message.header(rcpts), message.data, message.priority,
+                             due=float("inf"), attempt=message.attempt)
+
+        def bury() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self._key("queue", str(message.priority)), ident)
+            pipe.hset(self._key("msg", ident), "reason",
+                      json.dumps({**reason, "failed_at": self.clock()}))
+            pipe.zadd(self._key("failed"), {ident: self.clock()})
+            pipe.execute()
+        self._call(bury)
+
+    # -- maintenance, dead letters, status -- #
+
+    def recover(self) -> int:
+        """Return claims past their lease, or held by a dead process of this host; return count."""
+        now = self.clock()
+        claimed = self._call(lambda: self._redis.zrange(self._key("claimed"), 0, 999,
+                                                        withscores=True))
+        taken = 0
+        for ident_bytes, lease_ms in claimed:
+            ident = ident_bytes.decode()
+            owner = (self._call(lambda i=ident: self._redis.hget(self._key("msg", i), "owner"))
+                     or b"").decode()
+            host, _, token = owner.partition(":")
+            dead = host == socket.gethostname() and not _owner_alive(token)
+            if (dead or lease_ms <= now * 1000) and self._unclaim(ident, now, None, owner):
+                taken += 1
+        return taken
+
+    def clean_tmp(self) -> int:
+        """Nothing to clean: Redis writes are atomic."""
+        return 0
+
+    def failed(self) -> list[dict]:
+        """The dead letters with their reasons, oldest first."""
+        ids = self._call(lambda: self._redis.zrange(self._key("failed"), 0, -1))
+        letters = []
+        for ident in ids:
+            raw = self._call(lambda i=ident: self._redis.hget(self._key("msg", i.decode()),
+                                                              "reason"))
+            letters.append({"id": ident.decode(), **json.loads(raw or b"{}"), "queue": "redis"})
+        return letters
+
+    def retry(self, ids: list[str] | None = None) -> list[str]:
+        """Put dead letters (all when ids is None) back in their queue, due now."""
+        moved = []
+        for raw in self._call(lambda: self._redis.zrange(self._key("failed"), 0, -1)):
+            ident = raw.decode()
+            if ids is not None and ident not in ids:
+                continue
+            priority = self._call(lambda i=ident: self._redis.hget(self._key("msg", i),
+                                                                   "priority")) or b"1"
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self._key("failed"), ident)
+            pipe.hset(self._key("msg", ident), mapping={"attempt": 0})
+            pipe.hdel(self._key("msg", ident), "reason")
+            pipe.zadd(self._key("queue", priority.decode()), {ident: int(self.clock() * 1000)})
+            self._call(pipe.execute)
+            moved.append(ident)
+        return moved
+
+    def counts(self) -> dict:
+        """Messages per state, like Spool.counts."""
+        now_ms = int(self.clock() * 1000)
+
+        def count() -> list:
+            pipe = self._redis.pipeline(transaction=False)
+            for priority in ("0", "1"):
+                pipe.zcount(self._key("queue", priority), "-inf", now_ms)
+                pipe.zcount(self._key("queue", priority), f"({now_ms}", "+inf")
+            pipe.zcard(self._key("claimed"))
+            pipe.zcard(self._key("failed"))
+            return pipe.execute()
+        new0, later0, new1, later1, cur, failed = self._call(count)
+        return {"new": new0 + new1, "deferred": later0 + later1, "cur": cur, "failed": failed}
+
+    def mark_sent(self) -> None:
+        """Delivery times are kept by the spool."""
+
+    def check_durability(self) -> list[str]:
+        """Warnings when Redis could evict or lose queued mail."""
+        try:
+            policy = self._redis.config_get("maxmemory-policy").get("maxmemory-policy")
+            aof = self._redis.config_get("appendonly").get("appendonly")
+        except self._errors as exc:
+            return [f"could not read the Redis configuration ({exc.__class__.__name__})"]
+        warnings = []
+        if policy != "noeviction":
+            warnings.append(f"Redis maxmemory-policy is {policy}: queued mail could be evicted "
+                            "(set noeviction)")
+        if aof != "yes":
+            warnings.append("Redis has no AOF (appendonly no): queued mail could be lost in a "
+                            "restart (set appendonly yes)")
+        return warnings
+
+
+def _redact_url(url: str) -> str:
+    """A URL without its password, fit for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 # ---- Token store ---- #
@@ -2110,8 +2431,12 @@ class Sender:
     def __init__(self, spool: Spool, transport: SmtpTransport | OutboxTransport,
                  signer: DkimSigner | None = None, *, clock: Clock = time.time,
                  retry: RetryPolicy = RetryPolicy(), batch_size: int = SENDER_BATCH_SIZE,
-                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None):
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
+                 fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None):
         self.spool = spool
+        self.fallback = fallback
+        self.queues: tuple[Spool | RedisQueue, ...] = (spool, fallback) if fallback else (spool,)
+        self.on_cycle = on_cycle
         self.metrics = metrics or Metrics()
         self.transport = transport
         self.signer = signer
@@ -2120,10 +2445,12 @@ class Sender:
         self.batch_size = batch_size
         self.rand = rand
         self._wake = threading.Event()
+        self._stop = threading.Event()
         self._next_due: float | None = None
         self._relay_failures = 0
         self._relay_retry_at = 0.0
         self._last_clean = 0.0
+        self._last_queue_warning = -60.0
 
     def wake(self) -> None:
         """Make a waiting run() look at the spool now."""
@@ -2131,6 +2458,7 @@ class Sender:
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until stop is set (then call wake()); never dies on a message."""
+        self._stop = stop
         listener = self.spool.listen(self.wake)
         log_event(logging.INFO, "sender_started", spool=str(self.spool.root),
                   transport=repr(self.transport), signing=self.signer is not None)
@@ -2170,38 +2498,65 @@ class Sender:
     def run_once(self) -> DeliveryCounts:
         """Deliver every message due now; stop early (releasing claims) if the relay is down."""
         counts = DeliveryCounts()
-        self.spool.recover()
+        next_due: list[float] = []
+        for source in self.queues:
+            try:
+                if not self._drain(source, counts, next_due):
+                    break
+            except QueueUnavailable as exc:  # Redis down: the spool serves alone
+                self._warn_queue_down(exc)
+        self._next_due = min(next_due, default=None)
+        return counts
+
+    def _drain(self, source: Spool | RedisQueue, counts: DeliveryCounts,
+               next_due: list[float]) -> bool:
+        """Deliver what is due in one queue; False when the relay went down."""
+        source.recover()
         while True:
-            claims, self._next_due = self.spool.claim(self.batch_size)
-            if not claims or not self._deliver_batch(claims, counts):
-                return counts
+            claims, due = source.claim(self.batch_size)
+            if due is not None:
+                next_due.append(due)
+            if not claims:
+                return True
+            if not self._deliver_batch(claims, counts) or self._stop.is_set():
+                return False
+
+    def _warn_queue_down(self, exc: QueueUnavailable) -> None:
+        now = self.clock()
+        if now - self._last_queue_warning >= 60:
+            self._last_queue_warning = now
+            log_event(logging.WARNING, "fallback_unavailable", reason=str(exc))
 
     def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
         for index, claim in enumerate(claims):
+            if self._stop.is_set():  # asked to stop: the rest goes back, unsent and unharmed
+                self._release(claims[index:], counts)
+                return False
             try:
                 self._deliver(claim, counts)
             except RelayUnavailable as exc:
-                for unsent in claims[index:]:
-                    self.spool.release(unsent)
-                counts.released += len(claims) - index
+                self._release(claims[index:], counts)
                 self._relay_down(exc)
                 return False
             except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
                 _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
-                self._fail(claim, None, {"reason": "internal error", "error": type(exc).__name__})
-                counts.failed += 1
+                self._fail(claim, None, {"reason": "internal error", "error": type(exc).__name__},
+                           counts)
         return True
+
+    def _release(self, claims: list[Claim], counts: DeliveryCounts) -> None:
+        for claim in claims:
+            claim.queue.release(claim)
+        counts.released += len(claims)
 
     def _deliver(self, claim: Claim, counts: DeliveryCounts) -> None:
         try:
-            message = self.spool.read(claim)
+            message = claim.queue.read(claim)
         except SpoolError as exc:
-            self._fail(claim, None, {"reason": "unreadable", "error": str(exc)})
-            counts.failed += 1
+            self._fail(claim, None, {"reason": "unreadable", "error": str(exc)}, counts)
             return
         if self.clock() >= message.expires_at:
-            self._fail(claim, message, {"reason": "expired"}, event="expired")
-            counts.expired += 1
+            self._fail(claim, message, {"reason": "expired"}, counts, event="expired")
             return
         data = self.signer.sign(message.data) if self.signer else message.data
         started = time.monotonic()
@@ -2213,8 +2568,7 @@ class Sender:
             self._retry(claim, message, exc, counts)
             return
         except PermanentDeliveryError as exc:
-            self._fail(claim, message, _refusal("rejected", exc.smtp_code, exc.reply))
-            counts.failed += 1
+            self._fail(claim, message, _refusal("rejected", exc.smtp_code, exc.reply), counts)
             return
         self._relay_up()
         self._settle(claim, message, result, time.monotonic() - started, counts)
@@ -2228,72 +2582,56 @@ class Sender:
         if result.accepted:
             self._log_sent(message, result, duration)
             counts.sent += 1
-        if not result.refused:
-            self.spool.ack(claim)
-            return
-        if not result.accepted and not permanent:
-            code, reply = result.refused[temporary[0]]
-            self._retry(claim, message, TemporaryDeliveryError(reply, code, reply), counts)
-            return
-        if not result.accepted and not temporary:
-            code, reply = result.refused[permanent[0]]
-            self._fail(claim, message, _refusal("rejected", code, reply))
-            counts.failed += 1
-            return
-        self._split(claim, message, result, temporary, permanent, counts)
-
-    def _split(self, claim: Claim, message: SpooledMessage, result: SendResult,
-               temporary: tuple[str, ...], permanent: tuple[str, ...],
-               counts: DeliveryCounts) -> None:
-        """Queue the refused recipients' share apart, then forget the served message."""
+        # one group of refusals with nobody served settles the claim itself; otherwise each
+        # refused group is written apart and the claim is forgotten
+        whole = not result.accepted and not (temporary and permanent)
         if permanent:
             code, reply = result.refused[permanent[0]]
-            self.spool.add_failed(message, permanent,
-                                  {**_refusal("rejected", code, reply), "to": list(permanent)})
-            self.metrics.inc("sysmail_messages_total", outcome="failed")
-            log_event(logging.WARNING, "failed", rfcMessageId=message.message_id, id=message.id,
-                      to=list(permanent), reason="rejected", code=code, reply=reply)
-            counts.failed += 1
+            self._fail(claim, message, _refusal("rejected", code, reply), counts,
+                       rcpts=None if whole else permanent)
         if temporary:
-            attempts_made = message.attempt + 1
             code, reply = result.refused[temporary[0]]
-            if attempts_made >= self.retry.attempts:
-                self.spool.add_failed(message, temporary,
-                                      {**_refusal("attempts exhausted", code, reply),
-                                       "to": list(temporary)})
-                counts.failed += 1
-            else:
-                due = self.clock() + self.retry.delay(attempts_made, self.rand())
-                self.spool.enqueue(message.header(temporary), message.data, message.priority,
-                                   due=due, attempt=attempts_made)
-                self.metrics.inc("sysmail_messages_total", outcome="deferred")
-                log_event(logging.INFO, "deferred", rfcMessageId=message.message_id,
-                          to=list(temporary), attempt=attempts_made, code=code, reply=reply,
-                          next_try=_iso_time(due))
-                counts.deferred += 1
-        self.spool.ack(claim)
+            self._retry(claim, message, TemporaryDeliveryError(reply, code, reply), counts,
+                        rcpts=None if whole else temporary)
+        if not whole:
+            claim.queue.ack(claim)
 
     def _retry(self, claim: Claim, message: SpooledMessage, exc: DeliveryError,
-               counts: DeliveryCounts) -> None:
+               counts: DeliveryCounts, rcpts: tuple[str, ...] | None = None) -> None:
+        """Try again later (the whole claim, or a copy for rcpts), or give up after the last."""
         attempts_made = message.attempt + 1
         if attempts_made >= self.retry.attempts:
-            self._fail(claim, message, _refusal("attempts exhausted", exc.smtp_code, exc.reply))
-            counts.failed += 1
+            self._fail(claim, message, _refusal("attempts exhausted", exc.smtp_code, exc.reply),
+                       counts, rcpts)
             return
         due = self.clock() + self.retry.delay(attempts_made, self.rand())
-        self.spool.defer(claim, due)
+        if rcpts is None:
+            claim.queue.defer(claim, due)
+        else:
+            claim.queue.enqueue(message.header(rcpts), message.data, message.priority, due=due,
+                                attempt=attempts_made)
         counts.deferred += 1
         self.metrics.inc("sysmail_messages_total", outcome="deferred")
         log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
-                  attempt=attempts_made, next_try=_iso_time(due), code=exc.smtp_code,
-                  reason=str(exc))
+                  to=list(rcpts or message.rcpts), attempt=attempts_made,
+                  next_try=_iso_time(due), code=exc.smtp_code, reason=str(exc))
 
     def _fail(self, claim: Claim, message: SpooledMessage | None, reason: dict,
+              counts: DeliveryCounts, rcpts: tuple[str, ...] | None = None,
               event: str = "failed") -> None:
+        """Make a dead letter of the whole claim, or of a copy for rcpts."""
         if message is not None:
-            reason = {**reason, "rfcMessageId": message.message_id, "to": list(message.rcpts),
-                      "template": message.template, "attempts": message.attempt + 1}
-        self.spool.fail(claim, reason)
+            reason = {**reason, "rfcMessageId": message.message_id,
+                      "to": list(rcpts or message.rcpts), "template": message.template,
+                      "attempts": message.attempt + 1}
+        if rcpts is None:
+            claim.queue.fail(claim, reason)
+        else:
+            claim.queue.add_failed(message, rcpts, reason)
+        if event == "expired":
+            counts.expired += 1
+        else:
+            counts.failed += 1
         self.metrics.inc("sysmail_messages_total", outcome=event)
         log_event(logging.WARNING, event, id=claim.name.id, **reason)
 
@@ -2339,6 +2677,7 @@ class Mailer:
         self.config = config
         self.clock = clock
         self.spool = Spool(config.spool_dir, clock)
+        self.fallback = RedisQueue(config.redis_url, clock) if config.redis_url else None
         self.templates = load_templates(config.templates_dir)
         self._brand = {"brand": config.from_name, "domain": config.domain}
         self.metrics = Metrics()
@@ -2383,15 +2722,30 @@ class Mailer:
         data = build_message(self.config, rcpts, rendered, message_id, now)
         header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
                   "template": template, "queued_at": now, "expires_at": now + ttl}
-        try:
-            spool_id = self.spool.enqueue(header, data, priority)
-        except SpoolError as exc:
-            log_event(logging.ERROR, "enqueue_failed", reason=str(exc), to=rcpts)
-            raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
-        self.metrics.inc("sysmail_enqueued_total", backend="spool")
-        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id,
+        spool_id, backend = self._enqueue(header, data, priority)
+        self.metrics.inc("sysmail_enqueued_total", backend=backend)
+        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id, backend=backend,
                   template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
         return message_id
+
+    def _enqueue(self, header: dict, data: bytes, priority: int) -> tuple[str, str]:
+        """Store in the spool, or in Redis when the spool fails; return (id, backend)."""
+        try:
+            return self.spool.enqueue(header, data, priority), "spool"
+        except SpoolError as exc:
+            if self.fallback is None:
+                log_event(logging.ERROR, "enqueue_failed", reason=str(exc))
+                raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
+            log_event(logging.WARNING, "spool_unwritable", reason=str(exc), using="redis")
+        try:
+            spool_id = self.fallback.enqueue(header, data, priority)
+        except QueueUnavailable as exc:
+            log_event(logging.ERROR, "enqueue_failed", reason=f"spool and {exc}")
+            raise QueueUnavailable("the message could not be queued: neither the spool nor "
+                                   "Redis could store it") from exc
+        with contextlib.suppress(OSError):
+            self.spool.notify()
+        return spool_id, "redis"
 
     def sender(self) -> Sender:
         """A Sender for this mailer's spool, relay and keys."""
@@ -2402,7 +2756,11 @@ class Mailer:
         signer = DkimSigner.from_config(self.config)
         if signer is None:
             log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
-        return Sender(self.spool, transport, signer, clock=self.clock, metrics=self.metrics)
+        if self.fallback is not None:
+            for warning in self.fallback.check_durability():
+                log_event(logging.WARNING, "redis_durability", warning=warning)
+        return Sender(self.spool, transport, signer, clock=self.clock, metrics=self.metrics,
+                      fallback=self.fallback)
 
     def start(self) -> None:
         """Run the sender in a daemon thread of this process."""
@@ -2505,6 +2863,34 @@ class RateLimiter:
         return None if count < limit else max(began + window - now, 0.001)
 
 
+class RedisRateLimiter:
+    """Fixed-window counters in Redis, shared by every sysmail host; local counters if it is down."""
+
+    _SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {count, redis.call('PTTL', KEYS[1])}
+"""
+
+    def __init__(self, url: str, local: RateLimiter | None = None):
+        import redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                                           socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        self._script = self._redis.register_script(self._SCRIPT)
+        self._errors = (redis.exceptions.RedisError, OSError)
+        self._local = local or RateLimiter()
+
+    def hit(self, key: str, limit: int, window: float) -> float | None:
+        """Count one hit; None when allowed, else the seconds until the window resets."""
+        try:
+            count, ttl_ms = self._script(keys=[f"{REDIS_PREFIX}rate:{key}"],
+                                         args=[int(window * 1000)])
+        except self._errors:
+            return self._local.hit(key, limit, window)
+        return None if count <= limit else max(ttl_ms, 1) / 1000
+
+
 class IdempotencyKeys:
     """Idempotency-Key -> Message-ID for 24 h, one file per key in a folder (shared by processes)."""
 
@@ -2570,7 +2956,8 @@ class Api:
         self.mailer = mailer
         self.store = store
         self.metrics = mailer.metrics
-        self.limiter = limiter or RateLimiter()
+        self.limiter = limiter or (RedisRateLimiter(config.redis_url) if config.redis_url
+                                   else RateLimiter())
         self.clock = clock
         self.idempotency = IdempotencyKeys(config.spool_dir / "idempotency", clock)
         self.public_url = config.public_url
@@ -3122,7 +3509,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                      parser_class=_ArgumentParser)
     send = commands.add_parser("send", help="queue one mail and print its Message-ID")
     send.add_argument("--to", action="append", required=True, metavar="ADDR")
-    send.add_argument("--template", choices=sorted(TEMPLATES), metavar="NAME")
+    send.add_argument("--template", metavar="NAME")
     send.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
     send.add_argument("--subject")
     send.add_argument("--text")
@@ -3151,7 +3538,7 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("check", help="validate the configuration and probe the relay"
                         ).set_defaults(handler=cmd_check)
     preview = commands.add_parser("preview", help="print a rendered template")
-    preview.add_argument("template", choices=sorted(TEMPLATES), metavar="TEMPLATE")
+    preview.add_argument("template", metavar="TEMPLATE")
     preview.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
     preview.add_argument("--part", choices=("message", "text", "html"), default="message")
     preview.set_defaults(handler=cmd_preview)
@@ -3224,6 +3611,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     """Print the queue counts, the oldest message's age and the last successful send."""
     spool = Spool(config.spool_dir)
     status: dict[str, object] = spool.counts()
+    if config.redis_url:
+        status["redis"] = _redis_counts(RedisQueue(config.redis_url), status)
     last = spool.last_sent()
     status["last_sent_at"] = _iso_time(last) if last else None
     if args.json:
@@ -3234,9 +3623,28 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EX_OK
 
 
+def _redis_counts(fallback: RedisQueue, totals: dict) -> dict | str:
+    """The fallback queue's counts, added into totals; "unavailable" when Redis is down."""
+    try:
+        counts = fallback.counts()
+    except QueueUnavailable:
+        return "unavailable"
+    for state, count in counts.items():
+        totals[state] += count
+    return counts
+
+
+def _queues(config: Config) -> list[Spool | RedisQueue]:
+    """The spool, and the Redis fallback when configured."""
+    queues: list[Spool | RedisQueue] = [Spool(config.spool_dir)]
+    if config.redis_url:
+        queues.append(RedisQueue(config.redis_url))
+    return queues
+
+
 def cmd_failed(args: argparse.Namespace, config: Config) -> int:
     """List the dead letters with their reasons."""
-    letters = Spool(config.spool_dir).failed()
+    letters = [letter for source in _queues(config) for letter in source.failed()]
     if args.json:
         print(json.dumps(letters))
         return EX_OK
@@ -3254,7 +3662,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     """Put dead letters back in the queue."""
     if args.all == bool(args.ids):
         raise UsageError("retry takes message ids or --all (not both)")
-    moved = Spool(config.spool_dir).retry(None if args.all else args.ids)
+    moved = [i for source in _queues(config) for i in source.retry(None if args.all else args.ids)]
     missing = sorted(set(args.ids) - set(moved))
     print(f"requeued {len(moved)} message(s)")
     if missing:
@@ -3264,7 +3672,11 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_preview(args: argparse.Namespace, config: Config) -> int:
     """Print a template rendered with the given variables and samples for the rest."""
-    template = load_templates(config.templates_dir)[args.template]
+    templates = load_templates(config.templates_dir)
+    if args.template not in templates:
+        raise MessageError(f"there is no template {args.template!r} "
+                           f"(templates: {', '.join(templates)})")
+    template = templates[args.template]
     variables = {**template.samples, **_parse_vars(args.var)}
     rendered = render(template, variables, {"brand": config.from_name, "domain": config.domain})
     if args.part != "message":
