@@ -273,6 +273,7 @@ class Config:
     forgot_address_limit: tuple[int, float] = (3, 3600.0)
     reset_client_limit: tuple[int, float] = (10, 60.0)
     redis_url: str = field(default="", repr=False)
+    systemd: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -345,6 +346,8 @@ class _EnvReader:
             "forgot_address_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS", (3, 3600.0)),
             "reset_client_limit": self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT", (10, 60.0)),
             "redis_url": self._redis_url(),
+            "systemd": {k: v for k, v in self.env.items()
+                        if k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")},
         }
 
     def _redis_url(self) -> str:
@@ -519,6 +522,28 @@ class _EnvReader:
             self.problems.append("SYSMAIL_LOG_LEVEL must be debug, info, warning or error")
             return logging.INFO
         return LOG_LEVELS[value]
+
+
+CREDENTIAL_FILES = {"dkim.pem": "SYSTEM_DKIM_PRIVATE_KEY",
+                    "dkim-ed25519.pem": "SYSTEM_DKIM_ED25519_PRIVATE_KEY",
+                    "smtp-url": "SMTP_URL", "api-key": "SYSMAIL_API_KEY"}
+
+
+def with_credentials(env: Mapping[str, str]) -> dict[str, str]:
+    """env plus the systemd credentials in $CREDENTIALS_DIRECTORY (LoadCredential=), which win:
+    dkim.pem, dkim-ed25519.pem, smtp-url and api-key."""
+    merged = dict(env)
+    folder = env.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return merged
+    for name, variable in CREDENTIAL_FILES.items():
+        try:
+            merged[variable] = (Path(folder) / name).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError([f"the credential {name} cannot be read"]) from None
+    return merged
 
 
 def _pem_bytes(text: str) -> bytes:
@@ -1451,7 +1476,10 @@ class Spool:
         """Start a listener that calls on_wake when another process enqueues; None off Linux."""
         if not sys.platform.startswith("linux"):
             return None
-        return WakeListener(self.root / "wake", on_wake)
+        try:
+            return WakeListener(self.root / "wake", on_wake)
+        except OSError:
+            return None  # a broken spool: the sender still polls, and drains Redis
 
 
 class WakeListener:
@@ -1586,8 +1614,10 @@ def _owner_alive(owner: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass
-    return _process_token(pid) == owner or owner.endswith("-0")
+        pass  # it exists, under another user
+    token = _process_token(pid)
+    # when its start time cannot be read (no /proc, or hidden), the pid's existence must do
+    return token == owner or token.endswith("-0")
 
 
 # ---- Redis fallback ---- #
@@ -2450,7 +2480,7 @@ class Sender:
         self._relay_failures = 0
         self._relay_retry_at = 0.0
         self._last_clean = 0.0
-        self._last_queue_warning = -60.0
+        self._last_queue_warning: dict[str, float] = {}
 
     def wake(self) -> None:
         """Make a waiting run() look at the spool now."""
@@ -2465,6 +2495,8 @@ class Sender:
         try:
             while not stop.is_set():
                 self._cycle()
+                if self.on_cycle:
+                    self.on_cycle()
                 self._wake.wait(self._idle_seconds())
                 self._wake.clear()
         finally:
@@ -2487,10 +2519,12 @@ class Sender:
             self._relay_retry_at = self.clock() + SENDER_IDLE_POLL_SECONDS
 
     def _idle_seconds(self) -> float:
+        """Until the next due message or the relay retry, but at most a second: the loop is
+        also the heartbeat (systemd's watchdog) and the recovery poll."""
         now = self.clock()
         wait = SENDER_IDLE_POLL_SECONDS
         if self._relay_retry_at > now:
-            return min(self._relay_retry_at - now, self.retry.relay_cap_seconds * 2)
+            return min(wait, self._relay_retry_at - now)
         if self._next_due is not None:
             wait = min(wait, self._next_due - now)
         return max(wait, 0.001)
@@ -2503,8 +2537,8 @@ class Sender:
             try:
                 if not self._drain(source, counts, next_due):
                     break
-            except QueueUnavailable as exc:  # Redis down: the spool serves alone
-                self._warn_queue_down(exc)
+            except (QueueUnavailable, SpoolError, OSError) as exc:  # one queue down: others serve
+                self._warn_queue_down(source, exc)
         self._next_due = min(next_due, default=None)
         return counts
 
@@ -2521,11 +2555,11 @@ class Sender:
             if not self._deliver_batch(claims, counts) or self._stop.is_set():
                 return False
 
-    def _warn_queue_down(self, exc: QueueUnavailable) -> None:
+    def _warn_queue_down(self, source: Spool | RedisQueue, exc: Exception) -> None:
         now = self.clock()
-        if now - self._last_queue_warning >= 60:
-            self._last_queue_warning = now
-            log_event(logging.WARNING, "fallback_unavailable", reason=str(exc))
+        if now - self._last_queue_warning.get(repr(source), -60.0) >= 60:
+            self._last_queue_warning[repr(source)] = now
+            log_event(logging.WARNING, "queue_unavailable", queue=repr(source), reason=str(exc))
 
     def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
         for index, claim in enumerate(claims):
@@ -2640,7 +2674,7 @@ class Sender:
         self.metrics.inc("sysmail_messages_total", outcome="sent")
         self.metrics.observe_latency(max(self.clock() - message.queued_at, 0.0))
         log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
-                  to=list(result.accepted), template=message.template, code=result.code,
+                  to=list(result.accepted), template=message.template or "ad-hoc", code=result.code,
                   reply=result.reply, duration_ms=round(duration * 1000, 1),
                   latency_ms=round((self.clock() - message.queued_at) * 1000, 1))
 
@@ -2691,7 +2725,7 @@ class Mailer:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Mailer:
         """A Mailer configured from env (os.environ by default); raise ConfigError when invalid."""
-        return cls(Config.from_env(os.environ if env is None else env))
+        return cls(Config.from_env(with_credentials(os.environ if env is None else env)))
 
     def enqueue(self, template: str, to: str | list[str], **variables: object) -> str:
         """Queue a system email from a template; return its Message-ID."""
@@ -2762,12 +2796,13 @@ class Mailer:
         return Sender(self.spool, transport, signer, clock=self.clock, metrics=self.metrics,
                       fallback=self.fallback)
 
-    def start(self) -> None:
-        """Run the sender in a daemon thread of this process."""
+    def start(self, on_cycle: Callable[[], None] | None = None) -> None:
+        """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
         if self._thread is not None:
             return
         self._stop.clear()
         self._sender = self.sender()
+        self._sender.on_cycle = on_cycle
         self._thread = threading.Thread(target=self._sender.run, args=(self._stop,),
                                         name="sysmail-sender", daemon=True)
         self._thread.start()
@@ -3423,6 +3458,63 @@ def client_address(peer: str, forwarded_for: str, trusted: tuple) -> str:
 
 # ---- Wiring ---- #
 
+STATUS_INTERVAL_SECONDS = 5.0
+
+
+class SystemdNotifier:
+    """sd_notify(3) with the stdlib: datagrams to $NOTIFY_SOCKET; a no-op outside systemd."""
+
+    def __init__(self, env: Mapping[str, str], spool: Spool | None = None):
+        address = env.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        watchdog_pid = env.get("WATCHDOG_PID", "")
+        usec = env.get("WATCHDOG_USEC", "")
+        owned = not watchdog_pid or watchdog_pid == str(os.getpid())
+        self.watchdog_seconds = int(usec) / 1e6 if usec.isdigit() and owned else 0.0
+        self.spool = spool
+        self._last_ping = self._last_status = 0.0
+        self._lock = threading.Lock()
+
+    def notify(self, *lines: str) -> None:
+        """Send KEY=VALUE lines to systemd; errors are ignored (never fail the service)."""
+        if not self.address:
+            return
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX,
+                                                         socket.SOCK_DGRAM) as sock:
+            sock.sendto("\n".join(lines).encode(), self.address)
+
+    def ready(self) -> None:
+        """Tell systemd the service is up, with the queue depth."""
+        self.notify("READY=1", f"STATUS={self._status_text()}")
+
+    def stopping(self) -> None:
+        """Tell systemd the service is shutting down."""
+        self.notify("STOPPING=1", "STATUS=stopping: finishing requests and the current send")
+
+    def heartbeat(self) -> None:
+        """Called by the sender loop itself: WATCHDOG=1 and, now and then, a STATUS= line."""
+        now = time.monotonic()
+        with self._lock:
+            ping = self.watchdog_seconds and now - self._last_ping >= self.watchdog_seconds / 4
+            status = now - self._last_status >= STATUS_INTERVAL_SECONDS
+            self._last_ping = now if ping else self._last_ping
+            self._last_status = now if status else self._last_status
+        lines = (["WATCHDOG=1"] if ping else []) + ([f"STATUS={self._status_text()}"]
+                                                    if status else [])
+        if lines:
+            self.notify(*lines)
+
+    def _status_text(self) -> str:
+        if self.spool is None:
+            return "running"
+        try:
+            counts = self.spool.counts()
+        except OSError:
+            return "running; the spool cannot be read"
+        return (f"queue: {counts['new']} due, {counts['deferred']} deferred, "
+                f"{counts['cur']} sending, {counts['failed']} failed")
+
+
 
 class App:
     """The service: HTTP API, sender thread and forgot-password worker in one process."""
@@ -3432,6 +3524,7 @@ class App:
         self.mailer = mailer
         self.store = store
         self.api = Api(config, mailer, store)
+        self.notifier = SystemdNotifier(config.systemd, mailer.spool)
         self.server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -3448,7 +3541,7 @@ class App:
     def start(self) -> None:
         """Recover the spool, start the sender and the worker, then listen."""
         self.mailer.spool.recover()
-        self.mailer.start()
+        self.mailer.start(on_cycle=self.notifier.heartbeat)
         self.api.start()
         self.server = _HttpServer(self.config.listen, self.api)
         if not self.config.public_url_set:
@@ -3457,9 +3550,11 @@ class App:
                                         kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
         log_event(logging.INFO, "listening", url=self.url, store=repr(self.store))
+        self.notifier.ready()
 
     def stop(self) -> None:
         """Stop accepting, finish requests in flight, then the worker and the sender."""
+        self.notifier.stopping()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -3598,7 +3693,14 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         return EX_OK
     stop = threading.Event()
     _on_signals(lambda: (stop.set(), sender.wake()))
-    sender.run(stop)
+    notifier = SystemdNotifier(config.systemd, sender.spool)
+    sender.spool.recover()
+    sender.on_cycle = notifier.heartbeat
+    notifier.ready()
+    try:
+        sender.run(stop)
+    finally:
+        notifier.stopping()
     return EX_OK
 
 
@@ -3857,7 +3959,7 @@ def _read_env(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str
 
 def _run(argv: list[str] | None, env: Mapping[str, str]) -> int:
     args = _build_parser().parse_args(argv)
-    env = _read_env(args, env)
+    env = with_credentials(_read_env(args, env))
     if args.handler.__name__ in _HANDLERS_WITHOUT_CONFIG:
         return args.handler(args, env)
     config = Config.from_env(env)
