@@ -1288,6 +1288,16 @@ class Spool:
             os.unlink(tmp)
         _fsync_dir(self.root / "new")  # the new name survives a power loss
 
+    def writable(self) -> bool:
+        """True when a file can be created (and removed) in tmp/ and new/ exists."""
+        probe = self.root / "tmp" / f"probe-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return (self.root / "new").is_dir()
+
     # -- claiming -- #
 
     def claim(self, limit: int) -> tuple[list[Claim], float | None]:
@@ -1855,6 +1865,10 @@ class RedisQueue:
 
     def mark_sent(self) -> None:
         """Delivery times are kept by the spool."""
+
+    def ping(self) -> None:
+        """Raise QueueUnavailable unless Redis answers."""
+        self._call(self._redis.ping)
 
     def check_durability(self) -> list[str]:
         """Warnings when Redis could evict or lose queued mail."""
@@ -2781,6 +2795,14 @@ class Mailer:
             self.spool.notify()
         return spool_id, "redis"
 
+    def check_queue(self) -> None:
+        """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
+        if self.spool.writable():
+            return
+        if self.fallback is None:
+            raise QueueUnavailable("the spool cannot be written")
+        self.fallback.ping()
+
     def sender(self) -> Sender:
         """A Sender for this mailer's spool, relay and keys."""
         transport = transport_from_config(self.config)
@@ -3052,6 +3074,7 @@ class Api:
         self._limit(request, "forgot_client", request.client, self.config.forgot_client_limit)
         self._limit(request, "forgot_address", email.lower(), self.config.forgot_address_limit)
         self.store.ping()
+        self.mailer.check_queue()
         try:
             self._forgot.put_nowait((email, request.client))
         except queue.Full:
@@ -3169,16 +3192,19 @@ class Api:
     def readyz(self, request: Request) -> Response:
         """200 when the spool is writable and the store reachable, else 503 naming what is not."""
         checks = {"spool": self._spool_writable(), "store": self._store_reachable()}
-        ready = all(checks.values())
+        if self.mailer.fallback is not None:
+            checks["redis"] = self._redis_reachable()
+        ready = checks["store"] and (checks["spool"] or checks.get("redis", False))
         return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready",
                                                      "checks": checks})
 
     def _spool_writable(self) -> bool:
-        probe = self.mailer.spool.root / "tmp" / f"ready-{secrets.token_hex(4)}"
+        return self.mailer.spool.writable()
+
+    def _redis_reachable(self) -> bool:
         try:
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError:
+            self.mailer.fallback.ping()
+        except QueueUnavailable:
             return False
         return True
 
