@@ -42,6 +42,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import email.header
 import email.utils
 import functools
 import hashlib
@@ -55,6 +56,7 @@ import logging
 import math
 import os
 import queue
+import quopri
 import random
 import re
 import secrets
@@ -72,8 +74,6 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 from typing import Protocol, Self
 
@@ -1088,30 +1088,53 @@ def make_message_id(domain: str, now: float) -> str:
 
 def build_message(config: Config, to: list[str], rendered: Rendered, message_id: str,
                   now: float) -> bytes:
-    """Build the RFC 5322 bytes (CRLF) of a multipart/alternative message."""
-    msg = EmailMessage(policy=SMTP_POLICY)
-    msg["From"] = email.utils.formataddr((config.from_name, config.from_addr))
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = rendered.subject
-    msg["Date"] = email.utils.formatdate(now, usegmt=True)
-    msg["Message-ID"] = message_id
-    if config.reply_to:
-        msg["Reply-To"] = config.reply_to
-    msg["Auto-Submitted"] = "auto-generated"
-    msg["X-Auto-Response-Suppress"] = "All"
-    msg.set_content(rendered.text, cte=_text_cte(rendered.text))
+    """Build the RFC 5322 bytes (CRLF) of a multipart/alternative (or text-only) message.
+
+    Written directly rather than through email.message: the email package costs ~2.7 ms a
+    message, more than the fsync that makes it durable.
+    """
+    headers = [
+        ("From", email.utils.formataddr((config.from_name, config.from_addr), charset="utf-8")),
+        ("To", ",\r\n ".join(to)),
+        ("Subject", _encoded_header("Subject", rendered.subject)),
+        ("Date", email.utils.formatdate(now, usegmt=True)),
+        ("Message-ID", message_id),
+        *([("Reply-To", config.reply_to)] if config.reply_to else []),
+        ("Auto-Submitted", "auto-generated"),
+        ("X-Auto-Response-Suppress", "All"),
+        ("MIME-Version", "1.0"),
+    ]
     if rendered.html:
-        msg.add_alternative(rendered.html, subtype="html", cte=_text_cte(rendered.html))
-        for part in msg.iter_parts():
-            del part["MIME-Version"]  # only the top level carries it (RFC 2045)
-    return msg.as_bytes()
+        boundary = f"=_sysmail_{secrets.token_hex(12)}"
+        headers.append(("Content-Type", f'multipart/alternative; boundary="{boundary}"'))
+        body = (f"\r\n--{boundary}\r\n{_mime_part('plain', rendered.text)}\r\n"
+                f"--{boundary}\r\n{_mime_part('html', rendered.html)}\r\n--{boundary}--\r\n")
+    else:
+        body = _mime_part("plain", rendered.text)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return (head + body).encode("ascii")
 
 
-def _text_cte(text: str) -> str:
-    """7bit for short ASCII lines, quoted-printable otherwise (readable, never 8bit on the wire)."""
-    if text.isascii() and all(len(line) <= 998 for line in text.splitlines()):
-        return "7bit"
-    return "quoted-printable"
+def _encoded_header(name: str, value: str) -> str:
+    """A header value folded to 78 columns; RFC 2047 encoded words when it is not ASCII."""
+    if value.isascii() and len(name) + len(value) < 76:
+        return value
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    return email.header.Header(value, charset, header_name=name).encode(linesep="\r\n")
+
+
+def _mime_part(subtype: str, text: str) -> str:
+    """Content headers, a blank line and the body: 7bit when it can be, else quoted-printable."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii() and all(len(line) <= 998 for line in text.split("\n")):
+        encoding, body = "7bit", text
+    else:
+        encoding = "quoted-printable"
+        body = quopri.encodestring(text.encode("utf-8")).decode("ascii")
+    if not body.endswith("\n"):
+        body += "\n"
+    return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+            f"Content-Transfer-Encoding: {encoding}\r\n\r\n" + body.replace("\n", "\r\n"))
 
 
 # ---- DKIM signing ---- #
@@ -1535,6 +1558,8 @@ def _parse_entry(raw: bytes, name: SpoolName) -> SpooledMessage:
         if not head.startswith(SPOOL_FORMAT):
             raise ValueError("no spool format tag")
         meta = json.loads(head.removeprefix(SPOOL_FORMAT))
+        if not meta["to"] or not all(isinstance(r, str) for r in meta["to"]):
+            raise ValueError("no recipients")
         return SpooledMessage(name.id, meta["message_id"], meta["from"], tuple(meta["to"]),
                               meta.get("template", ""), meta["queued_at"], meta["expires_at"],
                               name.priority, name.attempt, data)
@@ -2290,9 +2315,15 @@ class SmtpTransport:
     def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
         """Send one message; raise RelayUnavailable, TemporaryDeliveryError or
         PermanentDeliveryError when it failed for every recipient at MAIL or DATA."""
-        self.open()
+        fresh = self.open()
         try:
             return self._transaction(mail_from, rcpts, data)
+        except _IdleConnectionClosed:
+            if fresh:
+                raise RelayUnavailable("the relay closed the connection at once",
+                                       recipients=rcpts) from None
+            self.close()  # the relay dropped a connection we kept idle: reopen, try once more
+            return self.send(mail_from, rcpts, data)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             self.close()
             raise RelayUnavailable(f"the relay dropped the connection: {_reply_text(str(exc))}",
@@ -2303,7 +2334,10 @@ class SmtpTransport:
     def _transaction(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
         smtp = self._smtp
         assert smtp is not None
-        code, reply = smtp.mail(mail_from)
+        try:
+            code, reply = smtp.mail(mail_from)
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise _IdleConnectionClosed from exc
         self._check(code, reply, rcpts, "MAIL FROM")
         accepted, refused = [], {}
         for rcpt in rcpts:
@@ -2364,6 +2398,10 @@ class SmtpTransport:
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             _close_quietly(smtp)
+
+
+class _IdleConnectionClosed(Exception):
+    """The relay had closed the connection before this transaction's first command."""
 
 
 def _close_quietly(smtp: smtplib.SMTP) -> None:
