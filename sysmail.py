@@ -1423,6 +1423,7 @@ class Spool:
         self._wake_socket: socket.socket | None = None
         self._index = _DueIndex()
         self._own_listener = ""
+        self._wake_local: Callable[[], None] = lambda: None
         try:
             for sub in ("", "tmp", "new", "cur", "failed", "wake"):
                 _make_private_dir(self.root / sub)
@@ -1444,6 +1445,7 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool {self.root}: {exc.strerror}") from exc
         self._index.add(str(name))
+        self._wake_local()  # this process's sender, which notify() skips
         self.notify(str(name))
         return name.id
 
@@ -1615,6 +1617,7 @@ class Spool:
             os.rename(self.root / "failed" / entry, self.root / "new" / fresh)
             _unlink_quietly(self.root / "failed" / f"{entry}.json")
             self._index.add(fresh)
+            self._wake_local()
             self.notify(fresh)
             moved.append(name.id)
         return moved
@@ -1687,7 +1690,7 @@ class Spool:
             listener = WakeListener(self.root / "wake", arrived)
         except OSError:
             return None  # a broken spool: the sender still polls, and drains Redis
-        self._own_listener = listener.name
+        self._own_listener, self._wake_local = listener.name, on_wake
         return listener
 
 
@@ -2540,13 +2543,14 @@ class SmtpTransport:
         kind = classify_reply(code)
         if kind == "ok":
             return
-        text = f"{code} {_reply_text(reply)}"
+        text = _reply_text(reply)
         if kind == "unavailable":
             self.close()
-            raise RelayUnavailable(f"the relay is unavailable at {stage}: {text}", code, text, rcpts)
+            raise RelayUnavailable(f"the relay is unavailable at {stage}: {code} {text}", code,
+                                   text, rcpts)
         self._reset()
         error = PermanentDeliveryError if kind == "permanent" else TemporaryDeliveryError
-        raise error(f"{stage} refused: {text}", code, text, rcpts)
+        raise error(f"{stage} refused: {code} {text}", code, text, rcpts)
 
     def _reset(self) -> None:
         try:
@@ -2724,8 +2728,7 @@ class Sender:
         try:
             while not stop.is_set():
                 self._cycle()
-                if self.on_cycle:
-                    self.on_cycle()
+                self._beat()
                 self._wake.wait(self._idle_seconds())
                 self._wake.clear()
         finally:
@@ -2733,6 +2736,10 @@ class Sender:
                 listener.close()
             self.transport.close()
             log_event(logging.INFO, "sender_stopped")
+
+    def _beat(self) -> None:
+        if self.on_cycle:
+            self.on_cycle()
 
     def _cycle(self) -> None:
         now = self.clock()
@@ -2792,6 +2799,7 @@ class Sender:
 
     def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
         for index, claim in enumerate(claims):
+            self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
             if self._stop.is_set():  # asked to stop: the rest goes back, unsent and unharmed
                 self._release(claims[index:], counts)
                 return False

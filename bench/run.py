@@ -1,0 +1,575 @@
+#!/usr/bin/env python3
+"""The sysmail benchmark: each figure is a ratio against a reference measured in the same run.
+
+    python3 bench/run.py                 # the full run, about two minutes; prints one table
+    python3 bench/run.py --write         # ... and records it in BENCHMARKS.md
+    python3 bench/run.py --smoke         # a few seconds, tiny sizes (CI runs this)
+
+This machine is shared and noisy, so nothing here is an absolute figure on its own: every
+measurement runs beside its reference (a raw disk loop, the naive send pattern, OpenSSL's
+own signing rate, a bare http.server), and the ratio is what the targets of issue 5 judge.
+Mail goes to bench/sink.py, a fast SMTP sink on loopback that records when it said 250.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import sysmail  # noqa: E402 - the module under test, from this checkout
+
+SINK = REPO / "bench" / "sink.py"
+DOMAIN = "example.com"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each measurement does (full run or CI smoke)."""
+
+    enqueue: int
+    delivery: int
+    naive: int
+    latency_seconds: float
+    http_seconds: float
+    scale_queued: int
+    scale_small: int
+    scale_sample: int
+    openssl_seconds: int
+
+
+FULL = Sizes(enqueue=1500, delivery=4000, naive=120, latency_seconds=8.0, http_seconds=10.0,
+             scale_queued=100_000, scale_small=1000, scale_sample=3000, openssl_seconds=3)
+SMOKE = Sizes(enqueue=60, delivery=120, naive=8, latency_seconds=0.5, http_seconds=0.4,
+              scale_queued=1500, scale_small=150, scale_sample=150, openssl_seconds=1)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    measure: str
+    ours: str
+    reference: str
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+# ---- helpers ---- #
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+def rsa_key() -> str:
+    return subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
+                           "rsa_keygen_bits:2048"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+class Sink:
+    """bench/sink.py in its own process; records "MESSAGE-ID TIME" per accepted message."""
+
+    def __init__(self, folder: Path):
+        self.port = free_port()
+        self.record = folder / f"sink-{self.port}.txt"
+        self.record.touch()
+        self.process = subprocess.Popen([sys.executable, str(SINK), str(self.port),
+                                         str(self.record)], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None and self.process.stdout.readline() == "ready\n"
+        self.url = f"smtp+plain://127.0.0.1:{self.port}"
+
+    def received(self) -> dict[str, float]:
+        lines = self.record.read_text().splitlines()
+        return dict(line.split(" ") for line in lines if line.count(" ") == 1)
+
+    def wait_for(self, count: int, timeout: float) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.received()
+            if len(got) >= count or time.monotonic() > deadline:
+                return got
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class Bench:
+    """A scratch folder, one RSA key and the environment every measurement shares."""
+
+    def __init__(self, sizes: Sizes, workers: int):
+        self.sizes = sizes
+        self.workers = workers
+        self.folder = Path(tempfile.mkdtemp(prefix="sysmail-bench-"))
+        self.key = rsa_key()
+        self._count = 0
+
+    def env(self, sink: Sink | None = None, **extra: str) -> dict[str, str]:
+        """A fresh spool (and the sink as relay) for one measurement."""
+        self._count += 1
+        env = {"PATH": os.environ["PATH"], "SYSTEM_DOMAIN": DOMAIN,
+               "SYSTEM_DKIM_PRIVATE_KEY": self.key, "SYSMAIL_LOG_LEVEL": "error",
+               "SYSMAIL_SPOOL": str(self.folder / f"spool-{self._count}"),
+               "SYSMAIL_OUTBOX": str(self.folder / f"outbox-{self._count}"),
+               "SYSMAIL_DB": str(self.folder / f"db-{self._count}.sqlite")}
+        if sink is not None:
+            env["SMTP_URL"] = sink.url
+        return {**env, **extra}
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def mailer(env: dict[str, str]) -> sysmail.Mailer:
+    return sysmail.Mailer(sysmail.Config.from_env(env))
+
+
+def bulk_fill(env: dict[str, str], count: int) -> None:
+    """Queue count messages fast, for set-up only: real spool entries, written without fsync."""
+    config = sysmail.Config.from_env(env)
+    spool = sysmail.Spool(config.spool_dir)
+    template = sysmail.TEMPLATES["password-reset"]
+    rendered = sysmail.render(template, {"reset_url": "https://example.com/r?token=abc"},
+                              {"brand": DOMAIN, "domain": DOMAIN})
+    now = time.time()
+    for number in range(count):
+        message_id = sysmail.make_message_id(DOMAIN, now)
+        to = [f"user{number}@example.com"]
+        data = sysmail.build_message(config, to, rendered, message_id, now)
+        header = {"message_id": message_id, "from": config.from_addr, "to": to,
+                  "template": template.name, "queued_at": now, "expires_at": now + 86400}
+        name = sysmail.SpoolName(sysmail.URGENT, int(now * 1000), 0, f"b{number:08d}")
+        (spool.root / "new" / str(name)).write_bytes(sysmail._entry_bytes(header, data))
+
+
+def run_workers(env: dict[str, str], count: int, *args: str) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, str(REPO / "sysmail.py"), "worker", *args],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(count)]
+
+
+# ---- 1. durable enqueue ---- #
+
+
+def raw_durable_writes(folder: Path, count: int, size: int) -> float:
+    """The disk's own limit: write, fsync, rename into new/, fsync the folder; per second."""
+    for sub in ("tmp", "new"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    payload = os.urandom(size)
+    started = time.perf_counter()
+    for number in range(count):
+        tmp, new = folder / "tmp" / f"{number}", folder / "new" / f"{number}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, payload)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, new)
+        dir_fd = os.open(folder / "new", os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    return count / (time.perf_counter() - started)
+
+
+def our_enqueues(target: sysmail.Mailer, count: int) -> float:
+    started = time.perf_counter()
+    for number in range(count):
+        target.enqueue("password-reset", to=f"user{number}@example.com",
+                       reset_url="https://example.com/reset-password?token=abc")
+    return count / (time.perf_counter() - started)
+
+
+def bench_enqueue(bench: Bench) -> list[Row]:
+    target = mailer(bench.env())
+    our_enqueues(target, 5)
+    size = max(p.stat().st_size for p in (target.spool.root / "new").iterdir())
+    ours, raw = [], []
+    for round_number in range(3):  # interleaved, so both see the same disk weather
+        ours.append(our_enqueues(target, bench.sizes.enqueue // 3))
+        raw.append(raw_durable_writes(bench.folder / f"raw-{round_number}",
+                                      bench.sizes.enqueue // 3, size))
+    ours_rate, raw_rate = statistics.median(ours), statistics.median(raw)
+    ratio = ours_rate / raw_rate
+    return [Row("durable enqueue (Mailer.enqueue)", f"{ours_rate:,.0f}/s",
+                f"raw write+fsync+rename+fsync {raw_rate:,.0f}/s", ratio, ">= 0.8",
+                ratio >= 0.8)]
+
+
+# ---- 2. delivery ---- #
+
+
+def naive_rate(sink: Sink, key: str, count: int) -> float:
+    """The original design's pattern: a new connection and a dkimpy signature per message."""
+    import dkim
+
+    target = mailer({"SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_SPOOL": str(Path(tempfile.mkdtemp()))})
+    rendered = sysmail.render(sysmail.TEMPLATES["password-reset"],
+                              {"reset_url": "https://example.com/r?token=abc"},
+                              {"brand": DOMAIN, "domain": DOMAIN})
+    started = time.perf_counter()
+    for number in range(count):
+        data = sysmail.build_message(target.config, ["naive@example.com"], rendered,
+                                     sysmail.make_message_id(DOMAIN, time.time()), time.time())
+        signature = dkim.sign(data, b"default", DOMAIN.encode(), key.encode(),
+                              canonicalize=(b"relaxed", b"relaxed"))
+        with smtplib.SMTP("127.0.0.1", sink.port) as smtp:
+            smtp.sendmail("noreply@example.com", ["naive@example.com"], signature + data)
+        del number
+    shutil.rmtree(target.config.spool_dir, ignore_errors=True)
+    return count / (time.perf_counter() - started)
+
+
+def openssl_signs_per_second(seconds: int) -> float:
+    """RSA-2048 signatures per second on one core, by `openssl speed`."""
+    output = subprocess.run(["openssl", "speed", "-seconds", str(seconds), "rsa2048"],
+                            capture_output=True, text=True, check=True).stdout
+    match = re.search(r"^rsa\s+2048 bits\s+\S+\s+\S+\s+([\d.]+)", output, re.MULTILINE)
+    assert match, output
+    return float(match.group(1))
+
+
+def bench_delivery(bench: Bench) -> list[Row]:
+    sink = Sink(bench.folder)
+    try:
+        env = bench.env(sink)
+        count = bench.sizes.delivery
+        bulk_fill(env, count)
+        started = time.perf_counter()
+        workers = run_workers(env, bench.workers, "--once")
+        for worker in workers:
+            worker.wait(600)
+        ours = len(sink.received()) / (time.perf_counter() - started)
+        naive = naive_rate(sink, bench.key, bench.sizes.naive)
+    finally:
+        sink.stop()
+    limit = openssl_signs_per_second(bench.sizes.openssl_seconds) * bench.workers
+    return [
+        Row(f"delivery, RSA-2048 DKIM, {bench.workers} worker processes", f"{ours:,.0f}/s",
+            f"naive: connection + dkimpy per message {naive:,.0f}/s", ours / naive, ">= 10",
+            ours / naive >= 10),
+        Row("delivery vs the signing limit", f"{ours:,.0f}/s",
+            f"OpenSSL RSA-2048 x {bench.workers} cores {limit:,.0f}/s", ours / limit, ">= 0.5",
+            ours / limit >= 0.5),
+    ]
+
+
+# ---- 3. latency ---- #
+
+
+def paced_enqueues(target: sysmail.Mailer, seconds: float, rate: float) -> dict[str, float]:
+    """Enqueue at an even rate; return Message-ID -> the time enqueue was called."""
+    sent: dict[str, float] = {}
+    interval, next_at = 1 / rate, time.time()
+    end = next_at + seconds
+    number = 0
+    while next_at < end:
+        time.sleep(max(0.0, next_at - time.time()))
+        started = time.time()
+        message_id = target.enqueue("two-factor-code", to=f"user{number}@example.com",
+                                    code="123456")
+        sent[message_id] = started
+        number += 1
+        next_at += interval
+    return sent
+
+
+def latencies(sent: dict[str, float], sink: Sink) -> list[float]:
+    received = sink.wait_for(len(sent), 10)
+    return [(received[m] - t) * 1000 for m, t in sent.items() if m in received]
+
+
+def warm_send_latency(sink: Sink, key: str, count: int) -> float:
+    """Reference: sign + send over an already open connection, p50 in ms."""
+    config = sysmail.Config.from_env({"SYSTEM_DOMAIN": DOMAIN, "SYSTEM_DKIM_PRIVATE_KEY": key})
+    signer = sysmail.DkimSigner.from_config(config)
+    rendered = sysmail.render(sysmail.TEMPLATES["two-factor-code"], {"code": "1"},
+                              {"brand": DOMAIN, "domain": DOMAIN})
+    times = []
+    with smtplib.SMTP("127.0.0.1", sink.port) as smtp:
+        for _ in range(count):
+            data = sysmail.build_message(config, ["w@example.com"], rendered,
+                                         sysmail.make_message_id(DOMAIN, time.time()), time.time())
+            started = time.perf_counter()
+            smtp.sendmail("noreply@example.com", ["w@example.com"], signer.sign(data))
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def bench_latency(bench: Bench) -> list[Row]:
+    sink = Sink(bench.folder)
+    rows = []
+    try:
+        reference = warm_send_latency(sink, bench.key, 50)
+        in_process = mailer(bench.env(sink))
+        in_process.start()
+        try:
+            time.sleep(0.3)
+            same = latencies(paced_enqueues(in_process, bench.sizes.latency_seconds, 20), sink)
+        finally:
+            in_process.stop()
+        env = bench.env(sink)
+        workers = run_workers(env, 1)
+        try:
+            time.sleep(1.0)  # the worker is up and idle
+            other = latencies(paced_enqueues(mailer(env), bench.sizes.latency_seconds, 20), sink)
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(30)
+    finally:
+        sink.stop()
+    for label, values, limit in (("in-process (serve, embedding)", same, 25),
+                                 ("cross-process (send -> worker)", other, 50)):
+        p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+        rows.append(Row(f"latency enqueue->250, {label}, 20/s",
+                        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                        f"sign+send on an open connection p50 {reference:.1f} ms",
+                        p99 / reference, f"p99 < {limit} ms", p99 < limit))
+    return rows
+
+
+# ---- 4. HTTP ---- #
+
+
+BARE_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"status":"accepted"}'
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def load(port: int, path: str, body: bytes, headers: dict[str, str], seconds: float,
+         clients: int = 16) -> tuple[float, float, int]:
+    """clients threads POSTing for seconds; (requests/s, p99 ms, non-2xx count)."""
+    times: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def client() -> None:
+        mine, bad = [], 0
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                connection.request("POST", path, body, headers)
+                response = connection.getresponse()
+                response.read()
+                bad += response.status >= 300
+            except OSError:
+                bad += 1
+            finally:
+                connection.close()
+            mine.append((time.perf_counter() - started) * 1000)
+        with lock:
+            times.extend(mine)
+            errors[0] += bad
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(times) / (time.monotonic() - started), percentile(times, 0.99), errors[0]
+
+
+def wait_listening(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[None]:
+    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def bench_http(bench: Bench) -> list[Row]:
+    seconds = bench.sizes.http_seconds
+    json_headers = {"Content-Type": "application/json"}
+    bare_port = free_port()
+    with process([sys.executable, "-c", BARE_SERVER, str(bare_port)]):
+        wait_listening(bare_port)
+        bare, bare_p99, _ = load(bare_port, "/", b"{}", json_headers, seconds)
+    port, key = free_port(), "k" * 32
+    env = bench.env(SYSMAIL_LISTEN=f"127.0.0.1:{port}", SYSMAIL_API_KEY=key,
+                    SYSMAIL_FORGOT_LIMIT_PER_CLIENT="100000000/60",
+                    SYSMAIL_FORGOT_LIMIT_PER_ADDRESS="100000000/60")
+    rows = []
+    with process([sys.executable, str(REPO / "sysmail.py"), "serve"], env):
+        wait_listening(port)
+        forgot = load(port, "/v1/auth/forgot-password", b'{"email": "nobody@example.com"}',
+                      json_headers, seconds)
+        emails = load(port, "/v1/emails", json.dumps(
+            {"template": "two-factor-code", "to": "ada@example.com", "vars": {"code": "1"}}
+        ).encode(), {**json_headers, "Authorization": f"Bearer {key}"}, seconds)
+    for label, (rate, p99, errors) in (("forgot-password", forgot), ("/v1/emails (fsync)", emails)):
+        rows.append(Row(f"HTTP {label}, 16 clients", f"{rate:,.0f} req/s, p99 {p99:.0f} ms"
+                        + (f", {errors} errors" if errors else ""),
+                        f"bare http.server {bare:,.0f} req/s, p99 {bare_p99:.0f} ms",
+                        rate / bare, "report", None))
+    return rows
+
+
+# ---- 5. scale ---- #
+
+
+def peak_rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def delivery_rate_with_backlog(bench: Bench, queued: int, sample: int) -> tuple[float, float]:
+    """Messages/s over the first `sample` deliveries with `queued` waiting; and peak RSS."""
+    sink = Sink(bench.folder)
+    try:
+        env = bench.env(sink)
+        bulk_fill(env, queued)
+        worker = run_workers(env, 1)[0]
+        started, rss = time.perf_counter(), 0.0
+        while len(sink.received()) < sample and time.perf_counter() - started < 300:
+            rss = max(rss, peak_rss_mb(worker.pid))
+            time.sleep(0.05)
+        rate = len(sink.received()) / (time.perf_counter() - started)
+        rss = max(rss, peak_rss_mb(worker.pid))
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+    finally:
+        sink.stop()
+        shutil.rmtree(env["SYSMAIL_SPOOL"], ignore_errors=True)
+    return rate, rss
+
+
+def bench_scale(bench: Bench) -> list[Row]:
+    sizes = bench.sizes
+    small, _ = delivery_rate_with_backlog(bench, sizes.scale_small, sizes.scale_small)
+    large, rss = delivery_rate_with_backlog(bench, sizes.scale_queued, sizes.scale_sample)
+    return [
+        Row(f"delivery with {sizes.scale_queued:,} queued", f"{large:,.0f}/s",
+            f"with {sizes.scale_small:,} queued {small:,.0f}/s", large / small, ">= 0.9",
+            large / small >= 0.9),
+        Row(f"worker peak RSS with {sizes.scale_queued:,} queued", f"{rss:.0f} MB",
+            "limit 100 MB", rss / 100, "< 100 MB", rss < 100),
+    ]
+
+
+# ---- report ---- #
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| measure | sysmail | reference (same run) | ratio | target | met |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
+        met = {True: "yes", False: "NO", None: "-"}[row.met]
+        lines.append(f"| {row.measure} | {row.ours} | {row.reference} | {ratio} | "
+                     f"{row.target} | {met} |")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[Row], command: str, seconds: float) -> None:
+    text = (f"# Benchmarks\n\nLatest full run, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+            f", on {machine()}; it took {seconds:.0f} s.\n\nCommand: `{command}`\n\n"
+            f"{table(rows)}\n\nEvery ratio compares two figures measured side by side in the "
+            "same run (see bench/run.py); absolute rates on this shared machine vary from run "
+            "to run, the ratios much less.\n")
+    (REPO / "BENCHMARKS.md").write_text(text)
+
+
+STAGES: dict[str, Callable[[Bench], list[Row]]] = {
+    "enqueue": bench_enqueue, "delivery": bench_delivery, "latency": bench_latency,
+    "http": bench_http, "scale": bench_scale,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", choices=sorted(STAGES), action="append")
+    args = parser.parse_args()
+    bench = Bench(SMOKE if args.smoke else FULL, args.workers)
+    started = time.monotonic()
+    rows: list[Row] = []
+    try:
+        for name, stage in STAGES.items():
+            if not args.only or name in args.only:
+                rows += stage(bench)
+                print(f"  {name} done after {time.monotonic() - started:.0f} s", file=sys.stderr)
+    finally:
+        bench.close()
+    print(table(rows))
+    if args.write:
+        write_report(rows, "python3 bench/run.py --write", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
