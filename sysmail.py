@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import email.header
@@ -257,6 +258,7 @@ class Config:
     smtp_tls_verify: bool = True
     smtp_ca_file: str = ""
     smtp_timeout: float = 30.0
+    smtp_connections: int = 4
     spool_dir: Path = Path("spool")
     outbox_dir: Path = Path("outbox")
     templates_dir: Path | None = None
@@ -315,6 +317,7 @@ class _EnvReader:
             smtp_tls_verify=self._bool("SMTP_TLS_VERIFY", True),
             smtp_ca_file=self._file("SMTP_CA_FILE"),
             smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", 30.0),
+            smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", 4, 64),
             spool_dir=Path(self.env.get("SYSMAIL_SPOOL") or "spool"),
             outbox_dir=Path(self.env.get("SYSMAIL_OUTBOX") or "outbox"),
             templates_dir=self._folder("SYSMAIL_TEMPLATES"),
@@ -501,6 +504,15 @@ class _EnvReader:
             self.problems.append(f"{name} must be a positive number of seconds")
             return default
         return number
+
+    def _count(self, name: str, default: int, maximum: int) -> int:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= maximum:
+            self.problems.append(f"{name} must be a whole number from 1 to {maximum}")
+            return default
+        return int(value)
 
     def _file(self, name: str) -> str:
         value = self.env.get(name, "").strip()
@@ -1501,10 +1513,7 @@ class Spool:
         return next_due is None or next_due > now_ms
 
     def _scan_new(self) -> list[str]:
-        try:
-            return os.listdir(self.root / "new")
-        except FileNotFoundError:
-            return []
+        return _scan(self.root / "new")
 
     def _claim_one(self, entry: str, owner: str) -> Claim | None:
         target = self.root / "cur" / f"{entry}.{owner}"
@@ -1656,7 +1665,7 @@ class Spool:
         """When a message was last delivered from this spool, or None."""
         try:
             return (self.root / "last-sent").stat().st_mtime
-        except FileNotFoundError:
+        except OSError:
             return None
 
     # -- waking workers in other processes -- #
@@ -1668,7 +1677,11 @@ class Spool:
         if self._wake_socket is None:
             self._wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._wake_socket.setblocking(False)
-        for listener in _scan(self.root / "wake"):
+        try:
+            listeners = _scan(self.root / "wake")
+        except SpoolError:
+            return  # no one can be listening on a broken spool
+        for listener in listeners:
             if listener == self._own_listener:
                 continue  # this process indexed it already
             try:
@@ -1779,11 +1792,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _scan(folder: Path) -> list[str]:
-    """Names in a spool folder (empty when it is missing)."""
+    """Names in a spool folder (empty when it is missing); SpoolError when it cannot be read."""
     try:
         return os.listdir(folder)
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise SpoolError(f"cannot read the spool folder {folder}: {exc.strerror}") from exc
 
 
 def _parse_name(entry: str) -> SpoolName | None:
@@ -1872,7 +1887,7 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false then return 0 end
 if ARGV[4] ~= '' and redis.call('HGET', ARGV[5] .. ARGV[1], 'owner') ~= ARGV[4] then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local priority = redis.call('HGET', ARGV[5] .. ARGV[1], 'priority') or '1'
-redis.call('ZADD', ARGV[5] .. 'queue:' .. priority, ARGV[2], ARGV[1])
+redis.call('ZADD', ARGV[6] .. priority, ARGV[2], ARGV[1])
 if ARGV[3] ~= '' then redis.call('HSET', ARGV[5] .. ARGV[1], 'attempt', ARGV[3]) end
 redis.call('HDEL', ARGV[5] .. ARGV[1], 'owner')
 return 1
@@ -1974,7 +1989,7 @@ class RedisQueue:
 
     def _unclaim(self, ident: str, due: float, attempt: int | None, owner: str) -> bool:
         args = [ident, int(due * 1000), "" if attempt is None else attempt, owner,
-                self._key("msg", "")]
+                self._key("msg", ""), self._key("queue", "")]
         return bool(self._call(lambda: self._unclaim_script(keys=[self._key("claimed")],
                                                             args=args)))
 
@@ -1991,14 +2006,14 @@ class RedisQueue:
 
     def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
         """Write a dead letter for some recipients of a message whose others were served."""
-        ident = self.enqueue(message.header(rcpts), message.data, message.priority,
-                             due=float("inf"), attempt=message.attempt)
+        ident = f"{int(self.clock() * 1e6):x}r{secrets.token_hex(6)}"
 
         def bury() -> None:
             pipe = self._redis.pipeline(transaction=True)
-            pipe.zrem(self._key("queue", str(message.priority)), ident)
-            pipe.hset(self._key("msg", ident), "reason",
-                      json.dumps({**reason, "failed_at": self.clock()}))
+            pipe.hset(self._key("msg", ident), mapping={
+                "entry": _entry_bytes(message.header(rcpts), message.data),
+                "priority": message.priority, "attempt": message.attempt,
+                "reason": json.dumps({**reason, "failed_at": self.clock()})})
             pipe.zadd(self._key("failed"), {ident: self.clock()})
             pipe.execute()
         self._call(bury)
@@ -2514,20 +2529,14 @@ class SmtpTransport:
     def _transaction(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
         smtp = self._smtp
         assert smtp is not None
+        if smtp.has_extn("pipelining"):
+            return self._pipelined(smtp, mail_from, rcpts, data)
         try:
-            code, reply = smtp.mail(mail_from)
+            mail = smtp.mail(mail_from)
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
             raise _IdleConnectionClosed from exc
-        self._check(code, reply, rcpts, "MAIL FROM")
-        accepted, refused = [], {}
-        for rcpt in rcpts:
-            code, reply = smtp.rcpt(rcpt)
-            if classify_reply(code) == "unavailable":
-                self._check(code, reply, rcpts, "RCPT TO")
-            if code in (250, 251):
-                accepted.append(rcpt)
-            else:
-                refused[rcpt] = (code, _reply_text(reply))
+        self._check(*mail, rcpts, "MAIL FROM")
+        accepted, refused = self._recipients(rcpts, [smtp.rcpt(r) for r in rcpts])
         if not accepted:
             smtp.rset()
             return SendResult(0, "no recipient accepted", (), refused)
@@ -2535,9 +2544,51 @@ class SmtpTransport:
             code, reply = smtp.data(data)
         except smtplib.SMTPDataError as exc:
             code, reply = exc.smtp_code, exc.smtp_error
-        self._check(code, reply, tuple(accepted), "DATA")
+        return self._finish(code, reply, accepted, refused)
+
+    def _pipelined(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...],
+                   data: bytes) -> SendResult:
+        """RFC 2920: MAIL, RCPT... and DATA in one write, then the content: 2 round trips."""
+        commands = [f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpts), "DATA"]
+        try:
+            smtp.send("".join(f"{command}\r\n" for command in commands))
+            mail = smtp.getreply()
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise _IdleConnectionClosed from exc
+        rcpt_replies = [smtp.getreply() for _ in rcpts]
+        go_ahead = smtp.getreply()
+        accepted, refused = self._recipients(rcpts, rcpt_replies)
+        if go_ahead[0] == 354 and (classify_reply(mail[0]) != "ok" or not accepted):
+            smtp.send(b".\r\n")  # end the content the relay should not have asked for
+            smtp.getreply()
+        self._check(*mail, rcpts, "MAIL FROM")
+        if not accepted:
+            smtp.rset()
+            return SendResult(0, "no recipient accepted", (), refused)
+        if go_ahead[0] != 354:
+            self._check(go_ahead[0] if go_ahead[0] >= 400 else 451, go_ahead[1], accepted,
+                        "DATA")
+        smtp.send(_dot_stuffed(data))
+        return self._finish(*smtp.getreply(), accepted, refused)
+
+    def _recipients(self, rcpts: tuple[str, ...], replies: list[tuple[int, bytes]]
+                    ) -> tuple[tuple[str, ...], dict[str, tuple[int, str]]]:
+        """Accepted recipients and refused ones with their replies; a 421 ends it all."""
+        accepted, refused = [], {}
+        for rcpt, (code, reply) in zip(rcpts, replies, strict=True):
+            if classify_reply(code) == "unavailable":
+                self._check(code, reply, rcpts, "RCPT TO")
+            if code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                refused[rcpt] = (code, _reply_text(reply))
+        return tuple(accepted), refused
+
+    def _finish(self, code: int, reply: bytes, accepted: tuple[str, ...],
+                refused: dict[str, tuple[int, str]]) -> SendResult:
+        self._check(code, reply, accepted, "DATA")
         self._sent_on_connection += 1
-        return SendResult(code, _reply_text(reply), tuple(accepted), refused)
+        return SendResult(code, _reply_text(reply), accepted, refused)
 
     def _check(self, code: int, reply: bytes, rcpts: tuple[str, ...], stage: str) -> None:
         kind = classify_reply(code)
@@ -2579,6 +2630,12 @@ class SmtpTransport:
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             _close_quietly(smtp)
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """Message content for DATA: leading dots doubled, CRLF-terminated, then the final dot."""
+    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    return stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n"
 
 
 class _IdleConnectionClosed(Exception):
@@ -2676,26 +2733,40 @@ class RetryPolicy:
 
 @dataclass
 class DeliveryCounts:
-    """What one pass of the sender did."""
+    """What one pass of the sender did (counted from several connections at once)."""
 
     sent: int = 0
     deferred: int = 0
     failed: int = 0
     expired: int = 0
     released: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, outcome: str, count: int = 1) -> None:
+        """Count messages with one outcome."""
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + count)
 
     def __str__(self) -> str:
-        return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(self).items())
+        return ", ".join(f"{name} {getattr(self, name)}"
+                         for name in ("sent", "deferred", "failed", "expired", "released"))
 
 
 class Sender:
-    """Drains a spool through a transport, signing each message at send time."""
+    """Drains a spool through a transport, signing each message at send time.
+
+    With connections > 1 (and a transport_factory for the extra ones) a batch is sent over
+    that many SMTP connections at once: OpenSSL signs outside the GIL, so the connections use
+    every core and hide each other's round trips. With one, messages go strictly in order.
+    """
 
     def __init__(self, spool: Spool, transport: SmtpTransport | OutboxTransport,
                  signer: DkimSigner | None = None, *, clock: Clock = time.time,
                  retry: RetryPolicy = RetryPolicy(), batch_size: int = SENDER_BATCH_SIZE,
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
-                 fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None):
+                 fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
+                 connections: int = 1,
+                 transport_factory: Callable[[], SmtpTransport | OutboxTransport] | None = None):
         self.spool = spool
         self.fallback = fallback
         self.queues: tuple[Spool | RedisQueue, ...] = (spool, fallback) if fallback else (spool,)
@@ -2714,6 +2785,23 @@ class Sender:
         self._relay_retry_at = 0.0
         self._last_clean = 0.0
         self._last_queue_warning: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._unreleased: list[Claim] = []
+        extra = [transport_factory() for _ in range(connections - 1)] if transport_factory else []
+        self._transports = [transport, *extra]
+        self._lanes: queue.SimpleQueue[SmtpTransport | OutboxTransport] = queue.SimpleQueue()
+        for lane in self._transports:
+            self._lanes.put(lane)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(len(self._transports),
+                                                            thread_name_prefix="sysmail-smtp")
+                      if len(self._transports) > 1 else None)
+
+    def close(self) -> None:
+        """Close every SMTP connection and the connection threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for transport in self._transports:
+            transport.close()
 
     def wake(self) -> None:
         """Make a waiting run() look at the spool now."""
@@ -2734,21 +2822,25 @@ class Sender:
         finally:
             if listener:
                 listener.close()
-            self.transport.close()
+            self.close()
             log_event(logging.INFO, "sender_stopped")
 
     def _beat(self) -> None:
         if self.on_cycle:
-            self.on_cycle()
+            try:
+                self.on_cycle()
+            except Exception:  # noqa: BLE001 - a heartbeat hook must never stop delivery
+                _log.exception("heartbeat_error", extra={"fields": {}})
 
     def _cycle(self) -> None:
         now = self.clock()
         if now < self._relay_retry_at:
             return
-        if now - self._last_clean > TMP_CLEAN_INTERVAL_SECONDS:
-            self._last_clean = now
-            self.spool.clean_tmp()
         try:
+            if now - self._last_clean > TMP_CLEAN_INTERVAL_SECONDS:
+                self._last_clean = now
+                with contextlib.suppress(SpoolError):  # a broken spool: Redis may still serve
+                    self.spool.clean_tmp()
             self.run_once()
         except Exception:  # noqa: BLE001 - the thread must survive anything: log, slow down
             _log.exception("sender_error", extra={"fields": {}})
@@ -2769,6 +2861,7 @@ class Sender:
         """Deliver every message due now; stop early (releasing claims) if the relay is down."""
         counts = DeliveryCounts()
         next_due: list[float] = []
+        self._release_leftovers()
         for source in self.queues:
             try:
                 if not self._drain(source, counts, next_due):
@@ -2798,29 +2891,72 @@ class Sender:
             log_event(logging.WARNING, "queue_unavailable", queue=repr(source), reason=str(exc))
 
     def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
-        for index, claim in enumerate(claims):
-            self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
-            if self._stop.is_set():  # asked to stop: the rest goes back, unsent and unharmed
-                self._release(claims[index:], counts)
-                return False
+        """Send a batch over the free connections; False when the relay went down or stop;
+        QueueUnavailable when the batch's own queue failed under it."""
+        trouble: list[Exception] = []  # the first RelayUnavailable or queue failure stops it
+        if self._pool is None:
+            for claim in claims:
+                self._deliver_in_lane(claim, counts, trouble)
+        else:
+            list(self._pool.map(lambda c: self._deliver_in_lane(c, counts, trouble), claims))
+        if any(isinstance(t, RelayUnavailable) for t in trouble):
+            self._relay_down(next(t for t in trouble if isinstance(t, RelayUnavailable)))
+            return False
+        if trouble:
+            raise QueueUnavailable(f"the queue failed while settling messages: {trouble[0]}")
+        return not self._stop.is_set()
+
+    def _deliver_in_lane(self, claim: Claim, counts: DeliveryCounts,
+                         trouble: list[Exception]) -> None:
+        """Deliver one claim on a free connection; never raises."""
+        self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
+        if self._stop.is_set() or trouble:  # the rest goes back, unsent and unharmed
+            self._release(claim, counts)
+            return
+        transport = self._lanes.get()
+        try:
+            self._deliver(claim, counts, transport)
+        except RelayUnavailable as exc:
+            self._release(claim, counts)
+            trouble.append(exc)
+        except (QueueUnavailable, SpoolError, OSError) as exc:  # the queue, not the message
+            trouble.append(exc)
+            self._release(claim, counts)
+        except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
+            _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
             try:
-                self._deliver(claim, counts)
-            except RelayUnavailable as exc:
-                self._release(claims[index:], counts)
-                self._relay_down(exc)
-                return False
-            except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
-                _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
-                self._fail(claim, None, {"reason": "internal error", "error": type(exc).__name__},
-                           counts)
-        return True
+                self._fail(claim, None, {"reason": "internal error",
+                                         "error": type(exc).__name__}, counts)
+            except (QueueUnavailable, SpoolError, OSError) as queue_error:
+                trouble.append(queue_error)
+                self._release(claim, counts)
+        finally:
+            self._lanes.put(transport)
 
-    def _release(self, claims: list[Claim], counts: DeliveryCounts) -> None:
-        for claim in claims:
+    def _release(self, claim: Claim, counts: DeliveryCounts) -> None:
+        """Put a claim back; when its queue cannot take it now, keep it to try again later
+        (a claim left to its lease would wait minutes, and one already sent goes out once
+        more: the duplicate window of a queue outage)."""
+        try:
             claim.queue.release(claim)
-        counts.released += len(claims)
+        except (QueueUnavailable, SpoolError, OSError):
+            with self._lock:
+                self._unreleased.append(claim)
+        counts.add("released")
 
-    def _deliver(self, claim: Claim, counts: DeliveryCounts) -> None:
+    def _release_leftovers(self) -> None:
+        """Try again to put back the claims a failing queue could not take."""
+        with self._lock:
+            leftovers, self._unreleased = self._unreleased, []
+        for claim in leftovers:
+            try:
+                claim.queue.release(claim)
+            except (QueueUnavailable, SpoolError, OSError):
+                with self._lock:
+                    self._unreleased.append(claim)
+
+    def _deliver(self, claim: Claim, counts: DeliveryCounts,
+                 transport: SmtpTransport | OutboxTransport) -> None:
         try:
             message = claim.queue.read(claim)
         except SpoolError as exc:
@@ -2832,7 +2968,7 @@ class Sender:
         data = self.signer.sign(message.data) if self.signer else message.data
         started = time.monotonic()
         try:
-            result = self.transport.send(message.mail_from, message.rcpts, data)
+            result = transport.send(message.mail_from, message.rcpts, data)
         except RelayUnavailable:
             raise
         except TemporaryDeliveryError as exc:
@@ -2852,7 +2988,7 @@ class Sender:
         permanent = tuple(r for r in result.refused if r not in temporary)
         if result.accepted:
             self._log_sent(message, result, duration)
-            counts.sent += 1
+            counts.add("sent")
         # one group of refusals with nobody served settles the claim itself; otherwise each
         # refused group is written apart and the claim is forgotten
         whole = not result.accepted and not (temporary and permanent)
@@ -2881,7 +3017,7 @@ class Sender:
         else:
             claim.queue.enqueue(message.header(rcpts), message.data, message.priority, due=due,
                                 attempt=attempts_made)
-        counts.deferred += 1
+        counts.add("deferred")
         self.metrics.inc("sysmail_messages_total", outcome="deferred")
         log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
                   to=list(rcpts or message.rcpts), attempt=attempts_made,
@@ -2899,10 +3035,7 @@ class Sender:
             claim.queue.fail(claim, reason)
         else:
             claim.queue.add_failed(message, rcpts, reason)
-        if event == "expired":
-            counts.expired += 1
-        else:
-            counts.failed += 1
+        counts.add("expired" if event == "expired" else "failed")
         self.metrics.inc("sysmail_messages_total", outcome=event)
         log_event(logging.WARNING, event, id=claim.name.id, **reason)
 
@@ -2916,16 +3049,18 @@ class Sender:
                   latency_ms=round((self.clock() - message.queued_at) * 1000, 1))
 
     def _relay_down(self, exc: RelayUnavailable) -> None:
-        self._relay_failures += 1
-        delay = self.retry.relay_delay(self._relay_failures, self.rand())
-        self._relay_retry_at = self.clock() + delay
+        with self._lock:
+            self._relay_failures += 1
+            delay = self.retry.relay_delay(self._relay_failures, self.rand())
+            self._relay_retry_at = self.clock() + delay
         log_event(logging.WARNING, "relay_unavailable", reason=str(exc), code=exc.smtp_code,
                   failures=self._relay_failures, retry_in_seconds=round(delay, 2))
 
     def _relay_up(self) -> None:
-        if self._relay_failures:
-            log_event(logging.INFO, "relay_available", after_failures=self._relay_failures)
-        self._relay_failures, self._relay_retry_at = 0, 0.0
+        with self._lock:
+            failures, self._relay_failures, self._relay_retry_at = self._relay_failures, 0, 0.0
+        if failures:
+            log_event(logging.INFO, "relay_available", after_failures=failures)
 
 
 def _refusal(reason: str, code: int | None, reply: str) -> dict:
@@ -3044,7 +3179,8 @@ class Mailer:
             for warning in self.fallback.check_durability():
                 log_event(logging.WARNING, "redis_durability", warning=warning)
         return Sender(self.spool, transport, signer, clock=self.clock, metrics=self.metrics,
-                      fallback=self.fallback)
+                      fallback=self.fallback, connections=self.config.smtp_connections,
+                      transport_factory=lambda: transport_from_config(self.config))
 
     def start(self, on_cycle: Callable[[], None] | None = None) -> None:
         """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
@@ -3815,7 +3951,7 @@ class SystemdNotifier:
             return "running"
         try:
             counts = self.spool.counts()
-        except OSError:
+        except (SpoolError, OSError):
             return "running; the spool cannot be read"
         return (f"queue: {counts['new']} due, {counts['deferred']} deferred, "
                 f"{counts['cur']} sending, {counts['failed']} failed")
@@ -3846,7 +3982,8 @@ class App:
 
     def start(self) -> None:
         """Recover the spool, start the sender and the worker, then listen."""
-        self.mailer.spool.recover()
+        with contextlib.suppress(SpoolError):  # a broken spool: the Redis fallback serves
+            self.mailer.spool.recover()
         self.mailer.start(on_cycle=self.notifier.heartbeat)
         self.api.start()
         self.server = _HttpServer(self.config.listen, self.api)
@@ -3990,9 +4127,10 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     """Deliver queued mail: until a signal, or with --once until nothing is due."""
     sender = Mailer(config).sender()
     if args.once:
-        sender.spool.clean_tmp()
+        with contextlib.suppress(SpoolError):
+            sender.spool.clean_tmp()
         counts = sender.run_once()
-        sender.transport.close()
+        sender.close()
         print(counts)
         if counts.released:
             raise RelayUnavailable(f"the relay could not be reached; {counts.released} "
@@ -4001,7 +4139,8 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     stop = threading.Event()
     _on_signals(lambda: (stop.set(), sender.wake()))
     notifier = SystemdNotifier(config.systemd, sender.spool)
-    sender.spool.recover()
+    with contextlib.suppress(SpoolError):
+        sender.spool.recover()
     sender.on_cycle = notifier.heartbeat
     notifier.ready()
     try:
@@ -4019,7 +4158,12 @@ def _on_signals(handler: Callable[[], object]) -> None:
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     """Print the queue counts, the oldest message's age and the last successful send."""
     spool = Spool(config.spool_dir)
-    status: dict[str, object] = spool.counts()
+    try:
+        status: dict[str, object] = spool.counts()
+    except SpoolError as exc:
+        _say(f"{exc}; counting the other queues only")
+        status = {"new": 0, "deferred": 0, "cur": 0, "failed": 0, "oldest_age_seconds": 0,
+                  "spool": "unavailable"}
     if config.redis_url:
         status["redis"] = _redis_counts(RedisQueue(config.redis_url), status)
     last = spool.last_sent()
@@ -4051,9 +4195,18 @@ def _queues(config: Config) -> list[Spool | RedisQueue]:
     return queues
 
 
+def _failed_of(source: Spool | RedisQueue) -> list[dict]:
+    """A queue's dead letters; a queue that cannot be read is reported and skipped."""
+    try:
+        return source.failed()
+    except (SpoolError, QueueUnavailable) as exc:
+        _say(f"{exc}; its dead letters are not listed")
+        return []
+
+
 def cmd_failed(args: argparse.Namespace, config: Config) -> int:
     """List the dead letters with their reasons."""
-    letters = [letter for source in _queues(config) for letter in source.failed()]
+    letters = [letter for source in _queues(config) for letter in _failed_of(source)]
     if args.json:
         print(json.dumps(letters))
         return EX_OK

@@ -587,7 +587,8 @@ def test_watchdog_pings_continue_while_a_backlog_drains(
         _enqueue_many(spool, 160)
         port = free_port()
         env = _serve_env(f"smtp+plain://127.0.0.1:{controller.port}", tmp_path, port,
-                         NOTIFY_SOCKET=notify_path.address, WATCHDOG_USEC=str(WATCHDOG_USEC))
+                         NOTIFY_SOCKET=notify_path.address, WATCHDOG_USEC=str(WATCHDOG_USEC),
+                         SYSMAIL_SMTP_CONNECTIONS="1")  # one connection: the drain outlasts 4 s
         service = start(env, "serve")
         ready_at, _ = notify_path.wait_for("READY", 15)
         deadline = time.monotonic() + 30
