@@ -3,8 +3,10 @@
 
 System emails (password resets, verifications, two-factor codes, security alerts, billing
 notices, announcements, suspension notices) are infrastructure: configuration comes from the
-environment only, mail is written atomically into a Maildir-style spool, and a sender thread
-delivers it over SMTP with one reused connection, signing each message at send time.
+environment only, mail is written atomically into a Maildir-style spool (Redis when the spool
+cannot be written), and a sender delivers it over reused SMTP connections, signing each
+message at send time. A small HTTP service runs the password-reset flow on a pluggable token
+store (SQLite by default) and takes mail from internal callers.
 
 Environment (see Config.from_env; every bad value is reported at once, exit 78):
     SYSTEM_DOMAIN                     brand domain (required with SMTP_URL; else "localhost")
@@ -20,20 +22,32 @@ Environment (see Config.from_env; every bad value is reported at once, exit 78):
                                       unset: mail is written as .eml files into SYSMAIL_OUTBOX
     SMTP_TLS_VERIFY=0, SMTP_CA_FILE   relax certificate checks / trust a private CA
     SMTP_TIMEOUT_SECONDS              socket timeout for the relay (default 30)
+    SYSMAIL_SMTP_CONNECTIONS          SMTP connections a sender uses at once (default 4)
     SYSMAIL_SPOOL, SYSMAIL_OUTBOX     ./spool and ./outbox by default
     SYSMAIL_TEMPLATES                 folder of NAME.subject / NAME.txt / NAME.html overrides
     SYSMAIL_ALLOW_UNSIGNED=1          allow a real relay without a DKIM key
     SYSMAIL_LOG_LEVEL                 debug, info (default), warning, error
+    REDIS_URL                         fallback queue (and shared rate limits) in Redis
+    SYSMAIL_LISTEN, SYSMAIL_PUBLIC_URL   HTTP address (127.0.0.1:8025) and its public base URL
+    SYSMAIL_DB                        the SQLite token store (./sysmail.db)
+    SYSMAIL_API_KEY                   bearer key of POST /v1/emails (off when unset)
+    SYSMAIL_TRUSTED_PROXIES           proxies whose X-Forwarded-For is believed (IPs, CIDRs)
+    SYSMAIL_RESET_TOKEN_SECONDS       reset link lifetime (3600)
+    SYSMAIL_FORGOT_LIMIT_PER_CLIENT, SYSMAIL_FORGOT_LIMIT_PER_ADDRESS,
+    SYSMAIL_RESET_LIMIT_PER_CLIENT    COUNT/SECONDS (10/60, 3/3600, 10/60)
+    CREDENTIALS_DIRECTORY             systemd credentials: dkim.pem, dkim-ed25519.pem,
+                                      smtp-url, api-key (they win over the variables)
 
 Command line:
     sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...]
-    sysmail send --to ADDR --subject S --text T [--html H]
-    sysmail worker [--once] | status [--json] | failed [--json] | retry ID...|--all
+    sysmail send --to ADDR --subject S --text T [--html H] [--urgent]
+    sysmail serve | worker [--once] | status [--json] | failed [--json] | retry ID...|--all
     sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
+    sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
 
 Contents (greppable banners, in dependency order):
-    Errors, Configuration, Logging, Messages and templates, DKIM signing, Spool,
-    SMTP transport, Sender, Mailer, CLI
+    Errors, Configuration, Logging and metrics, Messages and templates, DKIM signing, Spool,
+    Redis fallback, Token store, SMTP transport, Sender, Mailer, HTTP API, Wiring, CLI
 """
 
 from __future__ import annotations
