@@ -2215,12 +2215,17 @@ class MemoryStore:
         self.tokens: dict[bytes, dict] = {}
         self.audit_log: list[tuple[str, str, float, str]] = []
         self._on_password_changed = on_password_changed
+        self._next_id = 0
 
     def add_user(self, email: str, name: str = "") -> User:
         """Create a user and return it."""
+        address = validate_address(email)
         with self._lock:
-            user = User(str(len(self.users) + 1), validate_address(email), name)
-            self.users[user.email.lower()] = user
+            if address.lower() in self.users:
+                raise MessageError(f"a user with the address {address} exists already")
+            self._next_id += 1
+            user = User(str(self._next_id), address, name)
+            self.users[address.lower()] = user
             return user
 
     def find_user(self, email: str) -> User | None:
@@ -2243,7 +2248,8 @@ class MemoryStore:
                     or token["expires_at"] <= now):
                 return None
             for other in self.tokens.values():
-                if other["user"].id == token["user"].id and other["used_at"] is None:
+                if (other["user"].id == token["user"].id and other["purpose"] == purpose
+                        and other["used_at"] is None):
                     other["used_at"] = now
             return token["user"]
 
@@ -3488,7 +3494,7 @@ class Api:
             raise HttpError(400, f"the password must be {PASSWORD_MIN_CHARS} to "
                                  f"{PASSWORD_MAX_CHARS} characters long")
         try:
-            new_hash = hash_password(password)  # before the token is spent: a bad password keeps it
+            password.encode("utf-8")  # checked before the token is spent: a bad password keeps it
         except UnicodeEncodeError:
             raise HttpError(400, "the password is not valid Unicode text") from None
         user = None
@@ -3496,7 +3502,8 @@ class Api:
             user = self.store.consume_token(token_hash(token), RESET_PURPOSE, self.clock())
         if user is None:
             raise HttpError(400, "this reset link is invalid, used or expired")
-        self.store.set_password(user, new_hash)
+        # scrypt only after the token proved valid: a flood of bad tokens costs no hashing
+        self.store.set_password(user, hash_password(password))
         self.store.audit(user, "password_reset", self.clock(), client)
         self.store.password_changed(user)
         log_event(logging.INFO, "password_changed", user=user.id, client=client)
@@ -3843,9 +3850,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self) -> None:
         started = time.monotonic()
         request = self._read_request()
-        response = request if isinstance(request, Response) else self.server.api.handle(request)
-        self._write(response)
         route = self.server.api.route_name(self.path.partition("?")[0])
+        if isinstance(request, Response):  # refused before routing: counted here
+            response = request
+            self.server.api.metrics.inc("sysmail_http_requests_total", route=route,
+                                        status=str(response.status))
+        else:
+            response = self.server.api.handle(request)
+        self._write(response)
         log_event(logging.INFO, "http", method=self.command[:16], route=route,
                   status=response.status, client=self._client(),
                   duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -3892,6 +3904,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """http.server's own protocol errors, as JSON 4xx like every other answer."""
         status = code if 400 <= code < 500 else 400
         self.close_connection = True
+        self.server.api.metrics.inc("sysmail_http_requests_total", route="unparsed",
+                                    status=str(status))
         with contextlib.suppress(OSError):
             self._write(json_response(status, {"error": message or "bad request"}))
 
