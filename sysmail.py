@@ -1438,7 +1438,7 @@ class Spool:
 
     OWNER is pid-starttime, so a reused pid is not mistaken for the dead worker. A crash
     between a relay's 250 and the unlink sends that message again once: the duplicate window
-    is one message per crashed worker.
+    is one message per SMTP connection of the crashed worker (SYSMAIL_SMTP_CONNECTIONS).
     """
 
     def __init__(self, root: Path | str, clock: Clock = time.time):
@@ -1838,10 +1838,11 @@ def _id_time(ident: str) -> float:
 
 
 def _process_token(pid: int) -> str:
-    """pid-starttime of a process ("pid-0" where /proc is missing); identifies it across pid reuse."""
+    """pid-starttime of a process ("pid-0" where /proc is missing, "pid-dead" for a zombie);
+    identifies it across pid reuse."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        start = stat.rpartition(")")[2].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        start = "dead" if fields[0] in ("Z", "X") else fields[19]
     except (OSError, IndexError):
         start = "0"
     return f"{pid}-{start}"
@@ -1860,6 +1861,8 @@ def _owner_alive(owner: str) -> bool:
     except PermissionError:
         pass  # it exists, under another user
     token = _process_token(pid)
+    if token.endswith("-dead"):
+        return False  # killed, not yet reaped by its parent: its claims are free
     # when its start time cannot be read (no /proc, or hidden), the pid's existence must do
     return token == owner or token.endswith("-0")
 
@@ -2555,6 +2558,8 @@ class SmtpTransport:
             mail = smtp.mail(mail_from)
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
             raise _IdleConnectionClosed from exc
+        if mail[0] == 421:  # the notice of a relay that hung up on our idle connection
+            raise _IdleConnectionClosed
         self._check(*mail, rcpts, "MAIL FROM")
         accepted, refused = self._recipients(rcpts, [smtp.rcpt(r) for r in rcpts])
         if not accepted:
@@ -2575,6 +2580,8 @@ class SmtpTransport:
             mail = smtp.getreply()
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
             raise _IdleConnectionClosed from exc
+        if mail[0] == 421:  # the notice of a relay that hung up on our idle connection
+            raise _IdleConnectionClosed
         rcpt_replies = [smtp.getreply() for _ in rcpts]
         go_ahead = smtp.getreply()
         accepted, refused = self._recipients(rcpts, rcpt_replies)
@@ -2616,7 +2623,7 @@ class SmtpTransport:
             return
         text = _reply_text(reply)
         if kind == "unavailable":
-            self.close()
+            self._abort()  # no QUIT: the relay is closing, and we may be inside DATA content
             raise RelayUnavailable(f"the relay is unavailable at {stage}: {code} {text}", code,
                                    text, rcpts)
         self._reset()
@@ -2650,6 +2657,12 @@ class SmtpTransport:
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             _close_quietly(smtp)
+
+    def _abort(self) -> None:
+        """Drop the connection without a word (nothing sent could end an open content)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
 
 
 def _dot_stuffed(data: bytes) -> bytes:
@@ -4014,7 +4027,13 @@ class App:
             self.mailer.spool.recover()
         self.mailer.start(on_cycle=self.notifier.heartbeat)
         self.api.start()
-        self.server = _HttpServer(self.config.listen, self.api)
+        try:
+            self.server = _HttpServer(self.config.listen, self.api)
+        except OSError as exc:
+            self.api.stop()
+            self.mailer.stop()
+            host, port = self.config.listen
+            raise SysmailError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         if not self.config.public_url_set:
             self.api.public_url = self.url
         self._thread = threading.Thread(target=self.server.serve_forever, name="sysmail-http",
@@ -4153,6 +4172,8 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     """Deliver queued mail: until a signal, or with --once until nothing is due."""
+    if not args.once:
+        _block_stop_signals()
     sender = Mailer(config).sender()
     if args.once:
         with contextlib.suppress(SpoolError):
@@ -4164,23 +4185,36 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise RelayUnavailable(f"the relay could not be reached; {counts.released} "
                                    "message(s) stay queued")
         return EX_OK
-    stop = threading.Event()
-    _on_signals(lambda: (stop.set(), sender.wake()))
     notifier = SystemdNotifier(config.systemd, sender.spool)
     with contextlib.suppress(SpoolError):
         sender.spool.recover()
     sender.on_cycle = notifier.heartbeat
+    stop = threading.Event()
+    thread = threading.Thread(target=sender.run, args=(stop,), name="sysmail-sender")
+    thread.start()
     notifier.ready()
     try:
-        sender.run(stop)
+        _wait_for_stop_signal()
     finally:
         notifier.stopping()
+        stop.set()
+        sender.wake()
+        thread.join()
     return EX_OK
 
 
-def _on_signals(handler: Callable[[], object]) -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: handler())
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _block_stop_signals() -> None:
+    """Hold SIGTERM and SIGINT for sigwait, before any thread starts (threads inherit the
+    mask): no Python signal handler then ever runs in the middle of a lock it needs."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _wait_for_stop_signal() -> int:
+    """Sleep until SIGTERM or SIGINT arrives; return it."""
+    return signal.sigwait(STOP_SIGNALS)
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -4281,9 +4315,14 @@ def cmd_preview(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     """Run the HTTP API and the sender until SIGTERM or SIGINT."""
-    stop = threading.Event()
-    _on_signals(stop.set)
-    serve(config, stop)
+    _block_stop_signals()
+    app = build_app(config)
+    app.start()
+    try:
+        _wait_for_stop_signal()
+    finally:
+        log_event(logging.INFO, "stopping")
+        app.stop()
     return EX_OK
 
 

@@ -49,8 +49,13 @@ def free_port() -> int:
 
 
 def bind_socket(port: int = 0) -> socket.socket:
-    """Return a TCP socket bound (SO_REUSEADDR, not listening) to 127.0.0.1:port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """Return a TCP socket bound (SO_REUSEADDR, not listening) to 127.0.0.1:port.
+
+    proto=IPPROTO_TCP, as asyncio's own create_server uses: accepted sockets inherit it, and
+    asyncio disables Nagle (TCP_NODELAY) only for those. With proto=0 each multi-line or
+    pipelined reply (aiosmtpd writes line by line) waits ~40 ms for the client's delayed ACK.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((LOCALHOST, port))
@@ -74,10 +79,17 @@ class Received:
 
 
 class SmtpSink:
-    """aiosmtpd handler recording accepted mail, with thread-safe scripted failures."""
+    """aiosmtpd handler recording accepted mail, with thread-safe scripted failures.
 
-    def __init__(self) -> None:
+    pipelining=True adds PIPELINING (RFC 2920) to the EHLO reply; aiosmtpd reads
+    commands one line at a time from a buffer, so it serves pipelined clients as is.
+    """
+
+    def __init__(self, pipelining: bool = False) -> None:
         """Start with no messages, no sessions and no scripted behaviour."""
+        self.pipelining = pipelining
+        self.wire: list[tuple[str, bytes]] | None = None
+        self._open: set[SMTP] = set()
         self.messages: list[Received] = []
         self.connections = 0
         self.data_attempts = 0
@@ -100,6 +112,45 @@ class SmtpSink:
         """Make the next n DATA transactions close the connection without a reply."""
         with self._lock:
             self._drops = n
+
+    def record_wire(self) -> None:
+        """From now on log ("client", bytes received) / ("server", reply) in wire order."""
+        with self._lock:
+            self.wire = []
+
+    def log_wire(self, direction: str, data: bytes) -> None:
+        """Append one wire event if recording (called by SinkSMTP on the server loop)."""
+        with self._lock:
+            if self.wire is not None:
+                self.wire.append((direction, data))
+
+    def opened(self, server: SMTP) -> None:
+        """Track a live connection (called by SinkSMTP.connection_made)."""
+        with self._lock:
+            self._open.add(server)
+
+    def closed(self, server: SMTP) -> None:
+        """Forget a connection (called by SinkSMTP.connection_lost)."""
+        with self._lock:
+            self._open.discard(server)
+
+    def hang_up(self, notice: str | None = None, timeout: float = 5) -> int:
+        """Close every open connection, first writing notice (e.g. a 421) if given.
+
+        Like a relay ending idle sessions (Postfix: "421 4.4.2 ... timeout exceeded").
+        Returns how many connections were closed.
+        """
+        with self._lock:
+            servers = list(self._open)
+        for server in servers:
+            asyncio.run_coroutine_threadsafe(_hang_up(server, notice), server.loop).result(
+                timeout
+            )
+        deadline = time.monotonic() + timeout
+        while any(server in self._open for server in servers):
+            assert time.monotonic() < deadline, "connections still open after hang_up()"
+            time.sleep(0.01)
+        return len(servers)
 
     def _count_session(self, server: SMTP) -> None:
         """Count each SMTP connection once, at its first HELO/EHLO."""
@@ -137,9 +188,11 @@ class SmtpSink:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        """Count the session and keep aiosmtpd's default EHLO responses."""
+        """Count the session; keep aiosmtpd's EHLO lines, plus PIPELINING if enabled."""
         self._count_session(server)
         session.host_name = hostname
+        if self.pipelining:  # aiosmtpd pushes the returned list; the last is "250 HELP"
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     async def handle_HELO(
@@ -181,7 +234,43 @@ class SmtpSink:
         return f"250 2.0.0 Ok: queued as {self._record(envelope)}"
 
 
-class _ImplicitTlsSMTP(SMTP):
+async def _hang_up(server: SMTP, notice: str | None) -> None:
+    """On the server's loop: write notice (if any) and close the connection."""
+    transport = server.transport
+    if transport is None:
+        return
+    if notice is not None:
+        server.event_handler.log_wire("server", notice.encode())
+        transport.write(notice.encode() + b"\r\n")
+    transport.close()
+
+
+class SinkSMTP(SMTP):
+    """aiosmtpd SMTP protocol reporting to its SmtpSink: open connections, wire traffic."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register with the sink (again after STARTTLS: a set), then set up as usual."""
+        super().connection_made(transport)
+        self.event_handler.opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Unregister from the sink, then clean up as usual."""
+        self.event_handler.closed(self)
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        """Log a chunk as it arrives (before aiosmtpd parses it), then feed it on."""
+        self.event_handler.log_wire("client", bytes(data))
+        super().data_received(data)
+
+    async def push(self, status: str | bytes) -> None:
+        """Log a reply line as it is sent."""
+        line = status.encode("utf-8") if isinstance(status, str) else bytes(status)
+        self.event_handler.log_wire("server", line)
+        await super().push(status)
+
+
+class _ImplicitTlsSMTP(SinkSMTP):
     """SMTP for an all-TLS (smtps) listener: AUTH allowed without STARTTLS."""
 
     def __init__(self, handler: Any, **kwargs: Any) -> None:
@@ -223,12 +312,13 @@ class SmtpServer:
         options: dict[str, Any] | None = None,
         ca_file: Path | None = None,
         credentials: tuple[str, str] | None = None,
-        smtp_class: type[SMTP] = SMTP,
+        smtp_class: type[SMTP] = SinkSMTP,
+        pipelining: bool = False,
     ) -> None:
         """Bind a free port now; options are extra Controller/SMTP kwargs."""
         self.host = LOCALHOST
         self.scheme = scheme
-        self.sink = SmtpSink()
+        self.sink = SmtpSink(pipelining)
         self.ca_file = ca_file
         self.username, self.password = credentials or (None, None)
         self._options = options or {}
@@ -312,6 +402,18 @@ def _serve(server: SmtpServer) -> Iterator[SmtpServer]:
 def smtp_server() -> Iterator[SmtpServer]:
     """Plain SMTP sink, no TLS/AUTH; url smtp+plain://127.0.0.1:PORT."""
     yield from _serve(SmtpServer("smtp+plain"))
+
+
+@pytest.fixture
+def pipelining_smtp_server() -> Iterator[SmtpServer]:
+    """Like smtp_server, but EHLO advertises PIPELINING (RFC 2920)."""
+    yield from _serve(SmtpServer("smtp+plain", pipelining=True))
+
+
+@pytest.fixture(params=["lockstep", "pipelining"])
+def any_smtp_server(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """smtp_server, then pipelining_smtp_server: each test runs against both."""
+    yield from _serve(SmtpServer("smtp+plain", pipelining=request.param == "pipelining"))
 
 
 # --------------------------------------------------------------------------- TLS

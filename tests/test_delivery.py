@@ -1,6 +1,8 @@
 """Delivery tests: spool -> Sender -> real aiosmtpd relays, DKIM, retries, CLI, thread, outbox.
 
 Time is a FakeClock injected into Mailer/Spool/Sender; jitter is an injected rand().
+Tests marked @both_paths run twice: against a relay without PIPELINING (lockstep MAIL, RCPT,
+DATA) and against one advertising it (RFC 2920: MAIL + RCPTs + DATA in one write).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from conftest import Ed25519Key, RsaKey, SmtpServer, dkim_dns, run_cli
+from conftest import Ed25519Key, Received, RsaKey, SinkSMTP, SmtpServer, dkim_dns, run_cli
 
 import sysmail
 from sysmail import DeliveryCounts
@@ -27,6 +29,9 @@ DOMAIN = "example.com"
 RSA_DNS = f"default._domainkey.{DOMAIN}."
 ED_DNS = f"ed25519._domainkey.{DOMAIN}."
 RESET_URL = "https://dashboard.example.com/reset?token=tok-1234567890"
+SENDER = f"noreply@{DOMAIN}"
+RELAY_FIXTURES = {"lockstep": "smtp_server", "pipelining": "pipelining_smtp_server"}
+both_paths = pytest.mark.parametrize("relay", list(RELAY_FIXTURES))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -116,11 +121,25 @@ def rigs() -> Iterator[list[Rig]]:
 
 
 @pytest.fixture
+def relay() -> str:
+    """The relay's transaction path; @both_paths parametrizes it to each of RELAY_FIXTURES."""
+    return "lockstep"
+
+
+@pytest.fixture
+def relay_server(request: pytest.FixtureRequest, relay: str) -> SmtpServer:
+    """The plain SMTP sink, advertising PIPELINING when relay == "pipelining"."""
+    server: SmtpServer = request.getfixturevalue(RELAY_FIXTURES[relay])
+    assert server.sink.pipelining == (relay == "pipelining")
+    return server
+
+
+@pytest.fixture
 def rig(
-    rigs: list[Rig], smtp_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
+    rigs: list[Rig], relay_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
 ) -> Rig:
     """A rig against the plain SMTP sink (jitter rand() = 0.5, i.e. none)."""
-    made = build_rig(base_env(tmp_path, rsa_key, smtp_server), smtp_server)
+    made = build_rig(base_env(tmp_path, rsa_key, relay_server), relay_server)
     rigs.append(made)
     return made
 
@@ -185,6 +204,7 @@ def rsa_dns(rsa_key: RsaKey) -> Callable[..., bytes]:
 # --------------------------------------------------------------------------- DKIM
 
 
+@both_paths
 def test_queued_mail_arrives_with_valid_rsa_signature(rig: Rig, rsa_key: RsaKey) -> None:
     """enqueue + run_once delivers one signed message and empties the spool."""
     message_id = rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
@@ -290,13 +310,14 @@ def test_signature_domain_follows_from_and_reply_to_is_over_signed(
     assert not dkim.verify(forged, dnsfunc=dns)
 
 
+@both_paths
 def test_signature_survives_non_ascii_dot_lines_and_long_lines(
-    rigs: list[Rig], smtp_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
+    rigs: list[Rig], relay_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
 ) -> None:
     """RFC 2047 headers, quoted-printable parts and dot-stuffed lines still verify."""
-    env = base_env(tmp_path, rsa_key, smtp_server)
+    env = base_env(tmp_path, rsa_key, relay_server)
     env["SYSTEM_FROM_NAME"] = "Équipe Exemple ✓"
-    rig = build_rig(env, smtp_server)
+    rig = build_rig(env, relay_server)
     rigs.append(rig)
     text = "Grüße aus Köln\n.a line starting with a dot\n..two dots\n" + "x" * 1200 + "\n"
     message_id = rig.mailer.enqueue_message(
@@ -320,13 +341,14 @@ def test_signature_survives_non_ascii_dot_lines_and_long_lines(
 # --------------------------------------------------------------------------- retries
 
 
+@both_paths
 def test_451_twice_then_delivered_once_with_backoff_and_jitter(
-    rigs: list[Rig], smtp_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
+    rigs: list[Rig], relay_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
 ) -> None:
     """Two 451s defer by 1 s then 2 s (jitter +-20 %); the third try delivers, once."""
-    rig = build_rig(base_env(tmp_path, rsa_key, smtp_server), smtp_server, sequence(0.0, 0.999))
+    rig = build_rig(base_env(tmp_path, rsa_key, relay_server), relay_server, sequence(0.0, 0.999))
     rigs.append(rig)
-    clock, sink = rig.clock, smtp_server.sink
+    clock, sink = rig.clock, relay_server.sink
     message_id = rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
     ((_, _, attempt0, ident),) = entries(rig.spool, "new")
     assert attempt0 == 0
@@ -357,13 +379,14 @@ def test_451_twice_then_delivered_once_with_backoff_and_jitter(
     assert rig.sender.run_once() == DeliveryCounts()
 
     assert sink.data_attempts == 3
-    (received,) = smtp_server.messages
+    (received,) = relay_server.messages
     assert parse(received.data)["Message-ID"] == message_id
     assert dkim.verify(received.data, dnsfunc=rsa_dns(rsa_key))
     for state in ("new", "cur", "failed"):
         assert entries(rig.spool, state) == []
 
 
+@both_paths
 def test_550_fails_with_reply_and_cli_retry_brings_it_back(
     rig: Rig, rsa_key: RsaKey
 ) -> None:
@@ -407,6 +430,7 @@ def test_550_fails_with_reply_and_cli_retry_brings_it_back(
     assert rig.mailer.spool.failed() == []
 
 
+@both_paths
 def test_five_temporary_failures_exhaust_attempts(rig: Rig) -> None:
     """5 x 451 with backoff 1, 2, 4, 8 s -> failed/ 'attempts exhausted' after 5 tries."""
     rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
@@ -435,6 +459,7 @@ def test_five_temporary_failures_exhaust_attempts(rig: Rig) -> None:
 # --------------------------------------------------------------------------- relay outages
 
 
+@both_paths
 @pytest.mark.parametrize("pooled", [False, True], ids=["cold", "pooled-connection"])
 def test_stopped_relay_burns_no_attempt_and_mail_goes_out_on_restart(
     rig: Rig, pooled: bool
@@ -463,6 +488,7 @@ def test_stopped_relay_burns_no_attempt_and_mail_goes_out_on_restart(
     assert entries(rig.spool, "new") == []
 
 
+@both_paths
 @pytest.mark.parametrize("fault", ["421 at DATA", "dropped connection", "421 at RCPT"])
 def test_421_and_dropped_connection_burn_no_attempt(rig: Rig, fault: str) -> None:
     """A 421 reply or a connection dropped at DATA is the relay's fault: release, retry."""
@@ -508,12 +534,32 @@ def test_cli_worker_once_with_relay_stopped_exits_75_and_keeps_mail(rig: Rig) ->
     assert rig.mailer.spool.failed() == []
 
 
+@both_paths
 def test_connection_closed_while_idle_is_reopened_at_once(rig: Rig) -> None:
     """The relay restarted: the dead pooled connection is replaced, not taken for an outage."""
     rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
     assert rig.sender.run_once() == DeliveryCounts(sent=1)
     rig.server.stop()
     rig.server.start()  # the relay restarted: the idle pooled connection is gone
+    rig.mailer.enqueue("password-reset", to="bob@example.org", reset_url=RESET_URL)
+
+    assert rig.sender.run_once() == DeliveryCounts(sent=1)
+    assert [m.rcpt_tos for m in rig.server.messages] == [["ada@example.org"], ["bob@example.org"]]
+    assert rig.server.connections == 2
+
+
+@both_paths
+@pytest.mark.parametrize("notice", [
+    pytest.param(None, id="silently"),
+    pytest.param("421 4.4.2 localhost Error: timeout exceeded", id="with-421"),
+])
+def test_connection_the_relay_hung_up_while_idle_is_reopened_at_once(
+    rig: Rig, notice: str | None
+) -> None:
+    """The relay ended the idle session (Postfix says 421 first): reconnect, no outage."""
+    rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
+    assert rig.sender.run_once() == DeliveryCounts(sent=1)
+    assert rig.server.sink.hang_up(notice) == 1
     rig.mailer.enqueue("password-reset", to="bob@example.org", reset_url=RESET_URL)
 
     assert rig.sender.run_once() == DeliveryCounts(sent=1)
@@ -560,6 +606,7 @@ def test_mail_past_its_deliver_by_time_is_not_sent(
 # --------------------------------------------------------------------------- recipients
 
 
+@both_paths
 def test_permanently_refused_recipient_fails_alone(rig: Rig, rsa_key: RsaKey) -> None:
     """RCPT 550 for one of two: the other gets the mail; failed/ holds the refused one only."""
     rig.server.sink.refuse_rcpt({"bad@example.org": "550 5.1.1 no such user"})
@@ -603,6 +650,7 @@ def test_per_recipient_dead_letter_keeps_template_and_message_id(rig: Rig) -> No
     assert letter["rfcMessageId"] == message_id
 
 
+@both_paths
 def test_temporarily_refused_recipient_is_deferred_then_delivered(
     rig: Rig, rsa_key: RsaKey
 ) -> None:
@@ -640,6 +688,7 @@ def test_temporarily_refused_recipient_is_deferred_then_delivered(
 # --------------------------------------------------------------------------- connections
 
 
+@both_paths
 def test_one_connection_for_twenty_messages_and_the_next_pass(rig: Rig) -> None:
     """20 messages in one run_once share one SMTP session, and the next pass reuses it."""
     ids = {
@@ -659,11 +708,12 @@ def test_one_connection_for_twenty_messages_and_the_next_pass(rig: Rig) -> None:
     assert len(rig.server.messages) == 21
 
 
+@both_paths
 def test_connection_refreshed_after_max_messages(
-    smtp_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
+    relay_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
 ) -> None:
     """SmtpTransport(max_messages=5) opens a new session every 5 messages."""
-    config = sysmail.Config.from_env(base_env(tmp_path, rsa_key, smtp_server))
+    config = sysmail.Config.from_env(base_env(tmp_path, rsa_key, relay_server))
     clock = FakeClock()
     mailer = sysmail.Mailer(config, clock=clock)
     assert config.smtp is not None
@@ -675,8 +725,262 @@ def test_connection_refreshed_after_max_messages(
         assert sender.run_once() == DeliveryCounts(sent=12)
     finally:
         transport.close()
-    assert smtp_server.connections == 3
-    assert len(smtp_server.messages) == 12
+    assert relay_server.connections == 3
+    assert len(relay_server.messages) == 12
+
+
+# --------------------------------------------------------------------------- transaction paths
+
+NOBODY = "nobody@relay.invalid"
+
+
+def transcript(wire: list[tuple[str, bytes]] | None, start: bytes) -> list[tuple[str, bytes]]:
+    """The wire events from the first client chunk beginning with start (any case) on."""
+    assert wire is not None, "call sink.record_wire() first"
+    for index, (side, data) in enumerate(wire):
+        if side == "client" and data.upper().startswith(start.upper()):
+            return wire[index:]
+    raise AssertionError(f"{start!r} never reached the relay: {wire!r}")
+
+
+def spooled_data(spool: Path) -> bytes:
+    """The message bytes (after the JSON header line) of the only entry in new/."""
+    (path,) = [p for p in (spool / "new").iterdir() if not p.name.endswith(".json")]
+    return path.read_bytes().partition(b"\n")[2]
+
+
+@both_paths
+def test_mail_rcpt_and_data_share_one_write_only_when_the_relay_offers_pipelining(
+    rig: Rig, relay: str
+) -> None:
+    """PIPELINING: MAIL, both RCPTs and DATA reach the relay before it answers MAIL."""
+    rig.server.sink.record_wire()
+    rig.mailer.enqueue("two-factor-code", to=["ada@example.org", "bob@example.org"],
+                       code="482913")
+
+    assert rig.sender.run_once() == DeliveryCounts(sent=1)
+
+    (received,) = rig.server.messages
+    assert received.rcpt_tos == ["ada@example.org", "bob@example.org"]
+    rcpt_ok, go_ahead = b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>"
+    if relay == "pipelining":  # sysmail writes the commands itself, in one send()
+        commands = (f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<ada@example.org>\r\n"
+                    "RCPT TO:<bob@example.org>\r\nDATA\r\n").encode()
+        expected = [("client", commands), ("server", b"250 OK"),
+                    ("server", rcpt_ok), ("server", rcpt_ok), ("server", go_ahead)]
+    else:  # smtplib's mail(), rcpt() and data(), each waiting for its reply
+        expected = [("client", f"mail FROM:<{SENDER}>\r\n".encode()), ("server", b"250 OK"),
+                    ("client", b"rcpt TO:<ada@example.org>\r\n"), ("server", rcpt_ok),
+                    ("client", b"rcpt TO:<bob@example.org>\r\n"), ("server", rcpt_ok),
+                    ("client", b"data\r\n"), ("server", go_ahead)]
+    events = transcript(rig.server.sink.wire, b"MAIL FROM:")
+    assert events[: len(expected)] == expected
+    content, final = events[len(expected) : -1], events[-1]
+    assert {side for side, _ in content} == {"client"}
+    assert not received.data.startswith(b".")
+    stuffed = received.data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    assert b"".join(data for _, data in content) == stuffed
+    assert final == ("server", f"250 2.0.0 Ok: queued as {received.queue_id}".encode())
+
+
+@both_paths
+def test_lines_starting_with_a_dot_arrive_byte_identical(rig: Rig, rsa_key: RsaKey) -> None:
+    """Dot-stuffing: the relay gets the signed spool bytes exactly, and raw edge cases too."""
+    rig.mailer.enqueue_message("ada@example.org", "Dots", ".\n..\n.leading\n...three\n. \nend\n",
+                               "<p>x</p>\n.\n.dot")
+    spooled = spooled_data(rig.spool)
+    assert b"\r\n.\r\n..\r\n.leading\r\n...three\r\n. \r\nend\r\n" in spooled
+    assert b"\r\n.\r\n.dot\r\n" in spooled
+
+    assert rig.sender.run_once() == DeliveryCounts(sent=1)
+
+    (received,) = rig.server.messages
+    signature, tail = received.data[: -len(spooled)], received.data[-len(spooled) :]
+    assert tail == spooled
+    assert re.fullmatch(rb"DKIM-Signature: [^\r\n]+(\r\n[ \t][^\r\n]+)*\r\n", signature)
+    assert dkim.verify(received.data, dnsfunc=rsa_dns(rsa_key))
+    raw = [
+        b".starts with a dot\r\n\r\nbody\r\n",
+        b"Subject: last line\r\n\r\nbody\r\n.\r\n",
+        b"Subject: dots only\r\n\r\n.\r\n.\r\n..\r\n...\r\n.\r\n",
+    ]
+    for data in raw:
+        result = rig.sender.transport.send(SENDER, ("bob@example.org",), data)
+        assert (result.code, result.accepted) == (250, ("bob@example.org",))
+    assert [m.data for m in rig.server.messages[1:]] == raw
+    assert rig.server.connections == 1
+
+
+@both_paths
+def test_refused_recipients_are_settled_each_by_its_own_reply(rig: Rig, rsa_key: RsaKey) -> None:
+    """RCPT 550, 250, 450: one sent, one dead letter, one deferred copy delivered later."""
+    rig.server.sink.refuse_rcpt({"bad@example.org": "550 5.1.1 no such user",
+                                 "busy@example.org": "450 4.2.1 mailbox busy"})
+    message_id = rig.mailer.enqueue(
+        "password-reset", to=["bad@example.org", "ok@example.org", "busy@example.org"],
+        reset_url=RESET_URL,
+    )
+
+    assert rig.sender.run_once() == DeliveryCounts(sent=1, deferred=1, failed=1)
+
+    assert [m.rcpt_tos for m in rig.server.messages] == [["ok@example.org"]]
+    (letter,) = rig.mailer.spool.failed()
+    assert letter["to"] == ["bad@example.org"]
+    assert (letter["reason"], letter["code"]) == ("rejected", 550)
+    assert "5.1.1 no such user" in letter["reply"]
+    assert letter["rfcMessageId"] == message_id
+    ((_, due, attempt, _),) = entries(rig.spool, "new")
+    assert attempt == 1
+    assert abs(due - (rig.clock() + 1) * 1000) <= 1
+    assert spool_header(rig.spool, "new")["to"] == ["busy@example.org"]
+    assert entries(rig.spool, "cur") == []
+
+    rig.server.sink.refuse_rcpt({})
+    rig.clock.advance(1.01)
+    assert rig.sender.run_once() == DeliveryCounts(sent=1)
+    assert [m.rcpt_tos for m in rig.server.messages] == [["ok@example.org"], ["busy@example.org"]]
+    late = rig.server.messages[1].data
+    assert parse(late)["Message-ID"] == message_id
+    assert dkim.verify(late, dnsfunc=rsa_dns(rsa_key))
+    assert entries(rig.spool, "new") == []
+    assert rig.server.connections == 1
+
+
+@both_paths
+@pytest.mark.parametrize("other", ["553 5.1.3 mailbox gone", "450 4.2.1 mailbox busy"],
+                         ids=["all-permanent", "permanent-and-temporary"])
+def test_message_no_recipient_accepted_is_settled_and_the_connection_kept(
+    rig: Rig, other: str
+) -> None:
+    """Every RCPT refused: no DATA content is sent, the refusals are settled, and the next
+    message goes out on the same connection."""
+    rig.server.sink.refuse_rcpt({"bad@example.org": "550 5.1.1 no such user",
+                                 "other@example.org": other})
+    refused_id = rig.mailer.enqueue("password-reset", to=["bad@example.org", "other@example.org"],
+                                    reset_url=RESET_URL)
+    rig.clock.advance(0.01)
+    rig.mailer.enqueue("password-reset", to="ok@example.org", reset_url=RESET_URL)
+    temporary = other.startswith("4")
+
+    counts = rig.sender.run_once()
+
+    assert counts == DeliveryCounts(sent=1, failed=1, deferred=int(temporary))
+    assert [m.rcpt_tos for m in rig.server.messages] == [["ok@example.org"]]
+    assert rig.server.sink.data_attempts == 1
+    assert rig.server.connections == 1
+    (letter,) = rig.mailer.spool.failed()
+    assert letter["to"] == (["bad@example.org"] if temporary
+                            else ["bad@example.org", "other@example.org"])
+    assert (letter["reason"], letter["code"]) == ("rejected", 550)
+    assert "5.1.1 no such user" in letter["reply"]
+    assert letter["rfcMessageId"] == refused_id
+    if temporary:
+        ((_, _, attempt, _),) = entries(rig.spool, "new")
+        assert attempt == 1
+        assert spool_header(rig.spool, "new")["to"] == ["other@example.org"]
+    else:
+        assert entries(rig.spool, "new") == []
+    assert entries(rig.spool, "cur") == []
+
+
+@pytest.mark.parametrize("relay", ["lockstep", "pipelining"])
+def test_421_for_one_of_two_recipients_releases_the_message_at_once(
+    rigs: list[Rig], relay_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey
+) -> None:
+    """RCPT 421 after another RCPT was accepted: released at attempt 0 without a stall."""
+    env = base_env(tmp_path, rsa_key, relay_server)
+    env["SMTP_TIMEOUT_SECONDS"] = "2"
+    rig = build_rig(env, relay_server)
+    rigs.append(rig)
+    relay_server.sink.refuse_rcpt({"bob@example.org": "421 4.3.2 service shutting down"})
+    rig.mailer.enqueue("password-reset", to=["ada@example.org", "bob@example.org"],
+                       reset_url=RESET_URL)
+    before = sorted(p.name for p in (rig.spool / "new").iterdir())
+
+    started = time.monotonic()
+    counts = rig.sender.run_once()
+    elapsed = time.monotonic() - started
+
+    assert counts == DeliveryCounts(released=1)
+    assert sorted(p.name for p in (rig.spool / "new").iterdir()) == before
+    assert rig.mailer.spool.failed() == []
+    assert (relay_server.messages, relay_server.sink.data_attempts) == ([], 0)
+    assert elapsed < 1, f"run_once took {elapsed:.2f} s (SMTP_TIMEOUT_SECONDS=2)"
+    relay_server.sink.refuse_rcpt({})
+    assert rig.sender.run_once() == DeliveryCounts(sent=1)
+    assert [m.rcpt_tos for m in relay_server.messages] == [["ada@example.org", "bob@example.org"]]
+
+
+class _GoAheadForNobodySMTP(SinkSMTP):
+    """A non-compliant pipelining relay: DATA gets 354 even when every RCPT was refused."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """Pretend someone was accepted (aiosmtpd would answer 503), then go on as usual."""
+        envelope = self.envelope
+        if envelope is not None and envelope.mail_from and not envelope.rcpt_tos:
+            envelope.rcpt_tos.append(NOBODY)
+        await super().smtp_DATA(arg)
+
+
+@pytest.fixture
+def sloppy_relay() -> Iterator[SmtpServer]:
+    """A PIPELINING sink that answers DATA with 354 although no RCPT was accepted."""
+    server = SmtpServer("smtp+plain", smtp_class=_GoAheadForNobodySMTP, pipelining=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("end_reply", ["554 5.5.1 Error: no valid recipients", None],
+                         ids=["then-554", "then-250"])
+def test_go_ahead_after_every_recipient_was_refused_is_ended_with_a_bare_dot(
+    sloppy_relay: SmtpServer, tmp_path: Path, rsa_key: RsaKey, end_reply: str | None
+) -> None:
+    """354 to a DATA nobody may receive: "." at once, all refused, the connection still works."""
+    config = sysmail.Config.from_env(
+        {**base_env(tmp_path, rsa_key, sloppy_relay), "SMTP_TIMEOUT_SECONDS": "3"}
+    )
+    transport = sysmail.transport_from_config(config)
+    sink = sloppy_relay.sink
+    sink.refuse_rcpt({"bad@example.org": "550 5.1.1 no such user",
+                      "busy@example.org": "450 4.2.1 mailbox busy"})
+    sink.script_data([end_reply])
+    sink.record_wire()
+    data = b"Subject: hello\r\n\r\nhello\r\n"
+    try:
+        nobody = transport.send(SENDER, ("bad@example.org", "busy@example.org"), data)
+        delivered = transport.send(SENDER, ("ok@example.org",), data)
+    finally:
+        transport.close()
+
+    assert nobody == sysmail.SendResult(0, "no recipient accepted", (), {
+        "bad@example.org": (550, "5.1.1 no such user"),
+        "busy@example.org": (450, "4.2.1 mailbox busy"),
+    })
+    *empty, last = sloppy_relay.messages
+    assert delivered == sysmail.SendResult(
+        250, f"2.0.0 Ok: queued as {last.queue_id}", ("ok@example.org",), {}
+    )
+    assert last == Received(SENDER, ["ok@example.org"], data)
+    assert empty == ([] if end_reply else [Received(SENDER, [NOBODY], b"")])
+    end = end_reply or f"250 2.0.0 Ok: queued as {empty[0].queue_id}"
+    commands = (f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<bad@example.org>\r\n"
+                "RCPT TO:<busy@example.org>\r\nDATA\r\n").encode()
+    assert transcript(sink.wire, b"MAIL FROM:")[:9] == [
+        ("client", commands),
+        ("server", b"250 OK"),
+        ("server", b"550 5.1.1 no such user"),
+        ("server", b"450 4.2.1 mailbox busy"),
+        ("server", b"354 End data with <CR><LF>.<CR><LF>"),
+        ("client", b".\r\n"),
+        ("server", end.encode()),
+        ("client", b"rset\r\n"),
+        ("server", b"250 OK"),
+    ]
+    assert sink.data_attempts == 2
+    assert sloppy_relay.connections == 1
 
 
 # --------------------------------------------------------------------------- TLS and AUTH

@@ -150,6 +150,25 @@ def test_smtp_stop_start_same_port(smtp_server: SmtpServer) -> None:
     assert len(smtp_server.wait_for(1)) == 1
 
 
+@pytest.mark.parametrize("notice", [None, "421 4.4.2 localhost Error: timeout exceeded"],
+                         ids=["silently", "with-421"])
+def test_smtp_hang_up_closes_idle_connections(
+    smtp_server: SmtpServer, notice: str | None
+) -> None:
+    idle = _client(smtp_server)
+    idle.ehlo()
+    assert smtp_server.sink.hang_up(notice) == 1
+    if notice is not None:
+        assert idle.getreply() == (421, b"4.4.2 localhost Error: timeout exceeded")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        idle.noop()
+    idle.close()
+    assert smtp_server.sink.hang_up(notice) == 0
+    with _client(smtp_server) as client:
+        client.sendmail("alerts@example.com", TO, MESSAGE)
+    assert len(smtp_server.wait_for(1)) == 1
+    assert smtp_server.connections == 2
+
 def test_smtp_wait_for_times_out(smtp_server: SmtpServer) -> None:
     with pytest.raises(AssertionError, match="expected >= 1 message"):
         smtp_server.wait_for(1, timeout=0.1)
@@ -162,6 +181,66 @@ def test_smtp_large_message(smtp_server: SmtpServer) -> None:
         client.sendmail("alerts@example.com", TO, big)
     assert smtp_server.wait_for(1)[0].data == big
 
+
+
+def test_smtp_pipelining_advertised_only_when_asked(any_smtp_server: SmtpServer) -> None:
+    server = any_smtp_server
+    with _client(server) as client:
+        code, _ = client.ehlo("client.example")
+        assert code == 250
+        assert client.has_extn("pipelining") is server.sink.pipelining
+        features = list(client.esmtp_features)
+    extra = ["pipelining"] if server.sink.pipelining else []
+    assert features == ["size", "8bitmime", "smtputf8", *extra, "help"]
+    assert server.url == f"smtp+plain://127.0.0.1:{server.port}"
+
+
+def test_smtp_pipelined_transaction_and_wire_log(pipelining_smtp_server: SmtpServer) -> None:
+    server = pipelining_smtp_server
+    server.sink.refuse_rcpt({"bad@example.com": "550 5.1.1 No such user"})
+    server.sink.record_wire()
+    commands = (
+        b"MAIL FROM:<alerts@example.com>\r\nRCPT TO:<ops@example.org>\r\n"
+        b"RCPT TO:<bad@example.com>\r\nDATA\r\n"
+    )
+    with _client(server) as client:
+        client.ehlo("client.example")
+        client.send(commands)  # one write: every command before any reply
+        replies = [client.getreply() for _ in range(4)]
+        client.send(MESSAGE + b".\r\n")
+        final = client.getreply()
+    [got] = server.wait_for(1)
+    assert got == Received("alerts@example.com", TO, MESSAGE)
+    assert replies == [
+        (250, b"OK"),
+        (250, b"2.1.5 Ok"),
+        (550, b"5.1.1 No such user"),
+        (354, b"End data with <CR><LF>.<CR><LF>"),
+    ]
+    assert final == (250, f"2.0.0 Ok: queued as {got.queue_id}".encode())
+    wire = server.sink.wire
+    assert wire is not None
+    assert wire[0][0] == "server"
+    assert wire[0][1].startswith(b"220 localhost ")
+    assert wire[1:] == [
+        ("client", b"ehlo client.example\r\n"),
+        ("server", b"250-localhost"),
+        ("server", b"250-SIZE 134217728"),
+        ("server", b"250-8BITMIME"),
+        ("server", b"250-SMTPUTF8"),
+        ("server", b"250-PIPELINING"),
+        ("server", b"250 HELP"),
+        ("client", commands),
+        ("server", b"250 OK"),
+        ("server", b"250 2.1.5 Ok"),
+        ("server", b"550 5.1.1 No such user"),
+        ("server", b"354 End data with <CR><LF>.<CR><LF>"),
+        ("client", MESSAGE + b".\r\n"),
+        ("server", f"250 2.0.0 Ok: queued as {got.queue_id}".encode()),
+        ("client", b"QUIT\r\n"),  # smtplib.SMTP.__exit__
+        ("server", b"221 Bye"),
+    ]
+    assert server.connections == 1
 
 # --------------------------------------------------------------------------- TLS / AUTH
 
