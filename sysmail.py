@@ -56,9 +56,11 @@ import argparse
 import base64
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import email.header
 import email.utils
+import errno
 import functools
 import hashlib
 import heapq
@@ -1056,13 +1058,17 @@ def _substitute(template: Template, text: str, values: Mapping[str, str]) -> str
 def _substitute_lines(template: Template, text: str, values: Mapping[str, str]) -> str:
     """Substitute line by line, dropping a line that uses an optional variable left empty."""
     empty = {k for k, v in values.items() if v == ""}
-    kept = [line for line in text.split("\n") if not empty & _names_in(line)]
+    kept = [line for line, names in _template_lines(text) if not empty & names]
     return re.sub(r"\n{3,}", "\n\n", _substitute(template, "\n".join(kept), values))
 
 
-def _names_in(line: str) -> set[str]:
-    return {m.group("braced") or m.group("named") for m in string.Template.pattern.finditer(line)
-            if m.group("braced") or m.group("named")}
+@functools.lru_cache(maxsize=128)
+def _template_lines(text: str) -> tuple[tuple[str, frozenset[str]], ...]:
+    """A template's lines with the variables each one uses (parsed once per template)."""
+    return tuple((line, frozenset(m.group("braced") or m.group("named")
+                                  for m in string.Template.pattern.finditer(line)
+                                  if m.group("braced") or m.group("named")))
+                 for line in text.split("\n"))
 
 
 def validate_address(address: str) -> str:
@@ -1482,18 +1488,16 @@ class Spool:
         return f"{int(self.clock() * 1e6):x}{os.getpid():x}{counter:x}{secrets.token_hex(3)}"
 
     def _write_new(self, name: str, payload: bytes) -> None:
-        tmp, new = self.root / "tmp" / name, self.root / "new" / name
+        root = str(self.root)
+        tmp, new = f"{root}/tmp/{name}", f"{root}/new/{name}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
         try:
             _write_all(fd, payload)
             os.fsync(fd)  # the data is on disk before the name appears in new/
         finally:
             os.close(fd)
-        try:
-            os.link(tmp, new)  # link, unlike rename, fails rather than overwrite
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(self.root / "new")  # the new name survives a power loss
+        _move_no_replace(tmp, new)
+        _fsync_dir(f"{root}/new")  # the new name survives a power loss
 
     def writable(self) -> bool:
         """True when a file can be created (and removed) in tmp/ and new/ exists."""
@@ -1797,7 +1801,32 @@ def _write_file_atomically(path: Path, payload: bytes, tmp_dir: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def _move_no_replace(source: str, target: str) -> None:
+    """Rename, but fail rather than overwrite: renameat2(RENAME_NOREPLACE) where Linux has it,
+    else link and unlink (Maildir's way)."""
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(-100, source.encode(), -100, target.encode(), 1) == 0:  # AT_FDCWD, NOREPLACE
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.ENOSYS, errno.EINVAL):  # not a file system without it
+            raise OSError(error, os.strerror(error), target)
+    try:
+        os.link(source, target)
+    finally:
+        os.unlink(source)
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2, or None where there is none."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -185,13 +185,13 @@ def run_workers(env: dict[str, str], count: int, *args: str) -> list[subprocess.
 # ---- 1. durable enqueue ---- #
 
 
-def raw_durable_writes(folder: Path, count: int, size: int) -> float:
+def raw_durable_writes(folder: Path, count: int, size: int, first: int = 0) -> float:
     """The disk's own limit: write, fsync, rename into new/, fsync the folder; per second."""
     for sub in ("tmp", "new"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     payload = os.urandom(size)
     started = time.perf_counter()
-    for number in range(count):
+    for number in range(first, first + count):
         tmp, new = folder / "tmp" / f"{number}", folder / "new" / f"{number}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, payload)
@@ -217,10 +217,11 @@ def bench_enqueue(bench: Bench) -> list[Row]:
     our_enqueues(target, 5)
     size = max(p.stat().st_size for p in (target.spool.root / "new").iterdir())
     ours, raw = [], []
-    for round_number in range(3):  # interleaved, so both see the same disk weather
-        ours.append(our_enqueues(target, bench.sizes.enqueue // 3))
-        raw.append(raw_durable_writes(bench.folder / f"raw-{round_number}",
-                                      bench.sizes.enqueue // 3, size))
+    rounds = 10  # short and interleaved, so both see the same disk weather
+    for round_number in range(rounds):
+        ours.append(our_enqueues(target, bench.sizes.enqueue // rounds))
+        raw.append(raw_durable_writes(bench.folder / "raw", bench.sizes.enqueue // rounds, size,
+                                      first=round_number * bench.sizes.enqueue))
     ours_rate, raw_rate = statistics.median(ours), statistics.median(raw)
     ratio = ours_rate / raw_rate
     return [Row("durable enqueue (Mailer.enqueue)", f"{ours_rate:,.0f}/s",
