@@ -1496,7 +1496,11 @@ class Spool:
             os.fsync(fd)  # the data is on disk before the name appears in new/
         finally:
             os.close(fd)
-        _move_no_replace(tmp, new)
+        try:
+            _move_no_replace(tmp, new)
+        except OSError:
+            _unlink_quietly(tmp)  # nothing half-done stays behind
+            raise
         _fsync_dir(f"{root}/new")  # the new name survives a power loss
 
     def writable(self) -> bool:
@@ -1851,7 +1855,7 @@ def _parse_name(entry: str) -> SpoolName | None:
         return None
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path | str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
