@@ -448,8 +448,8 @@ class _EnvReader:
 
     def _header_text(self, name: str, default: str) -> str:
         value = self.env.get(name, "").strip() or default
-        if _has_control_chars(value):
-            self.problems.append(f"{name} contains a line break or NUL")
+        if _unsafe_in_header(value):
+            self.problems.append(f"{name} contains a line break or a control character")
             return default
         return value
 
@@ -709,6 +709,16 @@ def _iso_time(epoch: float) -> str:
 def _has_control_chars(value: str) -> bool:
     """True when a value holds CR, LF or NUL, which would let it forge headers."""
     return any(c in value for c in "\r\n\0")
+
+
+_HEADER_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
+def _unsafe_in_header(value: str) -> bool:
+    """True when text bound for a header holds a control character or anything Python's
+    folding treats as a line break (VT, FF, FS..US, NEL, U+2028/9): a folded header could
+    then start a forged field."""
+    return _HEADER_UNSAFE.search(value) is not None
 
 
 class Metrics:
@@ -1015,8 +1025,9 @@ def render(template: Template, variables: Mapping[str, object], brand: Mapping[s
     values = _template_values(template, variables)
     values.update(brand)
     subject = _substitute(template, template.subject, values)
-    if _has_control_chars(subject):
-        raise MessageError(f"the subject of {template.name} would contain a line break")
+    if _unsafe_in_header(subject):
+        raise MessageError(f"the subject of {template.name} would contain a line break or a "
+                           "control character")
     html_values = {k: html.escape(v).replace("\n", "<br>\n") for k, v in values.items()}
     html_values["_subject"] = html.escape(subject)
     return Rendered(subject, _substitute_lines(template, template.text, values),
@@ -1129,6 +1140,8 @@ def build_message(config: Config, to: list[str], rendered: Rendered, message_id:
     Written directly rather than through email.message: the email package costs ~2.7 ms a
     message, more than the fsync that makes it durable.
     """
+    if _unsafe_in_header(rendered.subject):
+        raise MessageError("the subject contains a line break or a control character")
     headers = [
         ("From", email.utils.formataddr((config.from_name, config.from_addr), charset="utf-8")),
         ("To", ",\r\n ".join(to)),
@@ -1223,10 +1236,9 @@ class DkimSigner:
         """Return the message with a DKIM-Signature header per key prepended."""
         import dkim
 
-        headers, body = dkim.rfc822_parse(message)
         policy = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-        canonical_headers = policy.canonicalize_headers(headers)
-        body_hash = base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
+        canonical_headers, canonical_body = _relaxed(message, policy)
+        body_hash = base64.b64encode(hashlib.sha256(canonical_body).digest())
         timestamp = str(int(self.clock())).encode()
         signatures = [self._signature(canonical_headers, body_hash, selector, algorithm,
                                       sign_digest, timestamp, policy)
@@ -1252,6 +1264,34 @@ class DkimSigner:
         fields[-1] = (b"b", base64.b64encode(sign_digest(hasher.digest())))
         signed = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
         return name + b": " + dkim.fold(signed, namelen=len(name), linesep=b"\r\n")
+
+
+_WSP = re.compile(rb"\t[\t ]*| [\t ]+")  # a run of blanks other than one space (which stays)
+_WSP_BEFORE_CRLF = re.compile(rb"[\t ]+\r\n")
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def _relaxed(message: bytes, policy: object) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The relaxed canonical header fields and body, byte for byte what dkimpy computes, in a
+    quarter of its time for the CRLF messages sysmail builds (dkimpy itself for any other)."""
+    import dkim
+
+    head, separator, body = message.partition(b"\r\n\r\n")
+    if not separator or message.count(b"\n") != message.count(b"\r\n") or b"\rFrom " in head:
+        headers, body = dkim.rfc822_parse(message)
+        return policy.canonicalize_headers(headers), policy.canonicalize_body(body)
+    fields: list[list[bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1] += line
+        elif match := _FIELD_NAME.match(line):
+            fields.append([match.group(1), line[match.end():]])
+        else:
+            raise dkim.MessageFormatError(f"unexpected characters in a header line: {line[:60]!r}")
+    canonical = [(name.lower().rstrip(), _WSP.sub(b" ", value).strip() + b"\r\n")
+                 for name, value in fields]
+    body = _WSP.sub(b" ", _WSP_BEFORE_CRLF.sub(b"\r\n", body)).rstrip(b"\r\n")
+    return canonical, (body + b"\r\n" if body else b"")
 
 
 def _signing_backend(requested: str) -> str:
@@ -3183,8 +3223,8 @@ class Mailer:
     def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
                         priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
         """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
-        if _has_control_chars(subject) or "\0" in text + html:
-            raise MessageError("the subject contains a line break or NUL")
+        if _unsafe_in_header(subject) or "\0" in text + html:
+            raise MessageError("the subject contains a line break or a control character")
         if not subject.strip() or not text.strip():
             raise MessageError("an ad-hoc message needs a subject and a text")
         return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)

@@ -948,3 +948,19 @@ def test_service_announcement_text_part_carries_the_title() -> None:
     rendered = render("service-announcement", title="Maintenance window", body="Read-only.")
     assert "Maintenance window" in rendered.html
     assert "Maintenance window" in rendered.text
+
+
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1c", "\x1f", "\x7f", "\x85", "\u2028",
+                                  "\u2029", "\x01"])
+def test_subject_with_a_folding_line_break_is_refused(tmp_path: Path, char: str) -> None:
+    """VT, FF, FS..US, NEL, U+2028/9 (which Python's header folding treats as line breaks)
+    and other controls never reach a header: a folded line could start a forged field."""
+    mailer = sysmail.Mailer(sysmail.Config.from_env({"SYSTEM_DOMAIN": "example.com",
+                                                     "SYSMAIL_SPOOL": str(tmp_path / "spool")}))
+    forged = f"Hello{char}Bcc: evil@example.net"
+    with pytest.raises(sysmail.MessageError, match="control character"):
+        mailer.enqueue_message("ada@example.com", forged, "text")
+    with pytest.raises(sysmail.MessageError, match="control character"):
+        mailer.enqueue("service-announcement", to="ada@example.com", title=forged, body="b")
+    assert list((tmp_path / "spool" / "new").iterdir()) == []
+    mailer.enqueue_message("ada@example.com", "Tabs\tare fine", "text")
