@@ -483,7 +483,9 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def delivery_rate_with_backlog(bench: Bench, queued: int, sample: int) -> tuple[float, float]:
-    """Messages/s over the first `sample` deliveries with `queued` waiting; and peak RSS."""
+    """Messages/s between the 10th and 90th percent of the first `scale_small` deliveries (the
+    same window whatever the backlog, start-up and tail left out), with `queued` waiting, and
+    the worker's peak RSS over the first `sample` deliveries."""
     sink = Sink(bench.folder)
     try:
         env = bench.env(sink)
@@ -493,7 +495,9 @@ def delivery_rate_with_backlog(bench: Bench, queued: int, sample: int) -> tuple[
         while len(sink.received()) < sample and time.perf_counter() - started < 300:
             rss = max(rss, peak_rss_mb(worker.pid))
             time.sleep(0.05)
-        rate = len(sink.received()) / (time.perf_counter() - started)
+        times = sorted(sink.received().values())[:bench.sizes.scale_small]
+        first, last = len(times) // 10, len(times) * 9 // 10
+        rate = (last - first) / (times[last] - times[first])
         rss = max(rss, peak_rss_mb(worker.pid))
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
