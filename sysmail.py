@@ -1288,10 +1288,17 @@ def _relaxed(message: bytes, policy: object) -> tuple[list[tuple[bytes, bytes]],
             fields.append([match.group(1), line[match.end():]])
         else:
             raise dkim.MessageFormatError(f"unexpected characters in a header line: {line[:60]!r}")
-    canonical = [(name.lower().rstrip(), _WSP.sub(b" ", value).strip() + b"\r\n")
+    canonical = [(name.lower().rstrip(), _compress_blanks(value).strip() + b"\r\n")
                  for name, value in fields]
-    body = _WSP.sub(b" ", _WSP_BEFORE_CRLF.sub(b"\r\n", body)).rstrip(b"\r\n")
+    if b" \r\n" in body or b"\t\r\n" in body:  # the scans cost far less than the regex
+        body = _WSP_BEFORE_CRLF.sub(b"\r\n", body)
+    body = _compress_blanks(body).rstrip(b"\r\n")
     return canonical, (body + b"\r\n" if body else b"")
+
+
+def _compress_blanks(value: bytes) -> bytes:
+    """Runs of blanks to one space (most values have none to compress)."""
+    return _WSP.sub(b" ", value) if b"\t" in value or b"  " in value else value
 
 
 def _signing_backend(requested: str) -> str:

@@ -40,9 +40,8 @@ class Sink:
                     writer.write(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n")
                 elif verb == b"DATA":
                     writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
                     data = await reader.readuntil(b"\r\n.\r\n")
-                    found = MESSAGE_ID.search(data)
+                    found = MESSAGE_ID.search(data, 0, data.find(b"\r\n\r\n"))
                     self.queued += 1
                     writer.write(b"250 2.0.0 Ok: queued as S%d\r\n" % self.queued)
                     message_id = found.group(1).decode() if found else "-"
@@ -52,7 +51,8 @@ class Sink:
                     break
                 else:  # MAIL, RCPT, RSET, NOOP
                     writer.write(b"250 2.0.0 Ok\r\n")
-                await writer.drain()
+                if writer.transport.get_write_buffer_size() > 65536:
+                    await writer.drain()  # flow control only when the client stops reading
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
