@@ -95,7 +95,9 @@ from pathlib import Path
 from typing import Protocol, Self
 
 __all__ = [
+    "BULK",
     "TEMPLATES",
+    "URGENT",
     "Api",
     "App",
     "Claim",
@@ -104,6 +106,9 @@ __all__ = [
     "DeliveryCounts",
     "DeliveryError",
     "DkimSigner",
+    "HttpError",
+    "IdempotencyKeys",
+    "JsonLogFormatter",
     "Mailer",
     "MemoryStore",
     "MessageError",
@@ -112,7 +117,10 @@ __all__ = [
     "PermanentDeliveryError",
     "QueueUnavailable",
     "RateLimiter",
+    "RedisQueue",
+    "RedisRateLimiter",
     "RelayUnavailable",
+    "Rendered",
     "Request",
     "Response",
     "RetryPolicy",
@@ -122,10 +130,12 @@ __all__ = [
     "SmtpUrl",
     "Spool",
     "SpoolError",
+    "SpoolName",
     "SpooledMessage",
     "SqliteStore",
     "StoreError",
     "SysmailError",
+    "SystemdNotifier",
     "Template",
     "TemporaryDeliveryError",
     "TokenStore",
@@ -134,13 +144,22 @@ __all__ = [
     "build_app",
     "build_message",
     "classify_reply",
+    "client_address",
     "hash_password",
+    "json_response",
+    "load_templates",
+    "log_event",
     "main",
+    "make_message_id",
     "parse_env_file",
     "render",
     "serve",
+    "tls_context_from_config",
+    "token_hash",
+    "transport_from_config",
     "validate_address",
     "verify_password",
+    "with_credentials",
 ]
 
 Clock = Callable[[], float]
@@ -1770,7 +1789,7 @@ class Spool:
             except (ConnectionRefusedError, FileNotFoundError):
                 _unlink_quietly(self.root / "wake" / listener)
 
-    def listen(self, on_wake: Callable[[], None]) -> WakeListener | None:
+    def listen(self, on_wake: Callable[[], None]) -> _WakeListener | None:
         """Start a listener that indexes what other processes enqueue and calls on_wake."""
         if not sys.platform.startswith("linux"):
             return None
@@ -1779,14 +1798,14 @@ class Spool:
             self._index.add(entry)
             on_wake()
         try:
-            listener = WakeListener(self.root / "wake", arrived)
+            listener = _WakeListener(self.root / "wake", arrived)
         except OSError:
             return None  # a broken spool: the sender still polls, and drains Redis
         self._own_listener, self._wake_local = listener.name, on_wake
         return listener
 
 
-class WakeListener:
+class _WakeListener:
     """A thread receiving wake-up datagrams on an abstract unix socket registered in wake/."""
 
     def __init__(self, folder: Path, on_wake: Callable[[str], None]):
@@ -2880,6 +2899,82 @@ class DeliveryCounts:
                          for name in ("sent", "deferred", "failed", "expired", "released"))
 
 
+class _Connections:
+    """A sender's SMTP connections: one, used in order, or several used at once by threads."""
+
+    def __init__(self, first: SmtpTransport | OutboxTransport, count: int,
+                 factory: Callable[[], SmtpTransport | OutboxTransport] | None):
+        extra = [factory() for _ in range(count - 1)] if factory else []
+        self.all = [first, *extra]
+        self._free: queue.SimpleQueue[SmtpTransport | OutboxTransport] = queue.SimpleQueue()
+        for transport in self.all:
+            self._free.put(transport)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(len(self.all),
+                                                            thread_name_prefix="sysmail-smtp")
+                      if len(self.all) > 1 else None)
+
+    def each(self, work: Callable[[Claim], None], claims: list[Claim]) -> None:
+        """Run work over every claim, on as many connections as there are, and wait."""
+        if self._pool is None:
+            for claim in claims:
+                work(claim)
+        else:
+            list(self._pool.map(work, claims))
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[SmtpTransport | OutboxTransport]:
+        """A free connection, for one message."""
+        transport = self._free.get()
+        try:
+            yield transport
+        finally:
+            self._free.put(transport)
+
+    def close(self) -> None:
+        """Close every connection and the threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for transport in self.all:
+            transport.close()
+
+
+class _RelayBackoff:
+    """Whether the relay is worth trying now: after each outage the wait doubles, to a cap."""
+
+    def __init__(self, policy: RetryPolicy, clock: Clock, rand: Callable[[], float]):
+        self.policy = policy
+        self.clock = clock
+        self.rand = rand
+        self.failures = 0
+        self.retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def seconds_left(self) -> float:
+        """Seconds before the relay may be tried again (0 when it may be now)."""
+        return max(self.retry_at - self.clock(), 0.0)
+
+    def pause(self, seconds: float) -> None:
+        """Try nothing for a while (after an unexpected error)."""
+        self.retry_at = self.clock() + seconds
+
+    def down(self, exc: RelayUnavailable) -> None:
+        """The relay could not be used: wait longer before the next try."""
+        with self._lock:
+            self.failures += 1
+            failures = self.failures
+            delay = self.policy.relay_delay(failures, self.rand())
+            self.retry_at = self.clock() + delay
+        log_event(logging.WARNING, "relay_unavailable", reason=str(exc), code=exc.smtp_code,
+                  failures=failures, retry_in_seconds=round(delay, 2))
+
+    def up(self) -> None:
+        """The relay answered: forget the outage."""
+        with self._lock:
+            failures, self.failures, self.retry_at = self.failures, 0, 0.0
+        if failures:
+            log_event(logging.INFO, "relay_available", after_failures=failures)
+
+
 class Sender:
     """Drains a spool through a transport, signing each message at send time.
 
@@ -2909,28 +3004,17 @@ class Sender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_due: float | None = None
-        self._relay_failures = 0
-        self._relay_retry_at = 0.0
+        self._relay = _RelayBackoff(retry, clock, rand)
         self._last_clean = 0.0
         self._last_mark = float("-inf")
         self._last_queue_warning: dict[str, float] = {}
         self._lock = threading.Lock()
         self._unreleased: list[Claim] = []
-        extra = [transport_factory() for _ in range(connections - 1)] if transport_factory else []
-        self._transports = [transport, *extra]
-        self._lanes: queue.SimpleQueue[SmtpTransport | OutboxTransport] = queue.SimpleQueue()
-        for lane in self._transports:
-            self._lanes.put(lane)
-        self._pool = (concurrent.futures.ThreadPoolExecutor(len(self._transports),
-                                                            thread_name_prefix="sysmail-smtp")
-                      if len(self._transports) > 1 else None)
+        self._connections = _Connections(transport, connections, transport_factory)
 
     def close(self) -> None:
         """Close every SMTP connection and the connection threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        for transport in self._transports:
-            transport.close()
+        self._connections.close()
 
     def wake(self) -> None:
         """Make a waiting run() look at the spool now."""
@@ -2963,7 +3047,7 @@ class Sender:
 
     def _cycle(self) -> None:
         now = self.clock()
-        if now < self._relay_retry_at:
+        if self._relay.seconds_left():
             return
         try:
             if now - self._last_clean > TMP_CLEAN_INTERVAL_SECONDS:
@@ -2973,17 +3057,16 @@ class Sender:
             self.run_once()
         except Exception:  # noqa: BLE001 - the thread must survive anything: log, slow down
             _log.exception("sender_error", extra={"fields": {}})
-            self._relay_retry_at = self.clock() + SENDER_IDLE_POLL_SECONDS
+            self._relay.pause(SENDER_IDLE_POLL_SECONDS)
 
     def _idle_seconds(self) -> float:
         """Until the next due message or the relay retry, but at most a second: the loop is
         also the heartbeat (systemd's watchdog) and the recovery poll."""
-        now = self.clock()
         wait = SENDER_IDLE_POLL_SECONDS
-        if self._relay_retry_at > now:
-            return min(wait, self._relay_retry_at - now)
+        if relay_wait := self._relay.seconds_left():
+            return min(wait, relay_wait)
         if self._next_due is not None:
-            wait = min(wait, self._next_due - now)
+            wait = min(wait, self._next_due - self.clock())
         return max(wait, 0.001)
 
     def run_once(self) -> DeliveryCounts:
@@ -3023,28 +3106,25 @@ class Sender:
         """Send a batch over the free connections; False when the relay went down or stop;
         QueueUnavailable when the batch's own queue failed under it."""
         trouble: list[Exception] = []  # the first RelayUnavailable or queue failure stops it
-        if self._pool is None:
-            for claim in claims:
-                self._deliver_in_lane(claim, counts, trouble)
-        else:
-            list(self._pool.map(lambda c: self._deliver_in_lane(c, counts, trouble), claims))
-        if any(isinstance(t, RelayUnavailable) for t in trouble):
-            self._relay_down(next(t for t in trouble if isinstance(t, RelayUnavailable)))
+        self._connections.each(lambda c: self._deliver_one(c, counts, trouble), claims)
+        outage = next((t for t in trouble if isinstance(t, RelayUnavailable)), None)
+        if outage is not None:
+            self._relay.down(outage)
             return False
         if trouble:
             raise QueueUnavailable(f"the queue failed while settling messages: {trouble[0]}")
         return not self._stop.is_set()
 
-    def _deliver_in_lane(self, claim: Claim, counts: DeliveryCounts,
-                         trouble: list[Exception]) -> None:
+    def _deliver_one(self, claim: Claim, counts: DeliveryCounts,
+                     trouble: list[Exception]) -> None:
         """Deliver one claim on a free connection; never raises."""
         self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
         if self._stop.is_set() or trouble:  # the rest goes back, unsent and unharmed
             self._release(claim, counts)
             return
-        transport = self._lanes.get()
         try:
-            self._deliver(claim, counts, transport)
+            with self._connections.borrow() as transport:
+                self._deliver(claim, counts, transport)
         except RelayUnavailable as exc:
             self._release(claim, counts)
             trouble.append(exc)
@@ -3059,8 +3139,6 @@ class Sender:
             except (QueueUnavailable, SpoolError, OSError) as queue_error:
                 trouble.append(queue_error)
                 self._release(claim, counts)
-        finally:
-            self._lanes.put(transport)
 
     def _release(self, claim: Claim, counts: DeliveryCounts) -> None:
         """Put a claim back; when its queue cannot take it now, keep it to try again later
@@ -3106,7 +3184,7 @@ class Sender:
         except PermanentDeliveryError as exc:
             self._fail(claim, message, _refusal("rejected", exc.smtp_code, exc.reply), counts)
             return
-        self._relay_up()
+        self._relay.up()
         self._settle(claim, message, result, time.monotonic() - started, counts)
 
     def _settle(self, claim: Claim, message: SpooledMessage, result: SendResult,
@@ -3181,19 +3259,6 @@ class Sender:
                   reply=result.reply, duration_ms=round(duration * 1000, 1),
                   latency_ms=round(latency * 1000, 1))
 
-    def _relay_down(self, exc: RelayUnavailable) -> None:
-        with self._lock:
-            self._relay_failures += 1
-            delay = self.retry.relay_delay(self._relay_failures, self.rand())
-            self._relay_retry_at = self.clock() + delay
-        log_event(logging.WARNING, "relay_unavailable", reason=str(exc), code=exc.smtp_code,
-                  failures=self._relay_failures, retry_in_seconds=round(delay, 2))
-
-    def _relay_up(self) -> None:
-        with self._lock:
-            failures, self._relay_failures, self._relay_retry_at = self._relay_failures, 0, 0.0
-        if failures:
-            log_event(logging.INFO, "relay_available", after_failures=failures)
 
 
 def _refusal(reason: str, code: int | None, reply: str) -> dict:
