@@ -636,9 +636,12 @@ def _nacl_available() -> bool:
     return True
 
 
+_WHITESPACE = re.compile(r"\s")
+
+
 def _is_web_url(value: str) -> bool:
     """True for an absolute http(s) URL with a host and no control characters."""
-    if _has_control_chars(value) or any(c.isspace() for c in value):
+    if _has_control_chars(value) or _WHITESPACE.search(value):
         return False
     try:
         parts = urllib.parse.urlsplit(value)
@@ -727,7 +730,7 @@ def _iso_time(epoch: float) -> str:
 
 def _has_control_chars(value: str) -> bool:
     """True when a value holds CR, LF or NUL, which would let it forge headers."""
-    return any(c in value for c in "\r\n\0")
+    return "\r" in value or "\n" in value or "\0" in value
 
 
 _HEADER_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
@@ -1079,26 +1082,67 @@ def _check_value(template: str, key: str, value: str) -> None:
 
 
 def _substitute(template: Template, text: str, values: Mapping[str, str]) -> str:
-    try:
-        return string.Template(text).substitute(values)
-    except (KeyError, ValueError) as exc:
-        raise MessageError(f"template {template.name} refers to an unknown variable {exc}") from None
+    """string.Template's ${name} substitution, on text compiled once and cached."""
+    return _fill(template, _compiled(text).whole, values)
 
 
 def _substitute_lines(template: Template, text: str, values: Mapping[str, str]) -> str:
     """Substitute line by line, dropping a line that uses an optional variable left empty."""
+    compiled = _compiled(text)
     empty = {k for k, v in values.items() if v == ""}
-    kept = [line for line, names in _template_lines(text) if not empty & names]
-    return re.sub(r"\n{3,}", "\n\n", _substitute(template, "\n".join(kept), values))
+    if not empty & compiled.names:  # the usual case: nothing to drop, one format call
+        return _single_blank_lines(_fill(template, compiled.whole, values))
+    kept = [_fill(template, line, values) for line, names in compiled.lines
+            if not empty & names]
+    return _single_blank_lines("\n".join(kept))
+
+
+def _single_blank_lines(text: str) -> str:
+    return _BLANK_RUN.sub("\n\n", text) if "\n\n\n" in text else text
+
+
+_BLANK_RUN = re.compile(r"\n{3,}")
+
+
+def _fill(template: Template, pattern: str, values: Mapping[str, str]) -> str:
+    try:
+        return pattern.format_map(values)
+    except KeyError as exc:
+        raise MessageError(f"template {template.name} refers to an unknown variable {exc}") from None
+
+
+@dataclass(frozen=True)
+class _CompiledText:
+    """A template text as str.format patterns: the whole of it, and line by line with the
+    names each line uses (so a line whose optional variable is empty can be left out)."""
+
+    whole: str
+    lines: tuple[tuple[str, frozenset[str]], ...]
+    names: frozenset[str]
 
 
 @functools.lru_cache(maxsize=128)
-def _template_lines(text: str) -> tuple[tuple[str, frozenset[str]], ...]:
-    """A template's lines with the variables each one uses (parsed once per template)."""
-    return tuple((line, frozenset(m.group("braced") or m.group("named")
-                                  for m in string.Template.pattern.finditer(line)
-                                  if m.group("braced") or m.group("named")))
-                 for line in text.split("\n"))
+def _compiled(text: str) -> _CompiledText:
+    """Compile string.Template syntax (${name}, $name, $$) into format patterns, once."""
+    lines = tuple(_format_line(line) for line in text.split("\n"))
+    return _CompiledText("\n".join(line for line, _ in lines), lines,
+                         frozenset().union(*(names for _, names in lines)))
+
+
+def _format_line(line: str) -> tuple[str, frozenset[str]]:
+    parts, names, last = [], set(), 0
+    for match in string.Template.pattern.finditer(line):
+        parts.append(line[last:match.start()].replace("{", "{{").replace("}", "}}"))
+        name = match.group("braced") or match.group("named")
+        if match.group("escaped") is not None:
+            parts.append("$")
+        else:  # an invalid placeholder becomes a name no values hold: an unknown variable
+            name = name or line[match.start():match.start() + 2].replace("{", "(")
+            parts.append("{" + name + "}")
+            names.add(name)
+        last = match.end()
+    parts.append(line[last:].replace("{", "{{").replace("}", "}}"))
+    return "".join(parts), frozenset(names)
 
 
 def validate_address(address: str) -> str:
