@@ -1558,7 +1558,8 @@ class Spool:
 
     OWNER is pid-starttime, so a reused pid is not mistaken for the dead worker. A crash
     between a relay's 250 and the unlink sends that message again once: the duplicate window
-    is one message per SMTP connection of the crashed worker (SYSMAIL_SMTP_CONNECTIONS).
+    is one message per crashed worker: its connections sign and negotiate in parallel, but
+    send content and settle one message at a time (Sender._commit).
     """
 
     def __init__(self, root: Path | str, clock: Clock = time.time):
@@ -2687,18 +2688,23 @@ class SmtpTransport:
         idle = self.clock() - self._last_used
         return self._sent_on_connection >= self.max_messages or idle > self.max_idle_seconds
 
-    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
+    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
+             before_content: Callable[[], None] = lambda: None) -> SendResult:
         """Send one message; raise RelayUnavailable, TemporaryDeliveryError or
-        PermanentDeliveryError when it failed for every recipient at MAIL or DATA."""
+        PermanentDeliveryError when it failed for every recipient at MAIL or DATA.
+        before_content is called just before the content goes out."""
         fresh = self.open()
         try:
-            return self._transaction(mail_from, rcpts, data)
+            return self._transaction(mail_from, rcpts, data, before_content)
+        except _SendAbandoned:
+            self._abort()  # we are inside DATA: only dropping the connection cancels it
+            raise
         except _IdleConnectionClosed:
             if fresh:
                 raise RelayUnavailable("the relay closed the connection at once",
                                        recipients=rcpts) from None
             self.close()  # the relay dropped a connection we kept idle: reopen, try once more
-            return self.send(mail_from, rcpts, data)
+            return self.send(mail_from, rcpts, data, before_content)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             self.close()
             raise RelayUnavailable(f"the relay dropped the connection: {_reply_text(str(exc))}",
@@ -2706,11 +2712,12 @@ class SmtpTransport:
         finally:
             self._last_used = self.clock()
 
-    def _transaction(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
+    def _transaction(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
+                     before_content: Callable[[], None]) -> SendResult:
         smtp = self._smtp
         assert smtp is not None
         if smtp.has_extn("pipelining"):
-            return self._pipelined(smtp, mail_from, rcpts, data)
+            return self._pipelined(smtp, mail_from, rcpts, data, before_content)
         try:
             mail = smtp.mail(mail_from)
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
@@ -2722,6 +2729,7 @@ class SmtpTransport:
         if not accepted:
             smtp.rset()
             return SendResult(0, "no recipient accepted", (), refused)
+        before_content()
         try:
             code, reply = smtp.data(data)
         except smtplib.SMTPDataError as exc:
@@ -2729,7 +2737,7 @@ class SmtpTransport:
         return self._finish(code, reply, accepted, refused)
 
     def _pipelined(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...],
-                   data: bytes) -> SendResult:
+                   data: bytes, before_content: Callable[[], None]) -> SendResult:
         """RFC 2920: MAIL, RCPT... and DATA in one write, then the content: 2 round trips."""
         commands = [f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpts), "DATA"]
         try:
@@ -2752,6 +2760,7 @@ class SmtpTransport:
         if go_ahead[0] != 354:
             self._check(go_ahead[0] if go_ahead[0] >= 400 else 451, go_ahead[1], accepted,
                         "DATA")
+        before_content()
         smtp.send(_dot_stuffed(data))
         return self._finish(*smtp.getreply(), accepted, refused)
 
@@ -2828,6 +2837,10 @@ def _dot_stuffed(data: bytes) -> bytes:
     return stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n"
 
 
+class _SendAbandoned(Exception):
+    """The sender withdrew a message before its content was sent (it stays queued)."""
+
+
 class _IdleConnectionClosed(Exception):
     """The relay had closed the connection before this transaction's first command."""
 
@@ -2858,9 +2871,11 @@ class OutboxTransport:
             raise RelayUnavailable(f"cannot create the outbox {self.folder}: {exc.strerror}") from None
         return not existed
 
-    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes) -> SendResult:
+    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
+             before_content: Callable[[], None] = lambda: None) -> SendResult:
         """Write the message (signed, exactly as it would go on the wire) to the outbox."""
         self.open()
+        before_content()
         name = f"{int(self.clock() * 1000)}-{secrets.token_hex(4)}.eml"
         try:
             _write_file_atomically(self.folder / name, data, self.folder)
@@ -3053,6 +3068,7 @@ class Sender:
         self._last_mark = float("-inf")
         self._last_queue_warning: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._commit = threading.Lock()
         self._unreleased: list[Claim] = []
         self._connections = _Connections(transport, connections, transport_factory)
 
@@ -3168,7 +3184,10 @@ class Sender:
             return
         try:
             with self._connections.borrow() as transport:
-                self._deliver(claim, counts, transport)
+                self._deliver(claim, counts, transport,
+                              abandon=lambda: self._stop.is_set() or bool(trouble))
+        except _SendAbandoned:  # the batch stopped while this one waited: it was not sent
+            self._release(claim, counts)
         except RelayUnavailable as exc:
             self._release(claim, counts)
             trouble.append(exc)
@@ -3207,7 +3226,8 @@ class Sender:
                     self._unreleased.append(claim)
 
     def _deliver(self, claim: Claim, counts: DeliveryCounts,
-                 transport: SmtpTransport | OutboxTransport) -> None:
+                 transport: SmtpTransport | OutboxTransport,
+                 abandon: Callable[[], bool] = lambda: False) -> None:
         try:
             message = claim.queue.read(claim)
         except SpoolError as exc:
@@ -3217,9 +3237,28 @@ class Sender:
             self._fail(claim, message, {"reason": "expired"}, counts, event="expired")
             return
         data = self.signer.sign(message.data) if self.signer else message.data
+        # From the content until the spool forgets the message, one message at a time: a
+        # crash then leaves at most one accepted but unforgotten message per process to send
+        # again, however many connections sign and negotiate in parallel.
+        holding: list[bool] = []
+
+        def enter_commit() -> None:
+            self._commit.acquire()
+            holding.append(True)
+            if abandon():  # stopped, or the relay or queue failed while we waited our turn
+                raise _SendAbandoned
+        try:
+            self._send_and_settle(claim, message, data, counts, transport, enter_commit)
+        finally:
+            if holding:
+                self._commit.release()
+
+    def _send_and_settle(self, claim: Claim, message: SpooledMessage, data: bytes,
+                         counts: DeliveryCounts, transport: SmtpTransport | OutboxTransport,
+                         before_content: Callable[[], None]) -> None:
         started = time.monotonic()
         try:
-            result = transport.send(message.mail_from, message.rcpts, data)
+            result = transport.send(message.mail_from, message.rcpts, data, before_content)
         except RelayUnavailable:
             raise
         except TemporaryDeliveryError as exc:

@@ -678,7 +678,7 @@ class SlowAckSMTP(SMTP):
         await super().push(status)
 
 
-def test_the_duplicate_window_is_one_message_per_connection_of_a_crashed_worker(
+def test_the_duplicate_window_is_one_message_per_crashed_worker(
         tmp_path: Path, workers: Callable[..., Worker]) -> None:
     relay = SmtpServer("smtp+plain", smtp_class=SlowAckSMTP)
     relay.start()
@@ -701,7 +701,9 @@ def test_the_duplicate_window_is_one_message_per_connection_of_a_crashed_worker(
         relay.stop()
     assert set(received) == set(ids)
     assert len(received) - len(ids) == in_flight  # each accepted-unacknowledged one again
-    assert 1 <= in_flight <= DEFAULT_CONNECTIONS, f"{in_flight} messages resent after a SIGKILL"
+    # however many connections (DEFAULT_CONNECTIONS) sign and negotiate at once, content is
+    # sent and settled one message at a time: one accepted-but-unforgotten message at most
+    assert in_flight == 1, f"{in_flight} messages resent after one SIGKILL"
 
 
 def test_a_running_worker_takes_back_the_claims_of_a_killed_peer(
