@@ -3028,6 +3028,8 @@ class _RelayBackoff:
 
     def up(self) -> None:
         """The relay answered: forget the outage."""
+        if not self.failures:
+            return  # the usual case, without taking the lock
         with self._lock:
             failures, self.failures, self.retry_at = self.failures, 0, 0.0
         if failures:
@@ -3337,10 +3339,11 @@ class Sender:
         latency = max(now - message.queued_at, 0.0)
         self.metrics.inc("sysmail_messages_total", outcome="sent")
         self.metrics.observe_latency(latency)
-        log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
-                  to=list(result.accepted), template=message.template or "ad-hoc", code=result.code,
-                  reply=result.reply, duration_ms=round(duration * 1000, 1),
-                  latency_ms=round(latency * 1000, 1))
+        if _log.isEnabledFor(logging.INFO):
+            log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
+                      to=list(result.accepted), template=message.template or "ad-hoc",
+                      code=result.code, reply=result.reply,
+                      duration_ms=round(duration * 1000, 1), latency_ms=round(latency * 1000, 1))
 
 
 
