@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -717,14 +718,8 @@ class RedisServer:
     def stop(self) -> None:
         """SIGTERM and wait (SIGKILL after 10 s); idempotent."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None and process.poll() is None:
+            stop_process(process)
 
 
 def _redis_binary() -> Path:
@@ -801,3 +796,46 @@ def run_cli(
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """The run_cli function, as a fixture."""
     return run_cli
+
+
+class FakeClock:
+    """A wall clock that only moves when told to (sysmail takes its clock as an argument)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        """Start at start, or at a whole second near the real time."""
+        self.now = float(int(time.time())) if start is None else start
+
+    def __call__(self) -> float:
+        """Return the current fake time."""
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self.now += seconds
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM a subprocess and wait for it; SIGKILL after 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def enqueue_many(spool: Path, count: int, domain: str = "example.com") -> list[str]:
+    """Queue count ad-hoc mails through the embedding API, eight threads sharing one Mailer
+    as in a web application (their fsyncs overlap); return their Message-IDs."""
+    import sysmail  # the fixtures above do not need the module under test; this helper does
+
+    mailer = sysmail.Mailer(sysmail.Config.from_env({"SYSTEM_DOMAIN": domain,
+                                                     "SYSMAIL_SPOOL": str(spool)}))
+
+    def enqueue(i: int) -> str:
+        return mailer.enqueue_message(f"user{i}@example.org", f"Notice {i}", f"Body {i}\n")
+
+    with ThreadPoolExecutor(8) as pool:
+        message_ids = list(pool.map(enqueue, range(count)))
+    assert len(set(message_ids)) == count
+    return message_ids

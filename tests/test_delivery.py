@@ -20,7 +20,16 @@ from pathlib import Path
 
 import dkim
 import pytest
-from conftest import Ed25519Key, Received, RsaKey, SinkSMTP, SmtpServer, dkim_dns, run_cli
+from conftest import (
+    Ed25519Key,
+    FakeClock,
+    Received,
+    RsaKey,
+    SinkSMTP,
+    SmtpServer,
+    dkim_dns,
+    run_cli,
+)
 
 import sysmail
 from sysmail import DeliveryCounts
@@ -35,22 +44,6 @@ both_paths = pytest.mark.parametrize("relay", list(RELAY_FIXTURES))
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class FakeClock:
-    """A wall clock that only moves when told to."""
-
-    def __init__(self, start: float | None = None) -> None:
-        """Start at a whole second near the real time (so CLI retries are due soon)."""
-        self.now = float(int(time.time())) if start is None else start
-
-    def __call__(self) -> float:
-        """Return the current fake time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward."""
-        self.now += seconds
 
 
 def sequence(*values: float) -> Callable[[], float]:

@@ -34,7 +34,7 @@ from typing import Self
 import pytest
 import redis
 from aiosmtpd.controller import Controller
-from conftest import REPO, RedisServer, SmtpServer, free_port, run_cli
+from conftest import REPO, FakeClock, RedisServer, SmtpServer, free_port, run_cli
 
 import sysmail
 
@@ -53,19 +53,6 @@ UNCLAIM_BUG = (
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class ShiftedClock:
@@ -267,7 +254,7 @@ def test_unwritable_spool_queues_the_spool_entry_in_redis_and_the_sender_deliver
     broken_spool: Path, redis_server: RedisServer, smtp_server: SmtpServer, tmp_path: Path,
     events: Events,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     mailer = sysmail.Mailer(_config(redis_server.url, smtp_server.url, broken_spool),
                             clock=clock)
 
@@ -318,7 +305,7 @@ def test_unwritable_spool_queues_the_spool_entry_in_redis_and_the_sender_deliver
 
 
 def test_claim_returns_the_most_urgent_due_messages_first(redis_server: RedisServer) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     queue = sysmail.RedisQueue(redis_server.url, clock=clock)
     bulk_older, _, _ = _put(queue, "bulk older", sysmail.BULK, due=T0 - 20)
     bulk, _, _ = _put(queue, "bulk", sysmail.BULK, due=T0 - 10)
@@ -347,7 +334,7 @@ def test_claim_returns_the_most_urgent_due_messages_first(redis_server: RedisSer
 def test_a_claimed_message_is_not_claimed_again_and_ack_forgets_it(
     redis_server: RedisServer,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     first = sysmail.RedisQueue(redis_server.url, clock=clock)
     second = sysmail.RedisQueue(redis_server.url, clock=clock)
     ident, _, _ = _put(first, "once")
@@ -364,7 +351,7 @@ def test_a_claimed_message_is_not_claimed_again_and_ack_forgets_it(
 
 
 def test_defer_counts_an_attempt_and_release_does_not(redis_server: RedisServer) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     queue = sysmail.RedisQueue(redis_server.url, clock=clock)
     ident, _, _ = _put(queue, "again")
     [claim], _ = queue.claim(10)
@@ -390,7 +377,7 @@ def test_defer_counts_an_attempt_and_release_does_not(redis_server: RedisServer)
 def test_fail_keeps_the_reason_and_retry_puts_dead_letters_back(
     redis_server: RedisServer,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     queue = sysmail.RedisQueue(redis_server.url, clock=clock)
     first, _, _ = _put(queue, "first", due=T0 - 2)
     second, _, _ = _put(queue, "second", due=T0 - 1)
@@ -419,7 +406,7 @@ def test_fail_keeps_the_reason_and_retry_puts_dead_letters_back(
 
 
 def test_add_failed_makes_a_dead_letter_for_some_recipients(redis_server: RedisServer) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     queue = sysmail.RedisQueue(redis_server.url, clock=clock)
     ident, message_id, data = _put(queue, "two", rcpts=("ada@example.org", "bob@example.org"))
     [claim], _ = queue.claim(10)
@@ -441,7 +428,7 @@ def test_add_failed_makes_a_dead_letter_for_some_recipients(redis_server: RedisS
 
 
 def test_counts_follow_the_clock(redis_server: RedisServer) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     queue = sysmail.RedisQueue(redis_server.url, clock=clock)
     assert queue.counts() == EMPTY
     urgent, _, _ = _put(queue, "urgent", sysmail.URGENT, due=T0)
@@ -467,7 +454,7 @@ def test_counts_follow_the_clock(redis_server: RedisServer) -> None:
 def test_temporary_failures_back_off_then_the_redis_mail_is_delivered(
     redis_server: RedisServer, smtp_server: SmtpServer, tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     config = _config(redis_server.url, smtp_server.url, _spool_is_a_file(tmp_path))
     mailer = sysmail.Mailer(config, clock=clock)
     message_id = mailer.enqueue_message("ada@example.org", "Invoice", "Your invoice.")
@@ -550,7 +537,7 @@ def test_rejected_redis_mail_is_listed_counted_and_retried_by_the_cli(
 def test_expired_redis_mail_becomes_a_dead_letter_without_being_sent(
     redis_server: RedisServer, smtp_server: SmtpServer, tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     mailer = sysmail.Mailer(_config(redis_server.url, smtp_server.url,
                                     _spool_is_a_file(tmp_path)), clock=clock)
     message_id = mailer.enqueue_message("ada@example.org", "Flash sale", "Today only.",
@@ -636,7 +623,7 @@ def test_claims_of_a_dead_worker_are_taken_back_at_once_and_sent_once(
 def test_an_expired_lease_is_taken_back_even_from_another_host(
     redis_server: RedisServer,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     queue = sysmail.RedisQueue(redis_server.url, clock=clock)
     stale, _, _ = _put(queue, "stale")
     fresh, _, _ = _put(queue, "fresh")

@@ -23,7 +23,7 @@ from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process
 
 import sysmail
 
@@ -133,15 +133,6 @@ def _wait_ready(base: str, driver: subprocess.Popen[bytes], timeout: float = 20)
         time.sleep(0.1)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def browser(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     """chromedriver on a free port and one headless Chromium session without JavaScript.
@@ -171,7 +162,7 @@ def browser(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Itera
         finally:
             session.command("DELETE", "")
     finally:
-        _stop(driver)
+        stop_process(driver)
 
 
 # --------------------------------------------------------------------------- the service

@@ -26,14 +26,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from aiosmtpd.smtp import SMTP
-from conftest import REPO, SmtpServer, run_cli
+from conftest import REPO, FakeClock, SmtpServer, enqueue_many, run_cli
 
 import sysmail
 
@@ -48,19 +47,6 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _proc_token(pid: int) -> str:
@@ -129,20 +115,8 @@ def _process_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def _enqueue_many(spool: Path, count: int) -> list[str]:
-    """Queue count ad-hoc mails through the embedding API; return their Message-IDs.
-
-    Eight threads share one Mailer, as in a web application: their fsyncs overlap.
-    """
-    mailer = sysmail.Mailer(sysmail.Config.from_env({"SYSTEM_DOMAIN": DOMAIN,
-                                                     "SYSMAIL_SPOOL": str(spool)}))
-
-    def enqueue(i: int) -> str:
-        return mailer.enqueue_message(f"user{i}@example.org", f"Notice {i}", f"Body {i}\n")
-
-    with ThreadPoolExecutor(8) as pool:
-        message_ids = list(pool.map(enqueue, range(count)))
-    assert len(set(message_ids)) == count
-    return message_ids
+    """Queue count ad-hoc mails through the embedding API; return their Message-IDs."""
+    return enqueue_many(spool, count, DOMAIN)
 
 
 def _received_ids(server: SmtpServer) -> list[str]:
@@ -245,7 +219,7 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 
 def test_enqueue_writes_one_complete_private_file_in_new(tmp_path: Path) -> None:
     root = tmp_path / "spool"
-    spool = sysmail.Spool(root, clock=FakeClock())
+    spool = sysmail.Spool(root, clock=FakeClock(T0))
     spool_id, header, data = _enqueue(spool, "first", priority=sysmail.URGENT)
     for folder in ("", "tmp", "new", "cur", "failed"):
         assert _mode(root / folder) == 0o700, folder
@@ -264,7 +238,7 @@ def test_enqueue_writes_one_complete_private_file_in_new(tmp_path: Path) -> None
 
 
 def test_claim_renames_into_cur_with_the_owner_and_no_other_spool_gets_it(tmp_path: Path) -> None:
-    root, clock = tmp_path / "spool", FakeClock()
+    root, clock = tmp_path / "spool", FakeClock(T0)
     first, second = sysmail.Spool(root, clock=clock), sysmail.Spool(root, clock=clock)
     bulk_old, header, data = _enqueue(first, "bulk old", due=T0 - 2)
     urgent, _, _ = _enqueue(first, "urgent", priority=sysmail.URGENT, due=T0 - 1)
@@ -345,7 +319,7 @@ def test_concurrent_claims_in_three_processes_never_overlap(tmp_path: Path) -> N
 
 
 def test_ack_defer_release_fail_and_retry_move_files_as_documented(tmp_path: Path) -> None:
-    root, clock = tmp_path / "spool", FakeClock()
+    root, clock = tmp_path / "spool", FakeClock(T0)
     spool = sysmail.Spool(root, clock=clock)
     raw = {}
     for subject in ("acked", "deferred", "released", "failed"):
@@ -496,7 +470,7 @@ def test_clean_tmp_removes_only_files_older_than_36_hours(tmp_path: Path) -> Non
 
 
 def test_counts_tell_due_from_deferred_with_a_fake_clock(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     spool = sysmail.Spool(tmp_path / "spool", clock=clock)
 
     def counts() -> dict[str, int]:
@@ -524,7 +498,7 @@ def test_counts_tell_due_from_deferred_with_a_fake_clock(tmp_path: Path) -> None
 
 def test_claim_ignores_foreign_names_in_new(tmp_path: Path) -> None:
     root = tmp_path / "spool"
-    spool = sysmail.Spool(root, clock=FakeClock())
+    spool = sysmail.Spool(root, clock=FakeClock(T0))
     foreign = ["README", "notes.txt", "1.2.3", "a.b.c.d", ".hidden", "0.soon.0.abc",
                "x.00000000000000.0.abc"]
     for name in foreign:

@@ -30,7 +30,6 @@ import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,16 @@ import dkim
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
-from conftest import REPO, RsaKey, SmtpServer, dkim_dns, free_port, make_rsa_key, run_cli
+from conftest import (
+    REPO,
+    RsaKey,
+    SmtpServer,
+    dkim_dns,
+    enqueue_many,
+    free_port,
+    make_rsa_key,
+    run_cli,
+)
 
 import sysmail
 
@@ -89,16 +97,9 @@ def _env(smtp_url: str, spool: Path, **extra: str) -> dict[str, str]:
 
 
 def _enqueue_many(spool: Path, count: int) -> list[str]:
-    """Queue count ad-hoc mails in-process (eight threads share one Mailer); their Message-IDs."""
-    mailer = sysmail.Mailer(sysmail.Config.from_env({"SYSTEM_DOMAIN": DOMAIN,
-                                                     "SYSMAIL_SPOOL": str(spool)}))
-
-    def enqueue(i: int) -> str:
-        return mailer.enqueue_message(f"user{i}@example.org", f"Notice {i}", f"Body {i}\n")
-
-    with ThreadPoolExecutor(8) as pool:
-        message_ids = list(pool.map(enqueue, range(count)))
-    assert len(set(message_ids)) == count == len(os.listdir(spool / "new"))
+    """Queue count ad-hoc mails in-process; their Message-IDs, all of them in new/."""
+    message_ids = enqueue_many(spool, count, DOMAIN)
+    assert len(os.listdir(spool / "new")) == count
     return message_ids
 
 
