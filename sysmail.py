@@ -153,7 +153,6 @@ __all__ = [
     "make_message_id",
     "parse_env_file",
     "render",
-    "serve",
     "tls_context_from_config",
     "token_hash",
     "transport_from_config",
@@ -1605,12 +1604,7 @@ class Spool:
     def _write_new(self, name: str, payload: bytes) -> None:
         root = str(self.root)
         tmp, new = f"{root}/tmp/{name}", f"{root}/new/{name}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
-        try:
-            _write_all(fd, payload)
-            os.fsync(fd)  # the data is on disk before the name appears in new/
-        finally:
-            os.close(fd)
+        _write_synced(tmp, payload)  # the data is on disk before the name appears in new/
         try:
             _move_no_replace(tmp, new)
         except OSError:
@@ -1640,7 +1634,7 @@ class Spool:
         """Claim up to limit due messages, most urgent first; also return the next due time."""
         now_ms = int(self.clock() * 1000)
         if self._index.needs_scan() or self._nothing_due(now_ms):
-            self._index.rebuild(self._scan_new())
+            self._index.rebuild(_scan(self.root / "new"))
         owner = _process_token(os.getpid())
         claims: list[Claim] = []
         while len(claims) < limit:
@@ -1654,9 +1648,6 @@ class Spool:
     def _nothing_due(self, now_ms: int) -> bool:
         next_due = self._index.next_due_ms()
         return next_due is None or next_due > now_ms
-
-    def _scan_new(self) -> list[str]:
-        return _scan(self.root / "new")
 
     def _claim_one(self, entry: str, owner: str) -> Claim | None:
         target = self.root / "cur" / f"{entry}.{owner}"
@@ -1913,15 +1904,20 @@ def _write_all(fd: int, payload: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _write_file_atomically(path: Path, payload: bytes, tmp_dir: Path) -> None:
-    """Write payload to path via a synced temporary file, then sync the folder."""
-    tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
+def _write_synced(path: Path | str, payload: bytes) -> None:
+    """Create a new private file with payload and fsync it (never over an existing one)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
     try:
         _write_all(fd, payload)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_file_atomically(path: Path, payload: bytes, tmp_dir: Path) -> None:
+    """Write payload to path via a synced temporary file, then sync the folder."""
+    tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}"
+    _write_synced(tmp, payload)
     os.rename(tmp, path)
     _fsync_dir(path.parent)
 
@@ -2207,10 +2203,6 @@ class RedisQueue:
                 taken += 1
         return taken
 
-    def clean_tmp(self) -> int:
-        """Nothing to clean: Redis writes are atomic."""
-        return 0
-
     def failed(self) -> list[dict]:
         """The dead letters with their reasons, oldest first."""
         ids = self._call(lambda: self._redis.zrange(self._key("failed"), 0, -1))
@@ -2253,9 +2245,6 @@ class RedisQueue:
             return pipe.execute()
         new0, later0, new1, later1, cur, failed = self._call(count)
         return {"new": new0 + new1, "deferred": later0 + later1, "cur": cur, "failed": failed}
-
-    def mark_sent(self) -> None:
-        """Delivery times are kept by the spool."""
 
     def ping(self) -> None:
         """Raise QueueUnavailable unless Redis answers."""
@@ -4314,17 +4303,6 @@ def build_app(config: Config, store: TokenStore | None = None) -> App:
     return App(config, Mailer(config), store or SqliteStore(config.db_path))
 
 
-def serve(config: Config, stop: threading.Event) -> None:
-    """Run the service until stop is set."""
-    app = build_app(config)
-    app.start()
-    try:
-        stop.wait()
-    finally:
-        log_event(logging.INFO, "stopping")
-        app.stop()
-
-
 # ---- CLI ---- #
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = (
@@ -4371,7 +4349,7 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="print a new DKIM key and its DNS record")
     keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
     keygen.add_argument("--bits", type=int, default=2048)
-    keygen.set_defaults(handler=cmd_keygen)
+    keygen.set_defaults(handler=cmd_keygen, needs_config=False)
     commands.add_parser("check", help="validate the configuration and probe the relay"
                         ).set_defaults(handler=cmd_check)
     preview = commands.add_parser("preview", help="print a rendered template")
@@ -4709,9 +4687,6 @@ def _ed25519_public_key_b64(seed_b64: bytes) -> str:
     return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
 
 
-_HANDLERS_WITHOUT_CONFIG = {"cmd_keygen"}
-
-
 def _setup_logging(level: int) -> None:
     """JSON lines on stderr for the sysmail logger (replacing an earlier handler of ours)."""
     for handler in list(_log.handlers):
@@ -4738,7 +4713,7 @@ def _read_env(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str
 def _run(argv: list[str] | None, env: Mapping[str, str]) -> int:
     args = _build_parser().parse_args(argv)
     env = with_credentials(_read_env(args, env))
-    if args.handler.__name__ in _HANDLERS_WITHOUT_CONFIG:
+    if not getattr(args, "needs_config", True):  # keygen works without a valid environment
         return args.handler(args, env)
     config = Config.from_env(env)
     _setup_logging(config.log_level)
