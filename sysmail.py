@@ -3534,27 +3534,34 @@ def json_response(status: int, payload: object, **headers: str) -> Response:
 
 
 class RateLimiter:
-    """Fixed-window counters per key, kept in memory (one process)."""
+    """Fixed-window counters per key, kept in memory (one process), at most max_keys of them."""
 
     MAX_KEYS = 100_000
 
-    def __init__(self, clock: Clock = time.monotonic):
+    def __init__(self, clock: Clock = time.monotonic, max_keys: int = MAX_KEYS):
         self.clock = clock
+        self.max_keys = max_keys
         self._lock = threading.Lock()
-        self._windows: dict[str, tuple[float, int]] = {}
+        self._windows: dict[str, tuple[float, int]] = {}  # key -> (window end, hits)
 
     def hit(self, key: str, limit: int, window: float) -> float | None:
         """Count one hit; None when allowed, else the seconds until the window resets."""
         now = self.clock()
-        start = now - now % window
         with self._lock:
-            if len(self._windows) > self.MAX_KEYS:
-                self._windows = {k: v for k, v in self._windows.items() if v[0] + window > now}
-            began, count = self._windows.get(key, (start, 0))
-            if began != start:
-                began, count = start, 0
-            self._windows[key] = (began, count + 1)
-        return None if count < limit else max(began + window - now, 0.001)
+            ends, count = self._windows.get(key, (0.0, 0))
+            if ends <= now:
+                ends, count = now - now % window + window, 0
+            if key not in self._windows and len(self._windows) >= self.max_keys:
+                self._evict(now)
+            self._windows[key] = (ends, count + 1)
+        return None if count < limit else max(ends - now, 0.001)
+
+    def _evict(self, now: float) -> None:
+        """Make room: drop expired windows first; when every window is live, the oldest half."""
+        live = {k: v for k, v in self._windows.items() if v[0] > now}
+        if len(live) >= self.max_keys:
+            live = dict(sorted(live.items(), key=lambda kv: kv[1][0])[len(live) // 2:])
+        self._windows = live
 
 
 class RedisRateLimiter:
@@ -3608,9 +3615,14 @@ class IdempotencyKeys:
             os.close(fd)
             _unlink_quietly(path)
             raise
-        _write_all(fd, message_id.encode())
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            _write_all(fd, message_id.encode())
+            now = self.clock()
+            os.utime(fd, (now, now))  # its age is read from the same clock that prunes it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.folder)
         return message_id, True
 
     def _stored(self, path: Path, key: str, make_id: Callable[[], str]) -> tuple[str, bool]:
