@@ -839,3 +839,183 @@ def enqueue_many(spool: Path, count: int, domain: str = "example.com") -> list[s
         message_ids = list(pool.map(enqueue, range(count)))
     assert len(set(message_ids)) == count
     return message_ids
+
+
+# --------------------------------------------------------------------------- quiescence
+#
+# "Nothing else arrived" is shown by waiting for a state in which nothing more can arrive,
+# never by a fixed sleep followed by a count: a sleep proves nothing on a busy machine.
+
+
+def open_sessions(server: SmtpServer) -> int:
+    """How many SMTP connections the sink holds open right now."""
+    sink = server.sink
+    with sink._lock:
+        return len(sink._open)
+
+
+def wait_relay_idle(server: SmtpServer, timeout: float = 30) -> int:
+    """Wait until the sink has no open connection; return how many messages it holds then.
+
+    aiosmtpd records a message before it answers the end of DATA, on its own thread, and a
+    connection that has ended records nothing more. So once the clients that could send are
+    gone (killed, stopped) and the sink has seen each of their connections end, this count is
+    final; read right after a SIGKILL instead, it races the sink still reading the last DATA.
+    (A connection the sink has not accepted yet cannot hold a message: the client waits for
+    the greeting, sent only once it is accepted.)
+    """
+    deadline = time.monotonic() + timeout
+    while open_sessions(server):
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"SMTP sink on port {server.port}: {open_sessions(server)} connection(s) "
+                f"still open after {timeout}s"
+            )
+        time.sleep(0.01)
+    return len(server.messages)
+
+
+def spool_pending(spool_dir: str | os.PathLike[str]) -> list[str]:
+    """The entries of the spool's new/ and cur/ ("new/NAME", ...); a missing folder is empty."""
+    pending = []
+    for state in ("new", "cur"):
+        try:
+            pending += [f"{state}/{name}" for name in sorted(os.listdir(Path(spool_dir) / state))]
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    return pending
+
+
+def wait_quiescent(
+    spool_dir: str | os.PathLike[str] | None,
+    smtp_server: SmtpServer,
+    idle_seconds: float = 0.5,
+    timeout: float = 10,
+    predicate: Callable[[], bool] | None = None,
+) -> list[Received]:
+    """Wait until the queue is settled and the relay idle; return a copy of the messages.
+
+    Quiescent means, without a break for idle_seconds: predicate() holds (without one: the
+    spool's new/ and cur/ are empty; spool_dir None: no queue check), the sink has no open
+    connection, and it has seen no new connection, DATA attempt or message. Stop the senders
+    that keep idle SMTP connections open (a worker, Mailer.stop(), App.stop()) before calling:
+    then nothing more can arrive, and a count taken now is the final one.
+    AssertionError, naming what is still going on, when that does not happen within timeout.
+    """
+    started = time.monotonic()
+    quiet_since = started
+    last: tuple[int, ...] | None = None
+    while True:
+        now = time.monotonic()
+        if predicate is not None:
+            settled = bool(predicate())
+        else:
+            settled = spool_dir is None or not spool_pending(spool_dir)
+        sink = smtp_server.sink
+        activity = (len(sink.messages), sink.data_attempts, sink.connections,
+                    open_sessions(smtp_server))
+        if not settled or activity[3] or activity != last:
+            last, quiet_since = activity, now
+        elif now - quiet_since >= idle_seconds:
+            return list(sink.messages)
+        if now - started >= timeout:
+            queue = ("predicate false" if predicate is not None and not settled else
+                     f"spool pending {spool_pending(spool_dir)[:10]}" if spool_dir else "")
+            raise AssertionError(
+                f"not quiescent within {timeout}s: {queue}; sink: {activity[0]} message(s), "
+                f"{activity[1]} DATA attempt(s), {activity[2]} session(s), "
+                f"{activity[3]} connection(s) open"
+            )
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- server-side TCP
+
+
+def _tcp_table_row(client: socket.socket, server_end: bool = True) -> tuple[int, int, int] | None:
+    """(bytes queued to send, bytes not read yet, socket inode) of one end of client's TCP
+    connection, from /proc/net/tcp(6): the server's end, or client's own. The server's inode is
+    0 while the connection waits in the accept queue. None when the kernel lists no such socket
+    (not yet, or no longer: closed or reset)."""
+    ours = client.getsockname()[:2]
+    theirs = client.getpeername()[:2]
+    (here_host, here_port), (there_host, there_port) = (
+        (theirs, ours) if server_end else (ours, theirs))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            (here, port), (there, peer_port) = (
+                _proc_address(fields[1]), _proc_address(fields[2]))
+            if (port, peer_port) != (here_port, there_port):
+                continue
+            if _same_host(here, here_host) and _same_host(there, there_host):
+                tx_queue, rx_queue = (int(n, 16) for n in fields[4].split(":"))
+                return tx_queue, rx_queue, int(fields[9])
+    return None
+
+
+def _proc_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """Decode /proc/net/tcp's ADDR:PORT (the address as 32-bit words in host order)."""
+    host, port = text.split(":")
+    raw = bytes.fromhex(host)
+    packed = b"".join(
+        int.from_bytes(raw[i : i + 4], "big").to_bytes(4, sys.byteorder)
+        for i in range(0, len(raw), 4)
+    )
+    return ipaddress.ip_address(packed), int(port, 16)
+
+
+def _same_host(listed: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str) -> bool:
+    wanted = ipaddress.ip_address(host)
+    if isinstance(listed, ipaddress.IPv6Address) and listed.ipv4_mapped is not None:
+        listed = listed.ipv4_mapped
+    return listed == wanted
+
+
+def wait_server_read(client: socket.socket, timeout: float = 30) -> int:
+    """Wait until the server has accepted client's connection and read every byte sent on it
+    so far; return the inode of the server's socket (see wait_socket_released).
+
+    The proof that a handler is at work on the connection, from the kernel's own table
+    (Linux), instead of a sleep that guesses how long the server takes on this machine.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        # our end: every byte acknowledged, so it is in the server's socket (or read already);
+        # the server's end: accepted (it has an inode) and nothing left unread
+        sent = _tcp_table_row(client, server_end=False)
+        row = _tcp_table_row(client)
+        if sent is not None and sent[0] == 0 and row is not None and row[2] and not row[1]:
+            return row[2]
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"the server did not accept and read the connection within {timeout}s "
+                f"(client (unacked, unread, inode): {sent}; server: {row})"
+            )
+        time.sleep(0.005)
+
+
+def wait_socket_released(inode: int, pid: int | None = None, timeout: float = 30) -> None:
+    """Wait until process pid (default: this one) holds no file descriptor for the socket
+    with that inode: the server has finished with the connection and closed it."""
+    fd_dir = Path(f"/proc/{pid or os.getpid()}/fd")
+    target = f"socket:[{inode}]"
+
+    def held() -> bool:
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink(fd_dir / fd) == target:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    deadline = time.monotonic() + timeout
+    while held():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"socket {inode} still open in {fd_dir} after {timeout}s")
+        time.sleep(0.01)

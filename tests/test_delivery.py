@@ -1241,12 +1241,24 @@ def test_sender_thread_wakes_at_once_for_mail_queued_in_process(
     config = sysmail.Config.from_env(base_env(tmp_path, rsa_key, smtp_server))
     mailer = sysmail.Mailer(config, clock=FakeClock())
     latencies = []
-    mailer.start()
+    beats: list[float] = []
+    mailer.start(on_cycle=lambda: beats.append(time.monotonic()))  # the sender loop's hook
+    spool = tmp_path / "spool"
+
+    def idle() -> bool:
+        """The spool is empty, and the sender has beaten since: a beat with nothing left to
+        send is the one that ends a pass, just before the thread waits (poll: 1 s)."""
+        if entries(spool, "new") or entries(spool, "cur"):
+            return False
+        seen = len(beats)
+        wait_until(lambda: len(beats) > seen, timeout=10)
+        return True
+
     try:
         mailer.enqueue("two-factor-code", to="warm@example.org", code="000000")
         smtp_server.wait_for(1, timeout=5)
         for i in range(2):
-            time.sleep(0.1)  # the thread has finished its pass and idles (poll: 1 s)
+            wait_until(idle, timeout=10)  # the thread has finished its pass and idles
             started = time.monotonic()
             mailer.enqueue("two-factor-code", to=f"u{i}@example.org", code=f"{i:06d}")
             smtp_server.wait_for(i + 2, timeout=5)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import wait_server_read
 
 import sysmail
 
@@ -1074,15 +1075,22 @@ def test_a_client_reset_mid_request_leaves_no_traceback_on_stderr(
     capfd.readouterr()
     with socket.create_connection((LOCALHOST, service.port), timeout=5) as sock:
         sock.sendall(build(b"POST", FORGOT, body=b'{"email": "a@example.com"}', length=b"100"))
-        time.sleep(0.1)  # the handler is now blocked reading the rest of the body
+        wait_server_read(sock)  # the handler has the request line and waits for the body
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
     assert_healthy(service)
-    err = ""
-    give_up = time.monotonic() + 2
-    while "Traceback" not in err and time.monotonic() < give_up:
-        time.sleep(0.05)
-        err += capfd.readouterr().err
+    # every handler thread has ended: whatever it had to print is on stderr now
+    wait_handlers_done()
+    err = capfd.readouterr().err
     assert "Traceback" not in err, err
+
+
+def wait_handlers_done(timeout: float = 30) -> None:
+    """Wait until no request-handling thread is alive (socketserver's ThreadingMixIn names
+    them "Thread-N (process_request_thread)"): none is left to print anything."""
+    deadline = time.monotonic() + timeout
+    while busy := [t.name for t in threading.enumerate() if "process_request_thread" in t.name]:
+        assert time.monotonic() < deadline, f"handler threads still running: {busy}"
+        time.sleep(0.01)
 
 
 def test_stop_is_not_held_up_by_an_idle_connection(tmp_path: Path) -> None:
@@ -1090,10 +1098,10 @@ def test_stop_is_not_held_up_by_an_idle_connection(tmp_path: Path) -> None:
     app = sysmail.build_app(make_config(tmp_path), store=sysmail.MemoryStore())
     app.start()
     idle = socket.create_connection((LOCALHOST, int(app.url.rsplit(":", 1)[1])), timeout=5)
+    wait_server_read(idle)  # the server has accepted it: a handler thread waits for a line
     leave = threading.Timer(2.5, idle.close)  # bounds this test when stop() does wait
     leave.start()
     try:
-        time.sleep(0.2)  # the server has accepted it and a handler thread waits for a line
         started = time.monotonic()
         app.stop()
         seconds = time.monotonic() - started

@@ -837,20 +837,15 @@ class RedisStoppingRelay:
         self._controller.stop()
 
 
-def _wait_while_progressing(relay: RedisStoppingRelay, queued: set[str],
-                            stall: float = 3.0, timeout: float = 30.0) -> None:
-    """Wait until every queued message arrived, or nothing arrived for `stall` seconds (the
-    sender polls every second: it is stuck), or the timeout."""
+def _wait_all_arrived(relay: RedisStoppingRelay, queued: set[str], timeout: float = 60.0
+                      ) -> None:
+    """Wait until every queued message arrived; at the timeout, return and let the test's
+    assertions name what is missing. No early return when nothing arrives for a while: on a
+    busy machine a pause is not a stuck sender, and the verdict must not depend on its length.
+    The timeout only bounds a failure, and is well short of REDIS_CLAIM_LEASE_SECONDS (minutes):
+    a claim left for its lease to bring back is still missing then."""
     deadline = time.monotonic() + timeout
-    seen, last_change = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        received = relay.message_ids()
-        if set(received) >= queued:
-            return
-        if received.total() != seen:
-            seen, last_change = received.total(), time.monotonic()
-        elif time.monotonic() - last_change >= stall:
-            return
+    while not set(relay.message_ids()) >= queued and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -875,7 +870,7 @@ def _drain_across_a_redis_restart(
             durable_redis.start()
             if lease_passes:
                 clock.offset = sysmail.REDIS_CLAIM_LEASE_SECONDS + 1
-            _wait_while_progressing(relay, queued)
+            _wait_all_arrived(relay, queued)
         finally:
             mailer.stop()
         return queued, relay.message_ids(), mailer
