@@ -106,6 +106,7 @@ __all__ = [
     "DeliveryCounts",
     "DeliveryError",
     "DkimSigner",
+    "Envelope",
     "HttpError",
     "IdempotencyKeys",
     "JsonLogFormatter",
@@ -115,6 +116,7 @@ __all__ = [
     "Metrics",
     "OutboxTransport",
     "PermanentDeliveryError",
+    "Queue",
     "QueueUnavailable",
     "RateLimiter",
     "RedisQueue",
@@ -139,8 +141,10 @@ __all__ = [
     "Template",
     "TemporaryDeliveryError",
     "TokenStore",
+    "Transport",
     "UsageError",
     "User",
+    "Verdict",
     "build_app",
     "build_message",
     "classify_reply",
@@ -1508,6 +1512,53 @@ def _due_ms(entry: str) -> int:
     return int(entry.split(".", 2)[1])
 
 
+class Queue(Protocol):
+    """Where queued mail waits: the spool, or Redis when the spool cannot be written.
+
+    A message is stored durably before enqueue returns; a claim gives one process the sole
+    right to send it until it settles the claim (ack, defer, release or fail), or dies and a
+    recover() elsewhere hands it back. Failures to reach the storage raise SpoolError or
+    QueueUnavailable.
+    """
+
+    def enqueue(self, header: dict, data: bytes, priority: int, due: float | None = None,
+                attempt: int = 0) -> str:
+        """Store a message durably, due at `due` (now by default); return its id."""
+
+    def claim(self, limit: int) -> tuple[list[Claim], float | None]:
+        """Claim up to limit due messages, most urgent first; also the next due time left."""
+
+    def read(self, claim: Claim) -> SpooledMessage:
+        """The claimed message; SpoolError when it is not a readable entry."""
+
+    def ack(self, claim: Claim) -> None:
+        """Forget a delivered message."""
+
+    def defer(self, claim: Claim, due: float) -> None:
+        """Put a message back for another attempt at `due` (attempt + 1)."""
+
+    def release(self, claim: Claim) -> None:
+        """Put a message back unchanged, due now: its attempt was not its fault."""
+
+    def fail(self, claim: Claim, reason: dict) -> None:
+        """Make a dead letter of a message, with its reason."""
+
+    def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
+        """Write a dead letter for some recipients of a message whose others were served."""
+
+    def recover(self) -> int:
+        """Hand back the claims of dead processes; return how many."""
+
+    def failed(self) -> list[dict]:
+        """The dead letters with their reasons (each with its id), oldest first."""
+
+    def retry(self, ids: list[str] | None = None) -> list[str]:
+        """Put dead letters (all when ids is None) back, due now with attempt 0; return ids."""
+
+    def counts(self) -> dict:
+        """Messages per state: new (due now), deferred, cur (claimed) and failed."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """A message this process has claimed: it alone may send it until it settles the claim.
@@ -1516,7 +1567,7 @@ class Claim:
     """
 
     name: SpoolName
-    queue: Spool | RedisQueue = field(repr=False)
+    queue: Queue = field(repr=False)
     path: Path | None = None
     entry: bytes = field(default=b"", repr=False)
 
@@ -2599,6 +2650,42 @@ class SendResult:
     refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """What the relay said to MAIL FROM and RCPT TO: who it accepts and who it refused (why)."""
+
+    accepted: tuple[str, ...]
+    refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """A way to the relay: one connection, one transaction at a time.
+
+    begin() negotiates a message's envelope and raises RelayUnavailable (no message's fault),
+    TemporaryDeliveryError or PermanentDeliveryError when nobody can be served; finish() sends
+    the content of the transaction begin() opened (when anybody was accepted) and raises the
+    same errors for the final reply; abort() gives that transaction up instead.
+    """
+
+    def open(self) -> bool:
+        """Make sure a usable connection is open; True when a new one was opened."""
+
+    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """Negotiate MAIL FROM and RCPT TO; return who is accepted and who is refused."""
+
+    def finish(self, data: bytes) -> SendResult:
+        """Send the content of the open transaction; return the final reply."""
+
+    def abort(self) -> None:
+        """Give up the open transaction without sending its content."""
+
+    def probe(self) -> list[str]:
+        """Connect and log in without sending; return what was checked."""
+
+    def close(self) -> None:
+        """Close the connection; safe to call at any time."""
+
+
 def classify_reply(code: int) -> str:
     """ok, temporary, permanent, or unavailable (421 or no answer: the relay's fault)."""
     if 200 <= code < 300:
@@ -2631,6 +2718,8 @@ class SmtpTransport:
         self.max_idle_seconds = max_idle_seconds
         self.clock = clock
         self._smtp: smtplib.SMTP | None = None
+        self._envelope: Envelope | None = None
+        self._in_data = False
         self._sent_on_connection = 0
         self._last_used = 0.0
 
@@ -2677,36 +2766,55 @@ class SmtpTransport:
         idle = self.clock() - self._last_used
         return self._sent_on_connection >= self.max_messages or idle > self.max_idle_seconds
 
-    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
-             before_content: Callable[[], None] = lambda: None) -> SendResult:
-        """Send one message; raise RelayUnavailable, TemporaryDeliveryError or
-        PermanentDeliveryError when it failed for every recipient at MAIL or DATA.
-        before_content is called just before the content goes out."""
+    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """Open a transaction: MAIL FROM and RCPT TO (and DATA, when pipelining)."""
         fresh = self.open()
         try:
-            return self._transaction(mail_from, rcpts, data, before_content)
-        except _SendAbandoned:
-            self._abort()  # we are inside DATA: only dropping the connection cancels it
-            raise
+            return self._negotiate(mail_from, rcpts)
         except _IdleConnectionClosed:
             if fresh:
                 raise RelayUnavailable("the relay closed the connection at once",
                                        recipients=rcpts) from None
             self.close()  # the relay dropped a connection we kept idle: reopen, try once more
-            return self.send(mail_from, rcpts, data, before_content)
+            return self.begin(mail_from, rcpts)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            self.close()
-            raise RelayUnavailable(f"the relay dropped the connection: {_reply_text(str(exc))}",
-                                   recipients=rcpts) from None
+            raise self._dropped(exc, rcpts) from None
         finally:
             self._last_used = self.clock()
 
-    def _transaction(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
-                     before_content: Callable[[], None]) -> SendResult:
+    def finish(self, data: bytes) -> SendResult:
+        """Send the content of the transaction begin() opened; return the relay's final reply."""
+        envelope, self._envelope = self._envelope, None
+        assert self._smtp is not None and envelope is not None, "finish() without begin()"
+        try:
+            if self._in_data:  # pipelined: the relay said 354 already
+                self._smtp.send(_dot_stuffed(data))
+                code, reply = self._smtp.getreply()
+            else:
+                code, reply = self._data(data)
+            return self._finish(code, reply, envelope.accepted, envelope.refused)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            raise self._dropped(exc, envelope.accepted) from None
+        finally:
+            self._last_used = self.clock()
+
+    def abort(self) -> None:
+        """Give up the transaction begin() opened: only dropping the connection cancels DATA."""
+        self._envelope = None
+        self._abort()
+
+    def _negotiate(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
         smtp = self._smtp
         assert smtp is not None
-        if smtp.has_extn("pipelining"):
-            return self._pipelined(smtp, mail_from, rcpts, data, before_content)
+        self._in_data = smtp.has_extn("pipelining")
+        if self._in_data:
+            envelope = self._pipelined(smtp, mail_from, rcpts)
+        else:
+            envelope = self._lockstep(smtp, mail_from, rcpts)
+        self._envelope = envelope if envelope.accepted else None
+        return envelope
+
+    def _lockstep(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
         try:
             mail = smtp.mail(mail_from)
         except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
@@ -2714,19 +2822,18 @@ class SmtpTransport:
         if mail[0] == 421:  # the notice of a relay that hung up on our idle connection
             raise _IdleConnectionClosed
         self._check(*mail, rcpts, "MAIL FROM")
-        accepted, refused = self._recipients(rcpts, [smtp.rcpt(r) for r in rcpts])
-        if not accepted:
+        envelope = self._recipients(rcpts, [smtp.rcpt(r) for r in rcpts])
+        if not envelope.accepted:
             smtp.rset()
-            return SendResult(0, "no recipient accepted", (), refused)
-        before_content()
-        try:
-            code, reply = smtp.data(data)
-        except smtplib.SMTPDataError as exc:
-            code, reply = exc.smtp_code, exc.smtp_error
-        return self._finish(code, reply, accepted, refused)
+        return envelope
 
-    def _pipelined(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...],
-                   data: bytes, before_content: Callable[[], None]) -> SendResult:
+    def _data(self, data: bytes) -> tuple[int, bytes]:
+        try:
+            return self._smtp.data(data)
+        except smtplib.SMTPDataError as exc:
+            return exc.smtp_code, exc.smtp_error
+
+    def _pipelined(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
         """RFC 2920: MAIL, RCPT... and DATA in one write, then the content: 2 round trips."""
         commands = [f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpts), "DATA"]
         try:
@@ -2738,23 +2845,24 @@ class SmtpTransport:
             raise _IdleConnectionClosed
         rcpt_replies = [smtp.getreply() for _ in rcpts]
         go_ahead = smtp.getreply()
-        accepted, refused = self._recipients(rcpts, rcpt_replies)
-        if go_ahead[0] == 354 and (classify_reply(mail[0]) != "ok" or not accepted):
+        envelope = self._recipients(rcpts, rcpt_replies)
+        if go_ahead[0] == 354 and (classify_reply(mail[0]) != "ok" or not envelope.accepted):
             smtp.send(b".\r\n")  # end the content the relay should not have asked for
             smtp.getreply()
         self._check(*mail, rcpts, "MAIL FROM")
-        if not accepted:
+        if not envelope.accepted:
             smtp.rset()
-            return SendResult(0, "no recipient accepted", (), refused)
-        if go_ahead[0] != 354:
-            self._check(go_ahead[0] if go_ahead[0] >= 400 else 451, go_ahead[1], accepted,
-                        "DATA")
-        before_content()
-        smtp.send(_dot_stuffed(data))
-        return self._finish(*smtp.getreply(), accepted, refused)
+        elif go_ahead[0] != 354:
+            self._check(go_ahead[0] if go_ahead[0] >= 400 else 451, go_ahead[1],
+                        envelope.accepted, "DATA")
+        return envelope
 
-    def _recipients(self, rcpts: tuple[str, ...], replies: list[tuple[int, bytes]]
-                    ) -> tuple[tuple[str, ...], dict[str, tuple[int, str]]]:
+    def _dropped(self, exc: Exception, rcpts: tuple[str, ...]) -> RelayUnavailable:
+        self.close()
+        return RelayUnavailable(f"the relay dropped the connection: {_reply_text(str(exc))}",
+                                recipients=rcpts)
+
+    def _recipients(self, rcpts: tuple[str, ...], replies: list[tuple[int, bytes]]) -> Envelope:
         """Accepted recipients and refused ones with their replies; a 421 ends it all."""
         accepted, refused = [], {}
         for rcpt, (code, reply) in zip(rcpts, replies, strict=True):
@@ -2764,7 +2872,7 @@ class SmtpTransport:
                 accepted.append(rcpt)
             else:
                 refused[rcpt] = (code, _reply_text(reply))
-        return tuple(accepted), refused
+        return Envelope(tuple(accepted), refused)
 
     def _finish(self, code: int, reply: bytes, accepted: tuple[str, ...],
                 refused: dict[str, tuple[int, str]]) -> SendResult:
@@ -2826,10 +2934,6 @@ def _dot_stuffed(data: bytes) -> bytes:
     return stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n"
 
 
-class _SendAbandoned(Exception):
-    """The sender withdrew a message before its content was sent (it stays queued)."""
-
-
 class _IdleConnectionClosed(Exception):
     """The relay had closed the connection before this transaction's first command."""
 
@@ -2847,6 +2951,7 @@ class OutboxTransport:
     def __init__(self, folder: Path | str, clock: Clock = time.time):
         self.folder = Path(folder)
         self.clock = clock
+        self._rcpts: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"OutboxTransport({str(self.folder)!r})"
@@ -2860,17 +2965,23 @@ class OutboxTransport:
             raise RelayUnavailable(f"cannot create the outbox {self.folder}: {exc.strerror}") from None
         return not existed
 
-    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
-             before_content: Callable[[], None] = lambda: None) -> SendResult:
-        """Write the message (signed, exactly as it would go on the wire) to the outbox."""
+    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """Accept every recipient (the folder is made if need be)."""
         self.open()
-        before_content()
+        self._rcpts = rcpts
+        return Envelope(rcpts)
+
+    def finish(self, data: bytes) -> SendResult:
+        """Write the message (signed, exactly as it would go on the wire) to the outbox."""
         name = f"{int(self.clock() * 1000)}-{secrets.token_hex(4)}.eml"
         try:
             _write_file_atomically(self.folder / name, data, self.folder)
         except OSError as exc:
             raise RelayUnavailable(f"cannot write to the outbox: {exc.strerror}") from None
-        return SendResult(250, f"2.0.0 written to {self.folder / name}", rcpts)
+        return SendResult(250, f"2.0.0 written to {self.folder / name}", self._rcpts)
+
+    def abort(self) -> None:
+        """Nothing was written."""
 
     def probe(self) -> list[str]:
         """Check the outbox can be written."""
@@ -2890,7 +3001,7 @@ def tls_context_from_config(config: Config) -> ssl.SSLContext:
     return context
 
 
-def transport_from_config(config: Config) -> SmtpTransport | OutboxTransport:
+def transport_from_config(config: Config) -> Transport:
     """The relay of the configuration, or the outbox folder when SMTP_URL is unset."""
     if config.smtp is None:
         return OutboxTransport(config.outbox_dir)
@@ -2950,11 +3061,11 @@ class DeliveryCounts:
 class _Connections:
     """A sender's SMTP connections: one, used in order, or several used at once by threads."""
 
-    def __init__(self, first: SmtpTransport | OutboxTransport, count: int,
-                 factory: Callable[[], SmtpTransport | OutboxTransport] | None):
+    def __init__(self, first: Transport, count: int,
+                 factory: Callable[[], Transport] | None):
         extra = [factory() for _ in range(count - 1)] if factory else []
         self.all = [first, *extra]
-        self._free: queue.SimpleQueue[SmtpTransport | OutboxTransport] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[Transport] = queue.SimpleQueue()
         for transport in self.all:
             self._free.put(transport)
         self._pool = (concurrent.futures.ThreadPoolExecutor(len(self.all),
@@ -2970,7 +3081,7 @@ class _Connections:
             list(self._pool.map(work, claims))
 
     @contextlib.contextmanager
-    def borrow(self) -> Iterator[SmtpTransport | OutboxTransport]:
+    def borrow(self) -> Iterator[Transport]:
         """A free connection, for one message."""
         transport = self._free.get()
         try:
@@ -3025,6 +3136,35 @@ class _RelayBackoff:
             log_event(logging.INFO, "relay_available", after_failures=failures)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What becomes of some recipients of a claimed message: sent, deferred, failed or expired."""
+
+    action: str
+    rcpts: tuple[str, ...]
+    reason: Mapping[str, object] = field(default_factory=dict)
+
+
+class _Batch:
+    """A batch's shared fate: after a stop, a relay outage or a queue failure, nothing more
+    of it is sent; the first such error is kept."""
+
+    def __init__(self, stop: threading.Event):
+        self._stop = stop
+        self._lock = threading.Lock()
+        self.error: Exception | None = None
+
+    @property
+    def halted(self) -> bool:
+        """True once the sender stopped or anything halted the batch."""
+        return self._stop.is_set() or self.error is not None
+
+    def halt(self, error: Exception) -> None:
+        """Stop the batch because of error (the first one is kept)."""
+        with self._lock:
+            self.error = self.error or error
+
+
 class Sender:
     """Drains a spool through a transport, signing each message at send time.
 
@@ -3033,16 +3173,16 @@ class Sender:
     every core and hide each other's round trips. With one, messages go strictly in order.
     """
 
-    def __init__(self, spool: Spool, transport: SmtpTransport | OutboxTransport,
+    def __init__(self, spool: Spool, transport: Transport,
                  signer: DkimSigner | None = None, *, clock: Clock = time.time,
                  retry: RetryPolicy = RetryPolicy(), batch_size: int = SENDER_BATCH_SIZE,
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
                  fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
                  connections: int = 1,
-                 transport_factory: Callable[[], SmtpTransport | OutboxTransport] | None = None):
+                 transport_factory: Callable[[], Transport] | None = None):
         self.spool = spool
         self.fallback = fallback
-        self.queues: tuple[Spool | RedisQueue, ...] = (spool, fallback) if fallback else (spool,)
+        self.queues: tuple[Queue, ...] = (spool, fallback) if fallback else (spool,)
         self.on_cycle = on_cycle
         self.metrics = metrics or Metrics()
         self.transport = transport
@@ -3134,7 +3274,7 @@ class Sender:
         self._next_due = min(next_due, default=None)
         return counts
 
-    def _drain(self, source: Spool | RedisQueue, counts: DeliveryCounts,
+    def _drain(self, source: Queue, counts: DeliveryCounts,
                next_due: list[float]) -> bool:
         """Deliver what is due in one queue; False when the relay went down."""
         source.recover()
@@ -3147,7 +3287,7 @@ class Sender:
             if not self._deliver_batch(claims, counts) or self._stop.is_set():
                 return False
 
-    def _warn_queue_down(self, source: Spool | RedisQueue, exc: Exception) -> None:
+    def _warn_queue_down(self, source: Queue, exc: Exception) -> None:
         now = self.clock()
         if now - self._last_queue_warning.get(repr(source), -60.0) >= 60:
             self._last_queue_warning[repr(source)] = now
@@ -3156,42 +3296,35 @@ class Sender:
     def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
         """Send a batch over the free connections; False when the relay went down or stop;
         QueueUnavailable when the batch's own queue failed under it."""
-        trouble: list[Exception] = []  # the first RelayUnavailable or queue failure stops it
-        self._connections.each(lambda c: self._deliver_one(c, counts, trouble), claims)
-        outage = next((t for t in trouble if isinstance(t, RelayUnavailable)), None)
-        if outage is not None:
-            self._relay.down(outage)
+        batch = _Batch(self._stop)
+        self._connections.each(lambda claim: self._deliver_one(claim, counts, batch), claims)
+        if isinstance(batch.error, RelayUnavailable):
+            self._relay.down(batch.error)
             return False
-        if trouble:
-            raise QueueUnavailable(f"the queue failed while settling messages: {trouble[0]}")
+        if batch.error is not None:
+            raise QueueUnavailable(f"the queue failed while settling messages: {batch.error}")
         return not self._stop.is_set()
 
-    def _deliver_one(self, claim: Claim, counts: DeliveryCounts,
-                     trouble: list[Exception]) -> None:
+    def _deliver_one(self, claim: Claim, counts: DeliveryCounts, batch: _Batch) -> None:
         """Deliver one claim on a free connection; never raises."""
         self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
-        if self._stop.is_set() or trouble:  # the rest goes back, unsent and unharmed
+        if batch.halted:  # the rest goes back, unsent and unharmed
             self._release(claim, counts)
             return
         try:
             with self._connections.borrow() as transport:
-                self._deliver(claim, counts, transport,
-                              abandon=lambda: self._stop.is_set() or bool(trouble))
-        except _SendAbandoned:  # the batch stopped while this one waited: it was not sent
-            self._release(claim, counts)
-        except RelayUnavailable as exc:
-            self._release(claim, counts)
-            trouble.append(exc)
-        except (QueueUnavailable, SpoolError, OSError) as exc:  # the queue, not the message
-            trouble.append(exc)
+                self._deliver(claim, counts, transport, batch)
+        except (RelayUnavailable, QueueUnavailable, SpoolError, OSError) as exc:
+            batch.halt(exc)  # the relay or the queue, not the message
             self._release(claim, counts)
         except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
             _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
+            internal = Verdict("failed", (), {"reason": "internal error",
+                                              "error": type(exc).__name__})
             try:
-                self._fail(claim, None, {"reason": "internal error",
-                                         "error": type(exc).__name__}, counts)
+                self._apply(claim, None, (internal,), counts)
             except (QueueUnavailable, SpoolError, OSError) as queue_error:
-                trouble.append(queue_error)
+                batch.halt(queue_error)
                 self._release(claim, counts)
 
     def _release(self, claim: Claim, counts: DeliveryCounts) -> None:
@@ -3216,111 +3349,123 @@ class Sender:
                 with self._lock:
                     self._unreleased.append(claim)
 
-    def _deliver(self, claim: Claim, counts: DeliveryCounts,
-                 transport: SmtpTransport | OutboxTransport,
-                 abandon: Callable[[], bool] = lambda: False) -> None:
+    def _deliver(self, claim: Claim, counts: DeliveryCounts, transport: Transport,
+                 batch: _Batch) -> None:
+        """Sign and negotiate (in parallel with other connections), then send the content and
+        settle under the commit lock: a crash then leaves at most one accepted but unforgotten
+        message per process to send again, however many connections there are."""
         try:
             message = claim.queue.read(claim)
         except SpoolError as exc:
-            self._fail(claim, None, {"reason": "unreadable", "error": str(exc)}, counts)
+            unreadable = Verdict("failed", (), {"reason": "unreadable", "error": str(exc)})
+            self._apply(claim, None, (unreadable,), counts)
             return
         if self.clock() >= message.expires_at:
-            self._fail(claim, message, {"reason": "expired"}, counts, event="expired")
+            self._apply(claim, message, (Verdict("expired", message.rcpts,
+                                                 {"reason": "expired"}),), counts)
             return
         data = self.signer.sign(message.data) if self.signer else message.data
-        # From the content until the spool forgets the message, one message at a time: a
-        # crash then leaves at most one accepted but unforgotten message per process to send
-        # again, however many connections sign and negotiate in parallel.
-        holding: list[bool] = []
-
-        def enter_commit() -> None:
-            self._commit.acquire()
-            holding.append(True)
-            if abandon():  # stopped, or the relay or queue failed while we waited our turn
-                raise _SendAbandoned
-        try:
-            self._send_and_settle(claim, message, data, counts, transport, enter_commit)
-        finally:
-            if holding:
-                self._commit.release()
-
-    def _send_and_settle(self, claim: Claim, message: SpooledMessage, data: bytes,
-                         counts: DeliveryCounts, transport: SmtpTransport | OutboxTransport,
-                         before_content: Callable[[], None]) -> None:
         started = time.monotonic()
         try:
-            result = transport.send(message.mail_from, message.rcpts, data, before_content)
+            answer: Envelope | DeliveryError = transport.begin(message.mail_from, message.rcpts)
         except RelayUnavailable:
             raise
-        except TemporaryDeliveryError as exc:
-            self._retry(claim, message, exc, counts)
-            return
-        except PermanentDeliveryError as exc:
-            self._fail(claim, message, _refusal("rejected", exc.smtp_code, exc.reply), counts)
-            return
-        self._relay.up()
-        self._settle(claim, message, result, time.monotonic() - started, counts)
+        except DeliveryError as exc:
+            answer = exc
+        with self._commit:
+            if batch.halted:  # stopped, or the relay or queue failed while we waited our turn
+                transport.abort()
+                self._release(claim, counts)
+                return
+            result = self._content(transport, answer, data)
+            self._apply(claim, message, self._verdicts(message, result), counts,
+                        time.monotonic() - started)
 
-    def _settle(self, claim: Claim, message: SpooledMessage, result: SendResult,
-                duration: float, counts: DeliveryCounts) -> None:
-        """Finish a message the relay answered, recipient by recipient."""
-        temporary = tuple(r for r, (code, _) in result.refused.items()
-                          if classify_reply(code) != "permanent")
-        permanent = tuple(r for r in result.refused if r not in temporary)
-        if result.accepted:
-            self._log_sent(message, result, duration)
-            counts.add("sent")
-        # one group of refusals with nobody served settles the claim itself; otherwise each
-        # refused group is written apart and the claim is forgotten
-        whole = not result.accepted and not (temporary and permanent)
+    @staticmethod
+    def _content(transport: Transport, answer: Envelope | DeliveryError,
+                 data: bytes) -> SendResult | DeliveryError:
+        """The relay's last word on a message: its final reply, or the refusal."""
+        if isinstance(answer, DeliveryError):
+            return answer
+        if not answer.accepted:
+            return SendResult(0, "no recipient accepted", (), answer.refused)
+        try:
+            return transport.finish(data)
+        except RelayUnavailable:
+            raise
+        except DeliveryError as exc:
+            return exc
+
+    def _verdicts(self, message: SpooledMessage,
+                  result: SendResult | DeliveryError) -> tuple[Verdict, ...]:
+        """What to do with each group of recipients after the relay answered."""
+        if isinstance(result, DeliveryError):
+            refusals = {r: (result.smtp_code, result.reply) for r in message.rcpts}
+            verdicts: list[Verdict] = []
+        else:
+            refusals = dict(result.refused)
+            verdicts = [Verdict("sent", result.accepted, {"code": result.code,
+                                                          "reply": result.reply})]
+        for permanent in (True, False):
+            group = tuple(r for r, (code, _) in refusals.items()
+                          if (classify_reply(code or 451) == "permanent") == permanent)
+            if group:
+                verdicts.append(self._refused(message, group, *refusals[group[0]], permanent))
+        return tuple(v for v in verdicts if v.rcpts)
+
+    def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
+                 reply: str, permanent: bool) -> Verdict:
+        """A refused group's verdict: failed when permanent or out of attempts, else retry."""
         if permanent:
-            code, reply = result.refused[permanent[0]]
-            self._fail(claim, message, _refusal("rejected", code, reply), counts,
-                       rcpts=None if whole else permanent)
-        if temporary:
-            code, reply = result.refused[temporary[0]]
-            self._retry(claim, message, TemporaryDeliveryError(reply, code, reply), counts,
-                        rcpts=None if whole else temporary)
+            return Verdict("failed", rcpts, _refusal("rejected", code, reply))
+        if message.attempt + 1 >= self.retry.attempts:
+            return Verdict("failed", rcpts, _refusal("attempts exhausted", code, reply))
+        return Verdict("deferred", rcpts, _refusal("deferred", code, reply))
+
+    def _apply(self, claim: Claim, message: SpooledMessage | None,
+               verdicts: tuple[Verdict, ...], counts: DeliveryCounts,
+               duration: float = 0.0) -> None:
+        """Settle a claim by its verdicts: when one unserved group is all there is, the claim
+        itself moves; otherwise each unserved group is written apart and the claim forgotten."""
+        served = [v for v in verdicts if v.action == "sent"]
+        unserved = [v for v in verdicts if v.action != "sent"]
+        if served and message is not None:
+            self._log_sent(message, served[0], duration)
+            counts.add("sent")
+        whole = not served and len(unserved) == 1
+        for verdict in unserved:
+            self._settle(claim, message, verdict, counts, whole)
         if not whole:
             claim.queue.ack(claim)
 
-    def _retry(self, claim: Claim, message: SpooledMessage, exc: DeliveryError,
-               counts: DeliveryCounts, rcpts: tuple[str, ...] | None = None) -> None:
-        """Try again later (the whole claim, or a copy for rcpts), or give up after the last."""
-        attempts_made = message.attempt + 1
-        if attempts_made >= self.retry.attempts:
-            self._fail(claim, message, _refusal("attempts exhausted", exc.smtp_code, exc.reply),
-                       counts, rcpts)
-            return
-        due = self.clock() + self.retry.delay(attempts_made, self.rand())
-        if rcpts is None:
-            claim.queue.defer(claim, due)
-        else:
-            claim.queue.enqueue(message.header(rcpts), message.data, message.priority, due=due,
-                                attempt=attempts_made)
-        counts.add("deferred")
-        self.metrics.inc("sysmail_messages_total", outcome="deferred")
-        log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
-                  to=list(rcpts or message.rcpts), attempt=attempts_made,
-                  next_try=_iso_time(due), code=exc.smtp_code, reason=str(exc))
-
-    def _fail(self, claim: Claim, message: SpooledMessage | None, reason: dict,
-              counts: DeliveryCounts, rcpts: tuple[str, ...] | None = None,
-              event: str = "failed") -> None:
-        """Make a dead letter of the whole claim, or of a copy for rcpts."""
+    def _settle(self, claim: Claim, message: SpooledMessage | None, verdict: Verdict,
+                counts: DeliveryCounts, whole: bool) -> None:
+        """Defer or bury the whole claim, or a copy of it for the verdict's recipients."""
+        reason = dict(verdict.reason)
         if message is not None:
-            reason = {**reason, "rfcMessageId": message.message_id,
-                      "to": list(rcpts or message.rcpts), "template": message.template,
-                      "attempts": message.attempt + 1}
-        if rcpts is None:
+            reason.update(rfcMessageId=message.message_id, to=list(verdict.rcpts),
+                          template=message.template, attempts=message.attempt + 1)
+        if verdict.action == "deferred":
+            due = self.clock() + self.retry.delay(message.attempt + 1, self.rand())
+            if whole:
+                claim.queue.defer(claim, due)
+            else:
+                claim.queue.enqueue(message.header(verdict.rcpts), message.data,
+                                    message.priority, due=due, attempt=message.attempt + 1)
+            log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
+                      to=list(verdict.rcpts), attempt=message.attempt + 1,
+                      next_try=_iso_time(due), code=reason.get("code"),
+                      reason=f"{reason.get('code')} {reason.get('reply')}")
+        elif whole:
             claim.queue.fail(claim, reason)
         else:
-            claim.queue.add_failed(message, rcpts, reason)
-        counts.add("expired" if event == "expired" else "failed")
-        self.metrics.inc("sysmail_messages_total", outcome=event)
-        log_event(logging.WARNING, event, id=claim.name.id, **reason)
+            claim.queue.add_failed(message, verdict.rcpts, reason)
+        counts.add(verdict.action)
+        self.metrics.inc("sysmail_messages_total", outcome=verdict.action)
+        if verdict.action != "deferred":
+            log_event(logging.WARNING, verdict.action, id=claim.name.id, **reason)
 
-    def _log_sent(self, message: SpooledMessage, result: SendResult, duration: float) -> None:
+    def _log_sent(self, message: SpooledMessage, sent: Verdict, duration: float) -> None:
         now = self.clock()
         if now - self._last_mark >= LAST_SENT_RESOLUTION_SECONDS:  # one utime a second will do
             self._last_mark = now
@@ -3330,10 +3475,9 @@ class Sender:
         self.metrics.observe_latency(latency)
         if _log.isEnabledFor(logging.INFO):
             log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
-                      to=list(result.accepted), template=message.template or "ad-hoc",
-                      code=result.code, reply=result.reply,
+                      to=list(sent.rcpts), template=message.template or "ad-hoc",
+                      code=sent.reason["code"], reply=sent.reason["reply"],
                       duration_ms=round(duration * 1000, 1), latency_ms=round(latency * 1000, 1))
-
 
 
 def _refusal(reason: str, code: int | None, reply: str) -> dict:
@@ -4490,15 +4634,15 @@ def _redis_counts(fallback: RedisQueue, totals: dict) -> dict | str:
     return counts
 
 
-def _queues(config: Config) -> list[Spool | RedisQueue]:
+def _queues(config: Config) -> list[Queue]:
     """The spool, and the Redis fallback when configured."""
-    queues: list[Spool | RedisQueue] = [Spool(config.spool_dir)]
+    queues: list[Queue] = [Spool(config.spool_dir)]
     if config.redis_url:
         queues.append(RedisQueue(config.redis_url))
     return queues
 
 
-def _failed_of(source: Spool | RedisQueue) -> list[dict]:
+def _failed_of(source: Queue) -> list[dict]:
     """A queue's dead letters; a queue that cannot be read is reported and skipped."""
     try:
         return source.failed()
