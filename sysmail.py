@@ -46,8 +46,9 @@ Command line:
     sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
 
 Contents (greppable banners, in dependency order):
-    Errors, Configuration, Logging and metrics, Messages and templates, DKIM signing, Spool,
-    Redis fallback, Token store, SMTP transport, Sender, Mailer, HTTP API, Wiring, CLI
+    Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
+    metrics, Messages and templates, DKIM signing, Spool, Redis fallback, Enqueueing, SMTP
+    transport, Sender, Token store, HTTP API, Wiring, CLI
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ import heapq
 import hmac
 import html
 import http.server
+import importlib
+import inspect
 import ipaddress
 import json
 import logging
@@ -226,15 +229,181 @@ class RelayUnavailable(TemporaryDeliveryError):
     """The relay cannot be reached or is shutting down (refused, timeout, 421): no message's fault."""
 
 
+# ---- Text and address checks ---- #
+
+MAX_ADDRESS_LENGTH = 254
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # IDNA 2003 and 2008 disagree
+_HEADER_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+_WHITESPACE = re.compile(r"\s")
+
+
+def _has_control_chars(value: str) -> bool:
+    """True when a value holds CR, LF or NUL, which would let it forge headers."""
+    return "\r" in value or "\n" in value or "\0" in value
+
+
+
+def _unsafe_in_header(value: str) -> bool:
+    """True when text bound for a header holds a control character or anything Python's
+    folding treats as a line break (VT, FF, FS..US, NEL, U+2028/9): a folded header could
+    then start a forged field."""
+    return _HEADER_UNSAFE.search(value) is not None
+
+
+
+def _is_web_url(value: str) -> bool:
+    """True for an absolute http(s) URL with a host and no control characters."""
+    if _has_control_chars(value) or _WHITESPACE.search(value):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed [host] or a character that normalises into a delimiter
+        return False
+
+
+
+def validate_address(address: str) -> str:
+    """Return a normalised address (IDNA domain); raise MessageError when it is not a plain one."""
+    if not isinstance(address, str) or _has_control_chars(address):
+        raise MessageError("an email address contains a line break or NUL")
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not _LOCAL_PART.fullmatch(local) or len(local) > 64:
+        raise MessageError(f"{address[:80]!r} is not a valid email address")
+    normalised = f"{local}@{_idna_domain(domain)}"
+    if len(normalised) > MAX_ADDRESS_LENGTH:
+        raise MessageError(f"{address[:80]!r} is longer than {MAX_ADDRESS_LENGTH} characters")
+    return normalised
+
+
+
+def _idna_domain(domain: str) -> str:
+    """Return the ASCII (IDNA 2008, UTS #46) form of a domain; raise MessageError if invalid.
+
+    The stdlib codec is IDNA 2003, which maps straße.de to the different domain strasse.de;
+    the `idna` package does it right, and without it such domains are refused, not misdirected.
+    """
+    domain = domain.rstrip(".")
+    try:
+        ascii_domain = _idna_encode(domain).lower()
+    except (UnicodeError, ValueError):
+        raise MessageError(f"{domain[:80]!r} is not a valid domain name") from None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
+        raise MessageError(f"{domain[:80]!r} is not a valid domain name")
+    return ascii_domain
+
+
+def _idna_encode(domain: str) -> str:
+    if domain.isascii():
+        return domain
+    try:
+        import idna
+    except ImportError:
+        if _IDNA_DEVIATIONS & set(domain.lower()):
+            raise ValueError("needs IDNA 2008: pip install idna") from None
+        return domain.encode("idna").decode("ascii")
+    return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# ---- DKIM keys and DNS records ---- #
+
+RSA_MIN_BITS = 2048
+_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+
+
+def _pem_bytes(text: str) -> bytes:
+    """Normalise a PEM from the environment: literal \\n escapes become real line breaks."""
+    return text.replace("\\n", "\n").strip().encode("ascii", "replace") + b"\n"
+
+
+def _rsa_key_bits(pem: bytes) -> int:
+    """Return the modulus size of a PEM RSA private key; raise ValueError when it is not one."""
+    from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+    try:
+        key = parse_pem_private_key(pem)
+    except (UnparsableKeyError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError("not an RSA private key") from exc
+    return key["modulus"].bit_length()
+
+
+def _ed25519_seed(text: str) -> bytes:
+    """Return the 32-byte seed of an ed25519 key given as PEM (PKCS#8) or base64 seed."""
+    text = text.replace("\\n", "\n").strip()
+    if "-----BEGIN" in text:
+        body = "".join(line for line in text.splitlines() if not line.startswith("-----"))
+        der = base64.b64decode(body, validate=False)
+        if len(der) != 48 or not der.startswith(_ED25519_PKCS8_PREFIX):
+            raise ValueError("not an ed25519 PKCS#8 key")
+        return der[16:]
+    try:
+        seed = base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ValueError("not base64") from exc
+    if len(seed) != 32:
+        raise ValueError("not 32 bytes")
+    return seed
+
+
+def _nacl_available() -> bool:
+    """True when PyNaCl, which dkimpy needs for ed25519, can be imported."""
+    try:
+        import nacl.signing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _txt_record(name: str, value: str) -> str:
+    """A zone-file TXT record, split into 255-character strings as DNS requires."""
+    chunks = [value[i:i + 255] for i in range(0, len(value), 255)]
+    return f"{name}. IN TXT ( " + " ".join(f'"{c}"' for c in chunks) + " )"
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 128 else (
+        bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes((size.bit_length() + 7) // 8, "big"))
+    return bytes([tag]) + length + body
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _rsa_public_key_b64(pem: bytes) -> str:
+    """The base64 DER SubjectPublicKeyInfo of an RSA private key, for the DKIM p= tag."""
+    from dkim.crypto import parse_pem_private_key
+
+    key = parse_pem_private_key(pem)
+    rsa_public = _der(0x30, _der_int(key["modulus"]) + _der_int(key["publicExponent"]))
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + _der(0x05, b""))
+    return base64.b64encode(_der(0x30, algorithm + _der(0x03, b"\0" + rsa_public))).decode()
+
+
+def _ed25519_public_key_b64(seed_b64: bytes) -> str:
+    """The base64 raw public key of an ed25519 seed, for the DKIM p= tag."""
+    import nacl.signing
+
+    seed = base64.b64decode(seed_b64)
+    return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
+
+
 # ---- Configuration ---- #
 
 SMTP_DEFAULT_PORTS = {"smtp": 587, "smtps": 465, "smtp+plain": 25}
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
-RSA_MIN_BITS = 2048
 _TRUE_WORDS = {"1", "true", "yes", "on"}
 _FALSE_WORDS = {"0", "false", "no", "off", ""}
-_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 
 
 @dataclass(frozen=True)
@@ -306,6 +475,7 @@ class Config:
     public_url: str = "http://127.0.0.1:8025"
     public_url_set: bool = False
     db_path: Path = Path("sysmail.db")
+    store: str = ""
     api_key: str = field(default="", repr=False)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     reset_token_seconds: int = 3600
@@ -380,6 +550,7 @@ class _EnvReader:
             "public_url": public or f"http://{_url_host(listen[0])}:{listen[1]}",
             "public_url_set": bool(public),
             "db_path": Path(self.env.get("SYSMAIL_DB") or "sysmail.db"),
+            "store": self._import_path("SYSMAIL_STORE"),
             "api_key": api_key,
             "trusted_proxies": self._networks("SYSMAIL_TRUSTED_PROXIES"),
             "reset_token_seconds": int(self._positive("SYSMAIL_RESET_TOKEN_SECONDS", 3600)),
@@ -390,6 +561,13 @@ class _EnvReader:
             "systemd": {k: v for k, v in self.env.items()
                         if k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")},
         }
+
+    def _import_path(self, name: str) -> str:
+        value = self.env.get(name, "").strip()
+        if value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            self.problems.append(f"{name} must be module:attribute, like myapp.users:Store")
+            return ""
+        return value
 
     def _redis_url(self) -> str:
         value = self.env.get("REDIS_URL", "").strip()
@@ -596,63 +774,6 @@ def with_credentials(env: Mapping[str, str]) -> dict[str, str]:
     return merged
 
 
-def _pem_bytes(text: str) -> bytes:
-    """Normalise a PEM from the environment: literal \\n escapes become real line breaks."""
-    return text.replace("\\n", "\n").strip().encode("ascii", "replace") + b"\n"
-
-
-def _rsa_key_bits(pem: bytes) -> int:
-    """Return the modulus size of a PEM RSA private key; raise ValueError when it is not one."""
-    from dkim.crypto import UnparsableKeyError, parse_pem_private_key
-
-    try:
-        key = parse_pem_private_key(pem)
-    except (UnparsableKeyError, ValueError, TypeError, IndexError) as exc:
-        raise ValueError("not an RSA private key") from exc
-    return key["modulus"].bit_length()
-
-
-def _ed25519_seed(text: str) -> bytes:
-    """Return the 32-byte seed of an ed25519 key given as PEM (PKCS#8) or base64 seed."""
-    text = text.replace("\\n", "\n").strip()
-    if "-----BEGIN" in text:
-        body = "".join(line for line in text.splitlines() if not line.startswith("-----"))
-        der = base64.b64decode(body, validate=False)
-        if len(der) != 48 or not der.startswith(_ED25519_PKCS8_PREFIX):
-            raise ValueError("not an ed25519 PKCS#8 key")
-        return der[16:]
-    try:
-        seed = base64.b64decode(text, validate=True)
-    except ValueError as exc:
-        raise ValueError("not base64") from exc
-    if len(seed) != 32:
-        raise ValueError("not 32 bytes")
-    return seed
-
-
-def _nacl_available() -> bool:
-    """True when PyNaCl, which dkimpy needs for ed25519, can be imported."""
-    try:
-        import nacl.signing  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-_WHITESPACE = re.compile(r"\s")
-
-
-def _is_web_url(value: str) -> bool:
-    """True for an absolute http(s) URL with a host and no control characters."""
-    if _has_control_chars(value) or _WHITESPACE.search(value):
-        return False
-    try:
-        parts = urllib.parse.urlsplit(value)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # a malformed [host] or a character that normalises into a delimiter
-        return False
-
-
 def parse_env_file(text: str) -> dict[str, str]:
     """Parse systemd EnvironmentFile syntax: KEY=VALUE lines, # or ; comments, quotes, \\ joins."""
     result: dict[str, str] = {}
@@ -731,21 +852,6 @@ def _iso_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
-def _has_control_chars(value: str) -> bool:
-    """True when a value holds CR, LF or NUL, which would let it forge headers."""
-    return "\r" in value or "\n" in value or "\0" in value
-
-
-_HEADER_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-
-
-def _unsafe_in_header(value: str) -> bool:
-    """True when text bound for a header holds a control character or anything Python's
-    folding treats as a line break (VT, FF, FS..US, NEL, U+2028/9): a folded header could
-    then start a forged field."""
-    return _HEADER_UNSAFE.search(value) is not None
-
-
 class Metrics:
     """Counters and the delivery-latency histogram, rendered in the Prometheus text format."""
 
@@ -822,9 +928,6 @@ def _labels(labels: Mapping[str, str]) -> str:
 
 # ---- Messages and templates ---- #
 
-MAX_ADDRESS_LENGTH = 254
-_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 URGENT, BULK = 0, 1
 PRIORITY_NAMES = {URGENT: "urgent", BULK: "bulk"}
 DAY_SECONDS = 86400
@@ -1146,52 +1249,6 @@ def _format_line(line: str) -> tuple[str, frozenset[str]]:
         last = match.end()
     parts.append(line[last:].replace("{", "{{").replace("}", "}}"))
     return "".join(parts), frozenset(names)
-
-
-def validate_address(address: str) -> str:
-    """Return a normalised address (IDNA domain); raise MessageError when it is not a plain one."""
-    if not isinstance(address, str) or _has_control_chars(address):
-        raise MessageError("an email address contains a line break or NUL")
-    address = address.strip()
-    local, at, domain = address.rpartition("@")
-    if not at or not _LOCAL_PART.fullmatch(local) or len(local) > 64:
-        raise MessageError(f"{address[:80]!r} is not a valid email address")
-    normalised = f"{local}@{_idna_domain(domain)}"
-    if len(normalised) > MAX_ADDRESS_LENGTH:
-        raise MessageError(f"{address[:80]!r} is longer than {MAX_ADDRESS_LENGTH} characters")
-    return normalised
-
-
-_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # IDNA 2003 and 2008 disagree
-
-
-def _idna_domain(domain: str) -> str:
-    """Return the ASCII (IDNA 2008, UTS #46) form of a domain; raise MessageError if invalid.
-
-    The stdlib codec is IDNA 2003, which maps straße.de to the different domain strasse.de;
-    the `idna` package does it right, and without it such domains are refused, not misdirected.
-    """
-    domain = domain.rstrip(".")
-    try:
-        ascii_domain = _idna_encode(domain).lower()
-    except (UnicodeError, ValueError):
-        raise MessageError(f"{domain[:80]!r} is not a valid domain name") from None
-    labels = ascii_domain.split(".")
-    if len(ascii_domain) > 253 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
-        raise MessageError(f"{domain[:80]!r} is not a valid domain name")
-    return ascii_domain
-
-
-def _idna_encode(domain: str) -> str:
-    if domain.isascii():
-        return domain
-    try:
-        import idna
-    except ImportError:
-        if _IDNA_DEVIATIONS & set(domain.lower()):
-            raise ValueError("needs IDNA 2008: pip install idna") from None
-        return domain.encode("idna").decode("ascii")
-    return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
 
 
 def make_message_id(domain: str, now: float) -> str:
@@ -1734,12 +1791,14 @@ class Spool:
 
     def _return(self, claim: Claim, entry: str) -> None:
         os.rename(claim.path, self.root / "new" / entry)
+        _fsync_dir(self.root / "new")  # a power loss must not take the move back
         self._index.add(entry)
 
     def fail(self, claim: Claim, reason: dict) -> None:
         """Move a message to failed/ with its reason written beside it first."""
         self._write_reason(str(claim.name), reason)
         os.rename(claim.path, self.root / "failed" / str(claim.name))
+        _fsync_dir(self.root / "failed")
 
     def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
         """Write a dead letter for some recipients of a message whose others were served."""
@@ -1809,6 +1868,7 @@ class Spool:
                 continue
             fresh = str(dataclasses.replace(name, due_ms=int(self.clock() * 1000), attempt=0))
             os.rename(self.root / "failed" / entry, self.root / "new" / fresh)
+            _fsync_dir(self.root / "new")
             _unlink_quietly(self.root / "failed" / f"{entry}.json")
             self._index.add(fresh)
             self._wake_local()
@@ -2327,311 +2387,84 @@ def _redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-# ---- Token store ---- #
-
-RESET_PURPOSE = "password-reset"
-PASSWORD_MIN_CHARS, PASSWORD_MAX_CHARS = 8, 1024
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
-SQLITE_BUSY_TIMEOUT_SECONDS = 2.0
+# ---- Enqueueing ---- #
 
 
-@dataclass(frozen=True)
-class User:
-    """An account as the token store knows it."""
+class Enqueuer:
+    """Renders, builds and queues system emails: into the spool, or Redis when the spool fails."""
 
-    id: str
-    email: str
-    name: str = ""
-
-
-class TokenStore(Protocol):
-    """What the password-reset flow needs from an application's user data.
-
-    Implementations must be safe to call from several threads. Any failure to reach the data
-    raises StoreError; the HTTP API then answers 503 and nothing else stops.
-    """
-
-    def find_user(self, email: str) -> User | None:
-        """The user with this address (case-insensitive), or None."""
-
-    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
-                   expires_at: float) -> None:
-        """Keep a token's SHA-256 hash (never the token) for a user and purpose."""
-
-    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
-        """Atomically mark an unused, unexpired token used and revoke the user's other tokens of
-        that purpose; return its user, or None when it is unknown, used or expired."""
-
-    def set_password(self, user: User, password_hash: str) -> None:
-        """Store a new password hash (hash_password's format) for the user."""
-
-    def audit(self, user: User, action: str, at: float, client: str) -> None:
-        """Record an audit entry: who, what, when, from which client address."""
-
-    def password_changed(self, user: User) -> None:
-        """Hook called after a password change: invalidate the user's sessions."""
-
-    def ping(self) -> None:
-        """Raise StoreError unless the store can be read and written now."""
-
-
-def hash_password(password: str) -> str:
-    """scrypt with a random per-user salt; the parameters are kept in the result."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
-                            maxmem=64 * 1024 * 1024, dklen=32)
-    return "$".join(("scrypt", f"n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}",
-                     base64.b64encode(salt).decode(), base64.b64encode(digest).decode()))
-
-
-def verify_password(password: str, stored: str) -> bool:
-    """True when password matches a hash_password result (constant-time comparison)."""
-    try:
-        scheme, params, salt, digest = stored.split("$")
-        cost = dict(p.split("=") for p in params.split(","))
-        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(cost["n"]),
-                                r=int(cost["r"]), p=int(cost["p"]), maxmem=64 * 1024 * 1024,
-                                dklen=len(base64.b64decode(digest)))
-    except (ValueError, KeyError):
-        return False
-    return scheme == "scrypt" and hmac.compare_digest(actual, base64.b64decode(digest))
-
-
-def token_hash(token: str) -> bytes:
-    """The SHA-256 of a token: what the store keeps instead of the token."""
-    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
-
-
-class MemoryStore:
-    """A TokenStore in memory: for tests and for embedding without a database."""
-
-    def __init__(self, on_password_changed: Callable[[User], None] | None = None):
-        self._lock = threading.Lock()
-        self.users: dict[str, User] = {}
-        self.passwords: dict[str, str] = {}
-        self.tokens: dict[bytes, dict] = {}
-        self.audit_log: list[tuple[str, str, float, str]] = []
-        self._on_password_changed = on_password_changed
-        self._next_id = 0
-
-    def add_user(self, email: str, name: str = "") -> User:
-        """Create a user and return it."""
-        address = validate_address(email)
-        with self._lock:
-            if address.lower() in self.users:
-                raise MessageError(f"a user with the address {address} exists already")
-            self._next_id += 1
-            user = User(str(self._next_id), address, name)
-            self.users[address.lower()] = user
-            return user
-
-    def find_user(self, email: str) -> User | None:
-        """The user with this address, or None."""
-        with self._lock:
-            return self.users.get(email.lower())
-
-    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
-                   expires_at: float) -> None:
-        """Keep a token hash."""
-        with self._lock:
-            self.tokens[token_hash] = {"user": user, "purpose": purpose, "created_at": created_at,
-                                       "expires_at": expires_at, "used_at": None}
-
-    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
-        """Use a token once; revoke the user's others."""
-        with self._lock:
-            token = self.tokens.get(token_hash)
-            if (token is None or token["purpose"] != purpose or token["used_at"] is not None
-                    or token["expires_at"] <= now):
-                return None
-            for other in self.tokens.values():
-                if (other["user"].id == token["user"].id and other["purpose"] == purpose
-                        and other["used_at"] is None):
-                    other["used_at"] = now
-            return token["user"]
-
-    def set_password(self, user: User, password_hash: str) -> None:
-        """Store a password hash."""
-        with self._lock:
-            self.passwords[user.id] = password_hash
-
-    def audit(self, user: User, action: str, at: float, client: str) -> None:
-        """Record an audit entry."""
-        with self._lock:
-            self.audit_log.append((user.id, action, at, client))
-
-    def password_changed(self, user: User) -> None:
-        """Call the session-invalidation callback, if any."""
-        if self._on_password_changed:
-            self._on_password_changed(user)
-
-    def ping(self) -> None:
-        """Always reachable."""
-
-
-_SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY,
-    email TEXT NOT NULL UNIQUE COLLATE NOCASE,
-    name TEXT NOT NULL DEFAULT '',
-    password_hash TEXT,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    hash BLOB PRIMARY KEY,
-    user_id INTEGER NOT NULL REFERENCES users(id),
-    purpose TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    used_at REAL
-);
-CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens(user_id, purpose, used_at);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY,
-    user_id INTEGER NOT NULL,
-    action TEXT NOT NULL,
-    at REAL NOT NULL,
-    client TEXT NOT NULL
-);
-"""
-
-
-class SqliteStore:
-    """The default TokenStore: users, token hashes and audit entries in one SQLite file.
-
-    WAL with synchronous=FULL; one connection per thread; writes in BEGIN IMMEDIATE
-    transactions, so a token is consumed exactly once however many threads race for it.
-    """
-
-    def __init__(self, path: Path | str, on_password_changed: Callable[[User], None] | None = None,
-                 clock: Clock = time.time):
-        self.path = Path(path)
+    def __init__(self, config: Config, spool: Spool, fallback: RedisQueue | None,
+                 metrics: Metrics, clock: Clock = time.time):
+        self.config = config
+        self.spool = spool
+        self.fallback = fallback
+        self.metrics = metrics
         self.clock = clock
-        self._local = threading.local()
-        self._on_password_changed = on_password_changed
-        self._schema_ready = False
-        self._ping_lock = threading.Lock()
+        self.templates = load_templates(config.templates_dir)
+        self._brand = {"brand": config.from_name, "domain": config.domain}
 
-    def __repr__(self) -> str:
-        return f"SqliteStore({str(self.path)!r})"
+    def enqueue_template(self, template: str, to: str | list[str],
+                         variables: Mapping[str, object]) -> str:
+        """Queue a system email from a template; return its Message-ID."""
+        if template not in self.templates:
+            raise MessageError(f"there is no template {template!r} "
+                               f"(templates: {', '.join(self.templates)})")
+        chosen = self.templates[template]
+        rendered = render(chosen, variables, self._brand)
+        ttl = chosen.ttl({**chosen.defaults, **{k: str(v) for k, v in variables.items()}})
+        return self._store(to, rendered, template, chosen.priority, ttl)
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
-                                 isolation_level=None, check_same_thread=True)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            if not self._schema_ready:
-                db.executescript(_SQLITE_SCHEMA)
-                self._schema_ready = True
-            self._local.db = db
-        return db
+    def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
+                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
+        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+        if _unsafe_in_header(subject) or "\0" in text + html:
+            raise MessageError("the subject contains a line break or a control character")
+        if not subject.strip() or not text.strip():
+            raise MessageError("an ad-hoc message needs a subject and a text")
+        return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
 
-    def _run(self, work: Callable[[sqlite3.Connection], object], write: bool = False) -> object:
-        """Run work in a transaction; wrap any database failure in StoreError."""
+    def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
+               ttl: int) -> str:
+        rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
+        if not rcpts:
+            raise MessageError("a message needs at least one recipient")
+        now = self.clock()
+        message_id = make_message_id(self.config.domain, now)
+        data = build_message(self.config, rcpts, rendered, message_id, now)
+        header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
+                  "template": template, "queued_at": now, "expires_at": now + ttl}
+        spool_id, backend = self._enqueue(header, data, priority)
+        self.metrics.inc("sysmail_enqueued_total", backend=backend)
+        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id, backend=backend,
+                  template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
+        return message_id
+
+    def _enqueue(self, header: dict, data: bytes, priority: int) -> tuple[str, str]:
+        """Store in the spool, or in Redis when the spool fails; return (id, backend)."""
         try:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                result = work(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
-        except sqlite3.Error as exc:
-            self._local.db = None
-            raise StoreError(f"the token store is unavailable ({exc.__class__.__name__})") from exc
-
-    def add_user(self, email: str, name: str = "", password: str | None = None) -> User:
-        """Create a user (optionally with a password); raise MessageError if it exists."""
-        email = validate_address(email)
-        hashed = hash_password(password) if password else None
-
-        def insert(db: sqlite3.Connection) -> int:
-            return db.execute("INSERT INTO users (email, name, password_hash, created_at) "
-                              "VALUES (?, ?, ?, ?) RETURNING id",
-                              (email, name, hashed, self.clock())).fetchone()[0]
+            return self.spool.enqueue(header, data, priority), "spool"
+        except SpoolError as exc:
+            if self.fallback is None:
+                log_event(logging.ERROR, "enqueue_failed", reason=str(exc))
+                raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
+            log_event(logging.WARNING, "spool_unwritable", reason=str(exc), using="redis")
         try:
-            user_id = self._run(insert, write=True)
-        except StoreError as exc:
-            if isinstance(exc.__cause__, sqlite3.IntegrityError):
-                raise MessageError(f"a user with the address {email} exists already") from None
-            raise
-        return User(str(user_id), email, name)
+            spool_id = self.fallback.enqueue(header, data, priority)
+        except QueueUnavailable as exc:
+            log_event(logging.ERROR, "enqueue_failed", reason=f"spool and {exc}")
+            raise QueueUnavailable("the message could not be queued: neither the spool nor "
+                                   "Redis could store it") from exc
+        with contextlib.suppress(OSError):
+            self.spool.notify()
+        return spool_id, "redis"
 
-    def users(self) -> list[dict]:
-        """Every user with whether they have a password, oldest first."""
-        rows = self._run(lambda db: db.execute(
-            "SELECT id, email, name, password_hash IS NOT NULL, created_at FROM users ORDER BY id"
-        ).fetchall())
-        return [{"id": str(r[0]), "email": r[1], "name": r[2], "has_password": bool(r[3]),
-                 "created_at": r[4]} for r in rows]
-
-    def find_user(self, email: str) -> User | None:
-        """The user with this address (case-insensitive), or None."""
-        row = self._run(lambda db: db.execute(
-            "SELECT id, email, name FROM users WHERE email = ?", (email,)).fetchone())
-        return User(str(row[0]), row[1], row[2]) if row else None
-
-    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
-                   expires_at: float) -> None:
-        """Keep a token hash for a user."""
-        self._run(lambda db: db.execute(
-            "INSERT INTO tokens (hash, user_id, purpose, created_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?)", (token_hash, int(user.id), purpose, created_at, expires_at)),
-            write=True)
-
-    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
-        """Use a token once and revoke the user's other tokens of that purpose, atomically."""
-        def consume(db: sqlite3.Connection) -> User | None:
-            row = db.execute(
-                "UPDATE tokens SET used_at = ? WHERE hash = ? AND purpose = ? AND used_at IS NULL "
-                "AND expires_at > ? RETURNING user_id", (now, token_hash, purpose, now)).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE tokens SET used_at = ? WHERE user_id = ? AND purpose = ? "
-                       "AND used_at IS NULL", (now, row[0], purpose))
-            user = db.execute("SELECT id, email, name FROM users WHERE id = ?", row).fetchone()
-            return User(str(user[0]), user[1], user[2]) if user else None
-        return self._run(consume, write=True)
-
-    def set_password(self, user: User, password_hash: str) -> None:
-        """Store a new password hash."""
-        self._run(lambda db: db.execute("UPDATE users SET password_hash = ? WHERE id = ?",
-                                        (password_hash, int(user.id))), write=True)
-
-    def password_hash(self, user: User) -> str | None:
-        """The stored password hash of a user, or None."""
-        row = self._run(lambda db: db.execute("SELECT password_hash FROM users WHERE id = ?",
-                                              (int(user.id),)).fetchone())
-        return row[0] if row else None
-
-    def audit(self, user: User, action: str, at: float, client: str) -> None:
-        """Record an audit entry."""
-        self._run(lambda db: db.execute(
-            "INSERT INTO audit (user_id, action, at, client) VALUES (?, ?, ?, ?)",
-            (int(user.id), action, at, client)), write=True)
-
-    def audit_entries(self, user: User) -> list[tuple[str, float, str]]:
-        """A user's audit entries (action, time, client), oldest first."""
-        return self._run(lambda db: db.execute(
-            "SELECT action, at, client FROM audit WHERE user_id = ? ORDER BY id",
-            (int(user.id),)).fetchall())
-
-    def password_changed(self, user: User) -> None:
-        """Call the session-invalidation callback, if any."""
-        if self._on_password_changed:
-            self._on_password_changed(user)
-
-    def ping(self) -> None:
-        """Take and drop the write lock: fails when the file is unreadable, locked or broken."""
-        # one probe at a time: concurrent ones would queue in SQLite's busy handler, which
-        # sleeps in steps of up to 100 ms, where a Python lock hands over at once
-        with self._ping_lock:
-            self._run(lambda db: db.execute("SELECT count(*) FROM sqlite_master").fetchone(),
-                      write=True)
+    def check_queue(self) -> None:
+        """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
+        if self.spool.writable():
+            return
+        if self.fallback is None:
+            raise QueueUnavailable("the spool cannot be written")
+        self.fallback.ping()
 
 
 # ---- SMTP transport ---- #
@@ -3484,146 +3317,341 @@ def _refusal(reason: str, code: int | None, reply: str) -> dict:
     return {"reason": reason, "code": code, "reply": reply}
 
 
-# ---- Mailer ---- #
+class SenderThread:
+    """A sender running in a thread of this process: the service's, or an embedding program's."""
 
-
-class Mailer:
-    """The embedding API: enqueue system emails, and optionally run the sender in a thread.
-
-        mailer = sysmail.Mailer.from_env()
-        mailer.start()                                   # background sender (optional)
-        mailer.enqueue("password-reset", to="ada@example.com", reset_url=url)
-        mailer.stop()
-    """
-
-    def __init__(self, config: Config, *, clock: Clock = time.time):
-        self.config = config
-        self.clock = clock
-        self.spool = Spool(config.spool_dir, clock)
-        self.fallback = RedisQueue(config.redis_url, clock) if config.redis_url else None
-        self.templates = load_templates(config.templates_dir)
-        self._brand = {"brand": config.from_name, "domain": config.domain}
-        self.metrics = Metrics()
+    def __init__(self, make_sender: Callable[[], Sender]):
+        self._make_sender = make_sender
         self._stop = threading.Event()
-        self._sender: Sender | None = None
+        self.sender: Sender | None = None
         self._thread: threading.Thread | None = None
 
-    def __repr__(self) -> str:
-        return f"Mailer(spool={str(self.config.spool_dir)!r}, relay={self.config.smtp})"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Mailer:
-        """A Mailer configured from env (os.environ by default); raise ConfigError when invalid."""
-        return cls(Config.from_env(with_credentials(os.environ if env is None else env)))
-
-    def enqueue(self, template: str, /, to: str | list[str], **variables: object) -> str:
-        """Queue a system email from a template; return its Message-ID."""
-        return self.enqueue_template(template, to, variables)
-
-    def enqueue_template(self, template: str, to: str | list[str],
-                         variables: Mapping[str, object]) -> str:
-        """enqueue, with the variables as a mapping (any names, even "to")."""
-        if template not in self.templates:
-            raise MessageError(f"there is no template {template!r} "
-                               f"(templates: {', '.join(self.templates)})")
-        chosen = self.templates[template]
-        rendered = render(chosen, variables, self._brand)
-        ttl = chosen.ttl({**chosen.defaults, **{k: str(v) for k, v in variables.items()}})
-        return self._store(to, rendered, template, chosen.priority, ttl)
-
-    def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
-                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
-        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
-        if _unsafe_in_header(subject) or "\0" in text + html:
-            raise MessageError("the subject contains a line break or a control character")
-        if not subject.strip() or not text.strip():
-            raise MessageError("an ad-hoc message needs a subject and a text")
-        return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
-
-    def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
-               ttl: int) -> str:
-        rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
-        if not rcpts:
-            raise MessageError("a message needs at least one recipient")
-        now = self.clock()
-        message_id = make_message_id(self.config.domain, now)
-        data = build_message(self.config, rcpts, rendered, message_id, now)
-        header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
-                  "template": template, "queued_at": now, "expires_at": now + ttl}
-        spool_id, backend = self._enqueue(header, data, priority)
-        self.metrics.inc("sysmail_enqueued_total", backend=backend)
-        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id, backend=backend,
-                  template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
-        return message_id
-
-    def _enqueue(self, header: dict, data: bytes, priority: int) -> tuple[str, str]:
-        """Store in the spool, or in Redis when the spool fails; return (id, backend)."""
-        try:
-            return self.spool.enqueue(header, data, priority), "spool"
-        except SpoolError as exc:
-            if self.fallback is None:
-                log_event(logging.ERROR, "enqueue_failed", reason=str(exc))
-                raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
-            log_event(logging.WARNING, "spool_unwritable", reason=str(exc), using="redis")
-        try:
-            spool_id = self.fallback.enqueue(header, data, priority)
-        except QueueUnavailable as exc:
-            log_event(logging.ERROR, "enqueue_failed", reason=f"spool and {exc}")
-            raise QueueUnavailable("the message could not be queued: neither the spool nor "
-                                   "Redis could store it") from exc
-        with contextlib.suppress(OSError):
-            self.spool.notify()
-        return spool_id, "redis"
-
-    def check_queue(self) -> None:
-        """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
-        if self.spool.writable():
-            return
-        if self.fallback is None:
-            raise QueueUnavailable("the spool cannot be written")
-        self.fallback.ping()
-
-    def sender(self) -> Sender:
-        """A Sender for this mailer's spool, relay and keys."""
-        transport = transport_from_config(self.config)
-        if isinstance(transport, OutboxTransport):
-            log_event(logging.WARNING, "outbox_mode", outbox=str(transport.folder),
-                      note="no SMTP_URL: delivered mail is written as .eml files")
-        signer = DkimSigner.from_config(self.config)
-        if signer is None:
-            log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
-        if self.fallback is not None:
-            for warning in self.fallback.check_durability():
-                log_event(logging.WARNING, "redis_durability", warning=warning)
-        return Sender(self.spool, transport, signer, clock=self.clock, metrics=self.metrics,
-                      fallback=self.fallback, connections=self.config.smtp_connections,
-                      transport_factory=lambda: transport_from_config(self.config))
-
     def start(self, on_cycle: Callable[[], None] | None = None) -> None:
-        """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
+        """Start delivering in a daemon thread (on_cycle: a heartbeat hook); once is enough."""
         if self._thread is not None:
             return
         self._stop.clear()
-        self._sender = self.sender()
-        self._sender.on_cycle = on_cycle
-        self._thread = threading.Thread(target=self._sender.run, args=(self._stop,),
+        self.sender = self._make_sender()
+        self.sender.on_cycle = on_cycle
+        self._thread = threading.Thread(target=self.sender.run, args=(self._stop,),
                                         name="sysmail-sender", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
-        if self._thread is None or self._sender is None:
+        """Stop after the current SMTP transaction; queued mail stays queued."""
+        if self._thread is None or self.sender is None:
             return
         self._stop.set()
-        self._sender.wake()
+        self.sender.wake()
         self._thread.join(timeout)
-        self._thread = self._sender = None
+        self._thread = self.sender = None
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+# ---- Token store ---- #
+
+RESET_PURPOSE = "password-reset"
+PASSWORD_MIN_CHARS, PASSWORD_MAX_CHARS = 8, 1024
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SQLITE_BUSY_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class User:
+    """An account as the token store knows it."""
+
+    id: str
+    email: str
+    name: str = ""
+
+
+class TokenStore(Protocol):
+    """What the password-reset flow needs from an application's user data.
+
+    Implementations must be safe to call from several threads. Any failure to reach the data
+    raises StoreError; the HTTP API then answers 503 and nothing else stops.
+    """
+
+    def find_user(self, email: str) -> User | None:
+        """The user with this address (case-insensitive), or None."""
+
+    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
+                   expires_at: float) -> None:
+        """Keep a token's SHA-256 hash (never the token) for a user and purpose."""
+
+    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
+        """Atomically mark an unused, unexpired token used and revoke the user's other tokens of
+        that purpose; return its user, or None when it is unknown, used or expired."""
+
+    def set_password(self, user: User, password_hash: str) -> None:
+        """Store a new password hash (hash_password's format) for the user."""
+
+    def audit(self, user: User, action: str, at: float, client: str) -> None:
+        """Record an audit entry: who, what, when, from which client address."""
+
+    def password_changed(self, user: User) -> None:
+        """Hook called after a password change: invalidate the user's sessions."""
+
+    def ping(self) -> None:
+        """Raise StoreError unless the store can be read and written now."""
+
+
+def hash_password(password: str) -> str:
+    """scrypt with a random per-user salt; the parameters are kept in the result."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                            maxmem=64 * 1024 * 1024, dklen=32)
+    return "$".join(("scrypt", f"n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}",
+                     base64.b64encode(salt).decode(), base64.b64encode(digest).decode()))
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True when password matches a hash_password result (constant-time comparison)."""
+    try:
+        scheme, params, salt, digest = stored.split("$")
+        cost = dict(p.split("=") for p in params.split(","))
+        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(cost["n"]),
+                                r=int(cost["r"]), p=int(cost["p"]), maxmem=64 * 1024 * 1024,
+                                dklen=len(base64.b64decode(digest)))
+    except (ValueError, KeyError):
+        return False
+    return scheme == "scrypt" and hmac.compare_digest(actual, base64.b64decode(digest))
+
+
+def token_hash(token: str) -> bytes:
+    """The SHA-256 of a token: what the store keeps instead of the token."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+
+class MemoryStore:
+    """A TokenStore in memory: for tests and for embedding without a database."""
+
+    def __init__(self, on_password_changed: Callable[[User], None] | None = None):
+        self._lock = threading.Lock()
+        self.users: dict[str, User] = {}
+        self.passwords: dict[str, str] = {}
+        self.tokens: dict[bytes, dict] = {}
+        self.audit_log: list[tuple[str, str, float, str]] = []
+        self._on_password_changed = on_password_changed
+        self._next_id = 0
+
+    def add_user(self, email: str, name: str = "") -> User:
+        """Create a user and return it."""
+        address = validate_address(email)
+        with self._lock:
+            if address.lower() in self.users:
+                raise MessageError(f"a user with the address {address} exists already")
+            self._next_id += 1
+            user = User(str(self._next_id), address, name)
+            self.users[address.lower()] = user
+            return user
+
+    def find_user(self, email: str) -> User | None:
+        """The user with this address, or None."""
+        with self._lock:
+            return self.users.get(email.lower())
+
+    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
+                   expires_at: float) -> None:
+        """Keep a token hash."""
+        with self._lock:
+            self.tokens[token_hash] = {"user": user, "purpose": purpose, "created_at": created_at,
+                                       "expires_at": expires_at, "used_at": None}
+
+    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
+        """Use a token once; revoke the user's others."""
+        with self._lock:
+            token = self.tokens.get(token_hash)
+            if (token is None or token["purpose"] != purpose or token["used_at"] is not None
+                    or token["expires_at"] <= now):
+                return None
+            for other in self.tokens.values():
+                if (other["user"].id == token["user"].id and other["purpose"] == purpose
+                        and other["used_at"] is None):
+                    other["used_at"] = now
+            return token["user"]
+
+    def set_password(self, user: User, password_hash: str) -> None:
+        """Store a password hash."""
+        with self._lock:
+            self.passwords[user.id] = password_hash
+
+    def audit(self, user: User, action: str, at: float, client: str) -> None:
+        """Record an audit entry."""
+        with self._lock:
+            self.audit_log.append((user.id, action, at, client))
+
+    def password_changed(self, user: User) -> None:
+        """Call the session-invalidation callback, if any."""
+        if self._on_password_changed:
+            self._on_password_changed(user)
+
+    def ping(self) -> None:
+        """Always reachable."""
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    name TEXT NOT NULL DEFAULT '',
+    password_hash TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash BLOB PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    purpose TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens(user_id, purpose, used_at);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    at REAL NOT NULL,
+    client TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore:
+    """The default TokenStore: users, token hashes and audit entries in one SQLite file.
+
+    WAL with synchronous=FULL; one connection per thread; writes in BEGIN IMMEDIATE
+    transactions, so a token is consumed exactly once however many threads race for it.
+    """
+
+    def __init__(self, path: Path | str, on_password_changed: Callable[[User], None] | None = None,
+                 clock: Clock = time.time):
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        self._on_password_changed = on_password_changed
+        self._schema_ready = False
+        self._ping_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
+                                 isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if not self._schema_ready:
+                db.executescript(_SQLITE_SCHEMA)
+                self._schema_ready = True
+            self._local.db = db
+        return db
+
+    def _run(self, work: Callable[[sqlite3.Connection], object], write: bool = False) -> object:
+        """Run work in a transaction; wrap any database failure in StoreError."""
+        try:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        except sqlite3.Error as exc:
+            self._local.db = None
+            raise StoreError(f"the token store is unavailable ({exc.__class__.__name__})") from exc
+
+    def add_user(self, email: str, name: str = "", password: str | None = None) -> User:
+        """Create a user (optionally with a password); raise MessageError if it exists."""
+        email = validate_address(email)
+        hashed = hash_password(password) if password else None
+
+        def insert(db: sqlite3.Connection) -> int:
+            return db.execute("INSERT INTO users (email, name, password_hash, created_at) "
+                              "VALUES (?, ?, ?, ?) RETURNING id",
+                              (email, name, hashed, self.clock())).fetchone()[0]
+        try:
+            user_id = self._run(insert, write=True)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise MessageError(f"a user with the address {email} exists already") from None
+            raise
+        return User(str(user_id), email, name)
+
+    def users(self) -> list[dict]:
+        """Every user with whether they have a password, oldest first."""
+        rows = self._run(lambda db: db.execute(
+            "SELECT id, email, name, password_hash IS NOT NULL, created_at FROM users ORDER BY id"
+        ).fetchall())
+        return [{"id": str(r[0]), "email": r[1], "name": r[2], "has_password": bool(r[3]),
+                 "created_at": r[4]} for r in rows]
+
+    def find_user(self, email: str) -> User | None:
+        """The user with this address (case-insensitive), or None."""
+        row = self._run(lambda db: db.execute(
+            "SELECT id, email, name FROM users WHERE email = ?", (email,)).fetchone())
+        return User(str(row[0]), row[1], row[2]) if row else None
+
+    def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
+                   expires_at: float) -> None:
+        """Keep a token hash for a user."""
+        self._run(lambda db: db.execute(
+            "INSERT INTO tokens (hash, user_id, purpose, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)", (token_hash, int(user.id), purpose, created_at, expires_at)),
+            write=True)
+
+    def consume_token(self, token_hash: bytes, purpose: str, now: float) -> User | None:
+        """Use a token once and revoke the user's other tokens of that purpose, atomically."""
+        def consume(db: sqlite3.Connection) -> User | None:
+            row = db.execute(
+                "UPDATE tokens SET used_at = ? WHERE hash = ? AND purpose = ? AND used_at IS NULL "
+                "AND expires_at > ? RETURNING user_id", (now, token_hash, purpose, now)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE tokens SET used_at = ? WHERE user_id = ? AND purpose = ? "
+                       "AND used_at IS NULL", (now, row[0], purpose))
+            user = db.execute("SELECT id, email, name FROM users WHERE id = ?", row).fetchone()
+            return User(str(user[0]), user[1], user[2]) if user else None
+        return self._run(consume, write=True)
+
+    def set_password(self, user: User, password_hash: str) -> None:
+        """Store a new password hash."""
+        self._run(lambda db: db.execute("UPDATE users SET password_hash = ? WHERE id = ?",
+                                        (password_hash, int(user.id))), write=True)
+
+    def password_hash(self, user: User) -> str | None:
+        """The stored password hash of a user, or None."""
+        row = self._run(lambda db: db.execute("SELECT password_hash FROM users WHERE id = ?",
+                                              (int(user.id),)).fetchone())
+        return row[0] if row else None
+
+    def audit(self, user: User, action: str, at: float, client: str) -> None:
+        """Record an audit entry."""
+        self._run(lambda db: db.execute(
+            "INSERT INTO audit (user_id, action, at, client) VALUES (?, ?, ?, ?)",
+            (int(user.id), action, at, client)), write=True)
+
+    def audit_entries(self, user: User) -> list[tuple[str, float, str]]:
+        """A user's audit entries (action, time, client), oldest first."""
+        return self._run(lambda db: db.execute(
+            "SELECT action, at, client FROM audit WHERE user_id = ? ORDER BY id",
+            (int(user.id),)).fetchall())
+
+    def password_changed(self, user: User) -> None:
+        """Call the session-invalidation callback, if any."""
+        if self._on_password_changed:
+            self._on_password_changed(user)
+
+    def ping(self) -> None:
+        """Take and drop the write lock: fails when the file is unreadable, locked or broken."""
+        # one probe at a time: concurrent ones would queue in SQLite's busy handler, which
+        # sleeps in steps of up to 100 ms, where a Python lock hands over at once
+        with self._ping_lock:
+            self._run(lambda db: db.execute("SELECT count(*) FROM sqlite_master").fetchone(),
+                      write=True)
 
 
 # ---- HTTP API ---- #
@@ -3798,21 +3826,23 @@ class IdempotencyKeys:
 
 
 class Api:
-    """The HTTP API's logic as plain functions of a Request; owns the forgot-password worker."""
+    """The HTTP API's logic as plain functions of a Request, on the parts build_app made.
 
-    def __init__(self, config: Config, mailer: Mailer, store: TokenStore, *,
-                 limiter: RateLimiter | None = None, clock: Clock = time.time):
+    forgot(email, client) hands a forgot-password request to the worker that does the lookup
+    and the enqueue off the request path.
+    """
+
+    def __init__(self, config: Config, enqueuer: Enqueuer, store: TokenStore, *,
+                 limiter: RateLimiter | RedisRateLimiter, idempotency: IdempotencyKeys,
+                 forgot: Callable[[str, str], None], clock: Clock = time.time):
         self.config = config
-        self.mailer = mailer
+        self.enqueuer = enqueuer
         self.store = store
-        self.metrics = mailer.metrics
-        self.limiter = limiter or (RedisRateLimiter(config.redis_url) if config.redis_url
-                                   else RateLimiter())
+        self.metrics = enqueuer.metrics
+        self.limiter = limiter
+        self.idempotency = idempotency
+        self.forgot = forgot
         self.clock = clock
-        self.idempotency = IdempotencyKeys(config.spool_dir / "idempotency", clock)
-        self.public_url = config.public_url
-        self._forgot: queue.Queue[tuple[str, str] | None] = queue.Queue(FORGOT_QUEUE_SIZE)
-        self._worker: threading.Thread | None = None
         self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
             ("POST", "/v1/auth/forgot-password"): self.forgot_password,
             ("POST", "/v1/auth/reset-password"): self.reset_password,
@@ -3867,28 +3897,10 @@ class Api:
         self._limit(request, "forgot_client", request.client, self.config.forgot_client_limit)
         self._limit(request, "forgot_address", email.lower(), self.config.forgot_address_limit)
         self.store.ping()
-        self.mailer.check_queue()
-        try:
-            self._forgot.put_nowait((email, request.client))
-        except queue.Full:
-            log_event(logging.ERROR, "forgot_queue_full", size=FORGOT_QUEUE_SIZE)
+        self.enqueuer.check_queue()
+        self.forgot(email, request.client)
         return json_response(202, {"status": "accepted", "message": "If an account uses this "
                                    "address, a password reset link is on its way."})
-
-    def process_forgot(self, email: str, client: str) -> None:
-        """For a known address: create a token, keep its hash, queue the reset mail."""
-        user = self.store.find_user(email)
-        if user is None:
-            return
-        token, now = secrets.token_urlsafe(32), self.clock()
-        ttl = self.config.reset_token_seconds
-        self.store.save_token(token_hash(token), user, RESET_PURPOSE, now, now + ttl)
-        link = f"{self.config.dashboard_url or self.public_url}/reset-password?" + \
-            urllib.parse.urlencode({"token": token})
-        variables = {"reset_url": link, "expires_minutes": str(max(ttl // 60, 1))}
-        if user.name:
-            variables["name"] = user.name
-        self.mailer.enqueue("password-reset", to=user.email, **variables)
 
     def reset_password(self, request: Request) -> Response:
         """Consume a valid token and set the new password; 400 with one generic error otherwise."""
@@ -3925,7 +3937,7 @@ class Api:
         if user.name:
             variables["name"] = user.name
         try:
-            self.mailer.enqueue("security-alert", to=user.email, **variables)
+            self.enqueuer.enqueue_template("security-alert", user.email, variables)
         except SysmailError as exc:  # the password is changed: report, do not undo
             log_event(logging.ERROR, "alert_not_queued", user=user.id, reason=str(exc))
 
@@ -3966,7 +3978,7 @@ class Api:
         if not isinstance(template, str) or not _is_recipients(to) or not _is_str_map(variables):
             raise HttpError(400, 'send {"template": NAME, "to": ADDR or [ADDR], "vars": {...}}')
         key = request.headers.get("Idempotency-Key", "")
-        enqueue = functools.partial(self.mailer.enqueue_template, template, to, variables)
+        enqueue = functools.partial(self.enqueuer.enqueue_template, template, to, variables)
         if not key:
             return json_response(202, {"messageId": enqueue()})
         if len(key) > 255 or _has_control_chars(key):
@@ -3990,18 +4002,18 @@ class Api:
     def readyz(self, request: Request) -> Response:
         """200 when the spool is writable and the store reachable, else 503 naming what is not."""
         checks = {"spool": self._spool_writable(), "store": self._store_reachable()}
-        if self.mailer.fallback is not None:
+        if self.enqueuer.fallback is not None:
             checks["redis"] = self._redis_reachable()
         ready = checks["store"] and (checks["spool"] or checks.get("redis", False))
         return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready",
                                                      "checks": checks})
 
     def _spool_writable(self) -> bool:
-        return self.mailer.spool.writable()
+        return self.enqueuer.spool.writable()
 
     def _redis_reachable(self) -> bool:
         try:
-            self.mailer.fallback.ping()
+            self.enqueuer.fallback.ping()
         except QueueUnavailable:
             return False
         return True
@@ -4015,13 +4027,13 @@ class Api:
 
     def metrics_page(self, request: Request) -> Response:
         """Prometheus text: queue gauges read from the spool, then the process's counters."""
-        counts = self.mailer.spool.counts()
+        counts = self.enqueuer.spool.counts()
         gauges = {f"sysmail_queue_messages{{{state}}}": (
             "Messages in the spool by state.", {"state": state}, counts[state])
             for state in ("new", "deferred", "cur", "failed")}
         gauges["sysmail_queue_oldest_age_seconds"] = (
             "Age of the oldest queued message.", {}, counts["oldest_age_seconds"])
-        last = self.mailer.spool.last_sent()
+        last = self.enqueuer.spool.last_sent()
         if last is not None:
             gauges["sysmail_last_send_age_seconds"] = (
                 "Seconds since the last successful send.", {}, round(self.clock() - last, 3))
@@ -4036,27 +4048,6 @@ class Api:
             self.metrics.inc("sysmail_rate_limited_total", limit=name)
             raise HttpError(429, "too many requests, try again later",
                             {"Retry-After": str(math.ceil(retry_after))})
-
-    def start(self) -> None:
-        """Start the thread that serves forgot-password requests off the request path."""
-        self._worker = threading.Thread(target=self._work, name="sysmail-forgot", daemon=True)
-        self._worker.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the queued forgot-password requests, then stop the worker."""
-        if self._worker is not None:
-            self._forgot.put(None)
-            self._worker.join(timeout)
-            self._worker = None
-
-    def _work(self) -> None:
-        while (item := self._forgot.get()) is not None:
-            try:
-                self.process_forgot(*item)
-            except SysmailError as exc:
-                log_event(logging.ERROR, "forgot_failed", reason=str(exc))
-            except Exception:  # noqa: BLE001 - the worker must outlive any one request
-                _log.exception("forgot_internal_error", extra={"fields": {}})
 
 
 def _media_type(request: Request) -> str:
@@ -4394,21 +4385,109 @@ class SystemdNotifier:
                 f"{counts['cur']} sending, {counts['failed']} failed")
 
 
-
 class App:
-    """The service: HTTP API, sender thread and forgot-password worker in one process."""
+    """sysmail assembled from a configuration: each part built here, once, when first used.
 
-    def __init__(self, config: Config, mailer: Mailer, store: TokenStore):
+    The service (start/stop) runs the HTTP API, the sender thread and the forgot-password
+    worker; the CLI and Mailer take only the parts they need.
+    """
+
+    def __init__(self, config: Config, store: TokenStore | None = None, *,
+                 clock: Clock = time.time):
         self.config = config
-        self.mailer = mailer
-        self.store = store
-        self.api = Api(config, mailer, store)
-        self.notifier = SystemdNotifier(config.systemd, mailer.spool)
+        self.clock = clock
+        self._store = store
+        self.public_url = config.public_url
         self.server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"App(listen={self.config.listen}, store={self.store!r})"
+        return f"App(listen={self.config.listen}, spool={str(self.config.spool_dir)!r})"
+
+    @functools.cached_property
+    def metrics(self) -> Metrics:
+        """This process's counters."""
+        return Metrics()
+
+    @functools.cached_property
+    def spool(self) -> Spool:
+        """The spool at SYSMAIL_SPOOL."""
+        return Spool(self.config.spool_dir, self.clock)
+
+    @functools.cached_property
+    def fallback(self) -> RedisQueue | None:
+        """The Redis fallback queue, when REDIS_URL is set."""
+        return RedisQueue(self.config.redis_url, self.clock) if self.config.redis_url else None
+
+    @property
+    def queues(self) -> tuple[Queue, ...]:
+        """Every queue mail may wait in: the spool, then the Redis fallback."""
+        return (self.spool, self.fallback) if self.fallback else (self.spool,)
+
+    @functools.cached_property
+    def enqueuer(self) -> Enqueuer:
+        """Renders and queues mail into the spool, or Redis."""
+        return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock)
+
+    @functools.cached_property
+    def signer(self) -> DkimSigner | None:
+        """The DKIM signer, or None when no key is configured."""
+        return DkimSigner.from_config(self.config)
+
+    def transport(self) -> Transport:
+        """A new connection to the relay (or the outbox folder when SMTP_URL is unset)."""
+        return transport_from_config(self.config)
+
+    def sender(self) -> Sender:
+        """A new Sender draining the queues through the relay, with the startup warnings."""
+        transport = self.transport()
+        if isinstance(transport, OutboxTransport):
+            log_event(logging.WARNING, "outbox_mode", outbox=str(transport.folder),
+                      note="no SMTP_URL: delivered mail is written as .eml files")
+        if self.signer is None:
+            log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
+        for warning in self.fallback.check_durability() if self.fallback else ():
+            log_event(logging.WARNING, "redis_durability", warning=warning)
+        return Sender(self.spool, transport, self.signer, clock=self.clock, metrics=self.metrics,
+                      fallback=self.fallback, connections=self.config.smtp_connections,
+                      transport_factory=self.transport)
+
+    @functools.cached_property
+    def sending(self) -> SenderThread:
+        """The sender thread of this process."""
+        return SenderThread(self.sender)
+
+    @functools.cached_property
+    def store(self) -> TokenStore:
+        """The token store: the one given, SYSMAIL_STORE's, or SQLite at SYSMAIL_DB."""
+        return self._store or store_from_config(self.config)
+
+    @functools.cached_property
+    def limiter(self) -> RateLimiter | RedisRateLimiter:
+        """Request rate limits: shared through Redis when REDIS_URL is set."""
+        return RedisRateLimiter(self.config.redis_url) if self.config.redis_url else RateLimiter()
+
+    @functools.cached_property
+    def idempotency(self) -> IdempotencyKeys:
+        """Idempotency-Key records, in the spool folder."""
+        return IdempotencyKeys(self.config.spool_dir / "idempotency", self.clock)
+
+    @functools.cached_property
+    def notifier(self) -> SystemdNotifier:
+        """sd_notify, when systemd runs the process."""
+        return SystemdNotifier(self.config.systemd, self.spool)
+
+    @functools.cached_property
+    def forgot(self) -> ForgotWorker:
+        """The forgot-password worker; its links start with the URL published at start."""
+        return ForgotWorker(self.config, self.store, self.enqueuer, lambda: self.public_url,
+                            self.clock)
+
+    @functools.cached_property
+    def api(self) -> Api:
+        """The HTTP API's logic."""
+        return Api(self.config, self.enqueuer, self.store, limiter=self.limiter,
+                   idempotency=self.idempotency, forgot=self.forgot.submit, clock=self.clock)
 
     @property
     def url(self) -> str:
@@ -4418,20 +4497,17 @@ class App:
         return f"http://{_url_host(str(host))}:{port}"
 
     def start(self) -> None:
-        """Recover the spool, start the sender and the worker, then listen."""
+        """Recover the spool, bind, publish the public URL, then start the threads."""
         with contextlib.suppress(SpoolError):  # a broken spool: the Redis fallback serves
-            self.mailer.spool.recover()
-        self.mailer.start(on_cycle=self.notifier.heartbeat)
-        self.api.start()
+            self.spool.recover()
         try:
             self.server = _HttpServer(self.config.listen, self.api)
         except OSError as exc:
-            self.api.stop()
-            self.mailer.stop()
             host, port = self.config.listen
             raise SysmailError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        if not self.config.public_url_set:
-            self.api.public_url = self.url
+        self.public_url = self.config.public_url if self.config.public_url_set else self.url
+        self.sending.start(on_cycle=self.notifier.heartbeat)
+        self.forgot.start()
         self._thread = threading.Thread(target=self.server.serve_forever, name="sysmail-http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
@@ -4446,17 +4522,155 @@ class App:
             self.server.close_idle()
             self.server.server_close()
             self.server = None
-        self.api.stop()
-        self.mailer.stop()
+        self.forgot.stop()
+        self.sending.stop()
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+class ForgotWorker:
+    """Serves forgot-password requests off the request path: the answer is the same, and as
+    fast, for every address; the lookup, the token and the enqueue happen here."""
+
+    def __init__(self, config: Config, store: TokenStore, enqueuer: Enqueuer,
+                 link_base: Callable[[], str], clock: Clock = time.time):
+        self.config = config
+        self.store = store
+        self.enqueuer = enqueuer
+        self.link_base = link_base
+        self.clock = clock
+        self._requests: queue.Queue[tuple[str, str] | None] = queue.Queue(FORGOT_QUEUE_SIZE)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, email: str, client: str) -> None:
+        """Hand a request over; when the backlog is full it is dropped (the user asks again)."""
+        try:
+            self._requests.put_nowait((email, client))
+        except queue.Full:
+            log_event(logging.ERROR, "forgot_queue_full", size=FORGOT_QUEUE_SIZE)
+
+    def process(self, email: str, client: str) -> None:
+        """For a known address: create a token, keep its hash, queue the reset mail."""
+        user = self.store.find_user(email)
+        if user is None:
+            return
+        token, now = secrets.token_urlsafe(32), self.clock()
+        ttl = self.config.reset_token_seconds
+        self.store.save_token(token_hash(token), user, RESET_PURPOSE, now, now + ttl)
+        link = f"{self.config.dashboard_url or self.link_base()}/reset-password?" + \
+            urllib.parse.urlencode({"token": token})
+        variables = {"reset_url": link, "expires_minutes": str(max(ttl // 60, 1))}
+        if user.name:
+            variables["name"] = user.name
+        self.enqueuer.enqueue_template("password-reset", user.email, variables)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._work, name="sysmail-forgot", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the queued requests, then stop the worker."""
+        if self._thread is not None:
+            self._requests.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _work(self) -> None:
+        while (item := self._requests.get()) is not None:
+            try:
+                self.process(*item)
+            except SysmailError as exc:
+                log_event(logging.ERROR, "forgot_failed", reason=str(exc))
+            except Exception:  # noqa: BLE001 - the worker must outlive any one request
+                _log.exception("forgot_internal_error", extra={"fields": {}})
 
 
-def build_app(config: Config, store: TokenStore | None = None) -> App:
-    """Wire the service from a configuration; the SQLite store at SYSMAIL_DB by default."""
-    return App(config, Mailer(config), store or SqliteStore(config.db_path))
+def store_from_config(config: Config) -> TokenStore:
+    """SYSMAIL_STORE's store (module:attribute, called with the Config when it takes an
+    argument), or the SQLite store at SYSMAIL_DB."""
+    if not config.store:
+        return SqliteStore(config.db_path)
+    module_name, _, attribute = config.store.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
+        problem = f"SYSMAIL_STORE={config.store} cannot be imported ({type(exc).__name__}: {exc})"
+        raise ConfigError([problem]) from None
+    try:
+        takes_config = any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                              p.POSITIONAL_OR_KEYWORD)
+                           for p in inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        takes_config = False
+    return factory(config) if takes_config else factory()
+
+
+def build_app(config: Config, store: TokenStore | None = None, *,
+              clock: Clock = time.time) -> App:
+    """The one place sysmail is assembled: queues, transports, signer, token store (the one
+    given, else SYSMAIL_STORE's, else SQLite), rate limits, idempotency keys, metrics and the
+    systemd notifier, each built on first use."""
+    return App(config, store, clock=clock)
+
+
+class Mailer:
+    """The embedding API: enqueue system emails, and optionally run the sender in a thread.
+
+        mailer = sysmail.Mailer.from_env()
+        mailer.start()                                   # background sender (optional)
+        mailer.enqueue("password-reset", to="ada@example.com", reset_url=url)
+        mailer.stop()
+    """
+
+    def __init__(self, config: Config, *, clock: Clock = time.time, app: App | None = None):
+        self.app = app or build_app(config, clock=clock)
+        self.config = config
+        self.spool, self.fallback = self.app.spool, self.app.fallback
+        self.metrics = self.app.metrics
+
+    def __repr__(self) -> str:
+        return f"Mailer(spool={str(self.config.spool_dir)!r}, relay={self.config.smtp})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Mailer:
+        """A Mailer configured from env (os.environ by default); raise ConfigError when invalid."""
+        return cls(Config.from_env(with_credentials(os.environ if env is None else env)))
+
+    def enqueue(self, template: str, /, to: str | list[str], **variables: object) -> str:
+        """Queue a system email from a template; return its Message-ID."""
+        return self.app.enqueuer.enqueue_template(template, to, variables)
+
+    def enqueue_template(self, template: str, to: str | list[str],
+                         variables: Mapping[str, object]) -> str:
+        """enqueue, with the variables as a mapping (any names, even "to")."""
+        return self.app.enqueuer.enqueue_template(template, to, variables)
+
+    def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
+                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
+        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+        return self.app.enqueuer.enqueue_message(to, subject, text, html, priority=priority,
+                                                 ttl_seconds=ttl_seconds)
+
+    def check_queue(self) -> None:
+        """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
+        self.app.enqueuer.check_queue()
+
+    def sender(self) -> Sender:
+        """A Sender for this mailer's queues, relay and keys."""
+        return self.app.sender()
+
+    def start(self, on_cycle: Callable[[], None] | None = None) -> None:
+        """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
+        self.app.sending.start(on_cycle)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
+        self.app.sending.stop(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 # ---- CLI ---- #
@@ -4540,11 +4754,11 @@ def _parse_vars(pairs: list[str]) -> dict[str, str]:
 
 def cmd_send(args: argparse.Namespace, config: Config) -> int:
     """Queue one mail (template or ad hoc) and print its Message-ID."""
-    mailer = Mailer(config)
+    mailer = build_app(config).enqueuer
     if args.template:
         if args.subject or args.text or args.html:
             raise UsageError("--template cannot be combined with --subject, --text or --html")
-        message_id = mailer.enqueue(args.template, args.to, **_parse_vars(args.var))
+        message_id = mailer.enqueue_template(args.template, args.to, _parse_vars(args.var))
     elif args.subject is None or args.text is None:
         raise UsageError("send needs --template NAME, or --subject and --text")
     else:
@@ -4559,7 +4773,8 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     """Deliver queued mail: until a signal, or with --once until nothing is due."""
     if not args.once:
         _block_stop_signals()
-    sender = Mailer(config).sender()
+    app = build_app(config)
+    sender = app.sender()
     if args.once:
         with contextlib.suppress(SpoolError):
             sender.spool.clean_tmp()
@@ -4570,7 +4785,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise RelayUnavailable(f"the relay could not be reached; {counts.released} "
                                    "message(s) stay queued")
         return EX_OK
-    notifier = SystemdNotifier(config.systemd, sender.spool)
+    notifier = app.notifier
     with contextlib.suppress(SpoolError):
         sender.spool.recover()
     sender.on_cycle = notifier.heartbeat
@@ -4604,15 +4819,16 @@ def _wait_for_stop_signal() -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     """Print the queue counts, the oldest message's age and the last successful send."""
-    spool = Spool(config.spool_dir)
+    app = build_app(config)
+    spool = app.spool
     try:
         status: dict[str, object] = spool.counts()
     except SpoolError as exc:
         _say(f"{exc}; counting the other queues only")
         status = {"new": 0, "deferred": 0, "cur": 0, "failed": 0, "oldest_age_seconds": 0,
                   "spool": "unavailable"}
-    if config.redis_url:
-        status["redis"] = _redis_counts(RedisQueue(config.redis_url), status)
+    if app.fallback is not None:
+        status["redis"] = _redis_counts(app.fallback, status)
     last = spool.last_sent()
     status["last_sent_at"] = _iso_time(last) if last else None
     if args.json:
@@ -4634,14 +4850,6 @@ def _redis_counts(fallback: RedisQueue, totals: dict) -> dict | str:
     return counts
 
 
-def _queues(config: Config) -> list[Queue]:
-    """The spool, and the Redis fallback when configured."""
-    queues: list[Queue] = [Spool(config.spool_dir)]
-    if config.redis_url:
-        queues.append(RedisQueue(config.redis_url))
-    return queues
-
-
 def _failed_of(source: Queue) -> list[dict]:
     """A queue's dead letters; a queue that cannot be read is reported and skipped."""
     try:
@@ -4653,7 +4861,8 @@ def _failed_of(source: Queue) -> list[dict]:
 
 def cmd_failed(args: argparse.Namespace, config: Config) -> int:
     """List the dead letters with their reasons."""
-    letters = [letter for source in _queues(config) for letter in _failed_of(source)]
+    letters = [letter for source in build_app(config).queues
+               for letter in _failed_of(source)]
     if args.json:
         print(json.dumps(letters))
         return EX_OK
@@ -4671,7 +4880,8 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     """Put dead letters back in the queue."""
     if args.all == bool(args.ids):
         raise UsageError("retry takes message ids or --all (not both)")
-    moved = [i for source in _queues(config) for i in source.retry(None if args.all else args.ids)]
+    ids = None if args.all else args.ids
+    moved = [i for source in build_app(config).queues for i in source.retry(ids)]
     missing = sorted(set(args.ids) - set(moved))
     print(f"requeued {len(moved)} message(s)")
     if missing:
@@ -4681,7 +4891,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_preview(args: argparse.Namespace, config: Config) -> int:
     """Print a template rendered with the given variables and samples for the rest."""
-    templates = load_templates(config.templates_dir)
+    templates = build_app(config).enqueuer.templates
     if args.template not in templates:
         raise MessageError(f"there is no template {args.template!r} "
                            f"(templates: {', '.join(templates)})")
@@ -4717,14 +4927,15 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
     if password and not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
         raise MessageError(f"the password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
                            "characters long")
-    user = SqliteStore(config.db_path).add_user(args.email, args.name, password or None)
+    store = _user_store(config, "add_user")
+    user = store.add_user(args.email, args.name, password or None)
     print(f"added user {user.id}: {user.email}" + (" with a password" if password else ""))
     return EX_OK
 
 
 def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
     """List the SQLite store's users."""
-    users = SqliteStore(config.db_path).users()
+    users = _user_store(config, "users").users()
     if args.json:
         print(json.dumps(users))
         return EX_OK
@@ -4732,6 +4943,16 @@ def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
         password = "password set" if user["has_password"] else "no password"
         print(f"{user['id']}  {user['email']}  {user['name'] or '-'}  {password}")
     return EX_OK
+
+
+def _user_store(config: Config, method: str) -> SqliteStore:
+    """The configured token store, when it can do what a user command asks of it."""
+    store = build_app(config).store
+    if not callable(getattr(store, method, None)):
+        problem = (f"the token store {type(store).__name__} (SYSMAIL_STORE) has no {method}(): "
+                   "manage its users in the application that owns them")
+        raise ConfigError([problem])
+    return store
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
@@ -4746,7 +4967,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
     if not config.signing:
         print("DKIM: no key configured, mail goes out unsigned")
     try:
-        steps = transport_from_config(config).probe()
+        steps = build_app(config).transport().probe()
     except RelayUnavailable as exc:
         if exc.smtp_code and 500 <= exc.smtp_code < 600:
             raise ConfigError([f"SMTP_URL: {exc}"]) from None
@@ -4806,41 +5027,6 @@ def _openssl(args: list[str]) -> str:
     except (OSError, subprocess.SubprocessError) as exc:
         raise SysmailError("keygen needs the openssl command, which failed or is missing") from exc
     return result.stdout
-
-
-def _txt_record(name: str, value: str) -> str:
-    """A zone-file TXT record, split into 255-character strings as DNS requires."""
-    chunks = [value[i:i + 255] for i in range(0, len(value), 255)]
-    return f"{name}. IN TXT ( " + " ".join(f'"{c}"' for c in chunks) + " )"
-
-
-def _der(tag: int, body: bytes) -> bytes:
-    size = len(body)
-    length = bytes([size]) if size < 128 else (
-        bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes((size.bit_length() + 7) // 8, "big"))
-    return bytes([tag]) + length + body
-
-
-def _der_int(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def _rsa_public_key_b64(pem: bytes) -> str:
-    """The base64 DER SubjectPublicKeyInfo of an RSA private key, for the DKIM p= tag."""
-    from dkim.crypto import parse_pem_private_key
-
-    key = parse_pem_private_key(pem)
-    rsa_public = _der(0x30, _der_int(key["modulus"]) + _der_int(key["publicExponent"]))
-    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + _der(0x05, b""))
-    return base64.b64encode(_der(0x30, algorithm + _der(0x03, b"\0" + rsa_public))).decode()
-
-
-def _ed25519_public_key_b64(seed_b64: bytes) -> str:
-    """The base64 raw public key of an ed25519 seed, for the DKIM p= tag."""
-    import nacl.signing
-
-    seed = base64.b64decode(seed_b64)
-    return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
 
 
 def _setup_logging(level: int) -> None:
