@@ -9,35 +9,7 @@ message at send time. A small HTTP service runs the password-reset flow on a plu
 store (SQLite by default) and takes mail from internal callers.
 
 Environment (see Config.from_env; every bad value is reported at once, exit 78):
-    SYSTEM_DOMAIN                     brand domain (required with SMTP_URL; else "localhost")
-    SYSTEM_FROM, SYSTEM_FROM_NAME     sender address (noreply@$SYSTEM_DOMAIN) and display name
-    SYSTEM_REPLY_TO                   optional Reply-To address
-    SYSTEM_DKIM_SELECTOR              RSA selector (default "default")
-    SYSTEM_DKIM_PRIVATE_KEY           PEM RSA key, 2048 bits or more (literal \\n accepted)
-    SYSTEM_DKIM_ED25519_SELECTOR      selector of the optional ed25519 key (default "ed25519")
-    SYSTEM_DKIM_ED25519_PRIVATE_KEY   optional ed25519 key: PEM, or base64 of the 32-byte seed
-    DASHBOARD_URL                     base of the links in account mails
-    SMTP_URL                          smtp://user:pass@host:587 (STARTTLS), smtps://host:465,
-                                      smtp+plain://127.0.0.1:25 (no TLS; loopback relays only);
-                                      unset: mail is written as .eml files into SYSMAIL_OUTBOX
-    SMTP_TLS_VERIFY=0, SMTP_CA_FILE   relax certificate checks / trust a private CA
-    SMTP_TIMEOUT_SECONDS              socket timeout for the relay (default 30)
-    SYSMAIL_SMTP_CONNECTIONS          SMTP connections a sender uses at once (default 4)
-    SYSMAIL_SPOOL, SYSMAIL_OUTBOX     ./spool and ./outbox by default
-    SYSMAIL_TEMPLATES                 folder of NAME.subject / NAME.txt / NAME.html overrides
-    SYSMAIL_ALLOW_UNSIGNED=1          allow a real relay without a DKIM key
-    SYSMAIL_LOG_LEVEL                 debug, info (default), warning, error
-    REDIS_URL                         fallback queue (and shared rate limits) in Redis
-    SYSMAIL_LISTEN, SYSMAIL_PUBLIC_URL   HTTP address (127.0.0.1:8025) and its public base URL
-    SYSMAIL_DB                        the SQLite token store (./sysmail.db)
-    SYSMAIL_API_KEY                   bearer key of POST /v1/emails (off when unset)
-    SYSMAIL_TRUSTED_PROXIES           proxies whose X-Forwarded-For is believed (IPs, CIDRs)
-    SYSMAIL_RESET_TOKEN_SECONDS       reset link lifetime (3600)
-    SYSMAIL_FORGOT_LIMIT_PER_CLIENT, SYSMAIL_FORGOT_LIMIT_PER_ADDRESS,
-    SYSMAIL_RESET_LIMIT_PER_CLIENT    COUNT/SECONDS (10/60, 3/3600, 10/60)
-    CREDENTIALS_DIRECTORY             systemd credentials: dkim.pem, dkim-ed25519.pem,
-                                      smtp-url, api-key (they win over the variables)
-
+@ENVIRONMENT@
 Command line:
     sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...]
     sysmail send --to ADDR --subject S --text T [--html H] [--urgent]
@@ -88,6 +60,7 @@ import ssl
 import string
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -500,6 +473,10 @@ class Config:
         return self.dkim_key is not None or self.ed25519_key is not None
 
 
+DEFAULTS = Config()  # each default is written once, as its Config field's
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
 class _EnvReader:
     """Reads Config fields from a mapping, collecting every problem instead of stopping."""
 
@@ -511,56 +488,59 @@ class _EnvReader:
         smtp = self._smtp_url()
         domain = self._domain(required=smtp is not None)
         from_addr = self._address("SYSTEM_FROM", f"noreply@{domain}")
+        listen, public = self._listen(), self._url("SYSMAIL_PUBLIC_URL")
         config = Config(
             domain=domain,
             from_addr=from_addr,
             from_name=self._header_text("SYSTEM_FROM_NAME", domain),
             reply_to=self._address("SYSTEM_REPLY_TO", ""),
-            dkim_selector=self._selector("SYSTEM_DKIM_SELECTOR", "default"),
+            dkim_selector=self._selector("SYSTEM_DKIM_SELECTOR", DEFAULTS.dkim_selector),
             dkim_key=self._rsa_key(),
-            ed25519_selector=self._selector("SYSTEM_DKIM_ED25519_SELECTOR", "ed25519"),
+            ed25519_selector=self._selector("SYSTEM_DKIM_ED25519_SELECTOR",
+                                            DEFAULTS.ed25519_selector),
             ed25519_key=self._ed25519_key(),
             dashboard_url=self._url("DASHBOARD_URL"),
             smtp=smtp,
-            smtp_tls_verify=self._bool("SMTP_TLS_VERIFY", True),
+            smtp_tls_verify=self._bool("SMTP_TLS_VERIFY", DEFAULTS.smtp_tls_verify),
             smtp_ca_file=self._file("SMTP_CA_FILE"),
-            smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", 30.0),
-            smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", 4, 64),
-            spool_dir=Path(self.env.get("SYSMAIL_SPOOL") or "spool"),
-            outbox_dir=Path(self.env.get("SYSMAIL_OUTBOX") or "outbox"),
+            smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", DEFAULTS.smtp_timeout),
+            smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", DEFAULTS.smtp_connections, 64),
+            spool_dir=self._path("SYSMAIL_SPOOL", DEFAULTS.spool_dir),
+            outbox_dir=self._path("SYSMAIL_OUTBOX", DEFAULTS.outbox_dir),
             templates_dir=self._folder("SYSMAIL_TEMPLATES"),
-            allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", False),
+            allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", DEFAULTS.allow_unsigned),
             log_level=self._log_level(),
-            **self._service(),
+            listen=listen,
+            public_url=public or f"http://{_url_host(listen[0])}:{listen[1]}",
+            public_url_set=bool(public),
+            db_path=self._path("SYSMAIL_DB", DEFAULTS.db_path),
+            store=self._import_path("SYSMAIL_STORE"),
+            api_key=self._api_key(),
+            trusted_proxies=self._networks("SYSMAIL_TRUSTED_PROXIES"),
+            reset_token_seconds=int(self._positive("SYSMAIL_RESET_TOKEN_SECONDS",
+                                                   DEFAULTS.reset_token_seconds)),
+            forgot_client_limit=self._rate("SYSMAIL_FORGOT_LIMIT_PER_CLIENT",
+                                           DEFAULTS.forgot_client_limit),
+            forgot_address_limit=self._rate("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS",
+                                            DEFAULTS.forgot_address_limit),
+            reset_client_limit=self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT",
+                                          DEFAULTS.reset_client_limit),
+            redis_url=self._redis_url(),
+            systemd={k: v for k, v in self.env.items() if k in SYSTEMD_VARIABLES},
         )
         if smtp and not config.signing and not config.allow_unsigned:
             self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is required with a real SMTP_URL "
                                  "(or set SYSMAIL_ALLOW_UNSIGNED=1 to send unsigned mail)")
         return config
 
-    def _service(self) -> dict:
-        """The HTTP service's settings."""
-        listen = self._listen()
-        public = self._url("SYSMAIL_PUBLIC_URL")
+    def _api_key(self) -> str:
         api_key = self.env.get("SYSMAIL_API_KEY", "").strip()
         if api_key and len(api_key) < 16:
             self.problems.append("SYSMAIL_API_KEY must be at least 16 characters")
-        return {
-            "listen": listen,
-            "public_url": public or f"http://{_url_host(listen[0])}:{listen[1]}",
-            "public_url_set": bool(public),
-            "db_path": Path(self.env.get("SYSMAIL_DB") or "sysmail.db"),
-            "store": self._import_path("SYSMAIL_STORE"),
-            "api_key": api_key,
-            "trusted_proxies": self._networks("SYSMAIL_TRUSTED_PROXIES"),
-            "reset_token_seconds": int(self._positive("SYSMAIL_RESET_TOKEN_SECONDS", 3600)),
-            "forgot_client_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_CLIENT", (10, 60.0)),
-            "forgot_address_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS", (3, 3600.0)),
-            "reset_client_limit": self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT", (10, 60.0)),
-            "redis_url": self._redis_url(),
-            "systemd": {k: v for k, v in self.env.items()
-                        if k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")},
-        }
+        return api_key
+
+    def _path(self, name: str, default: Path) -> Path:
+        return Path(self.env.get(name) or default)
 
     def _import_path(self, name: str) -> str:
         value = self.env.get(name, "").strip()
@@ -584,12 +564,14 @@ class _EnvReader:
         return value
 
     def _listen(self) -> tuple[str, int]:
-        value = self.env.get("SYSMAIL_LISTEN", "").strip() or "127.0.0.1:8025"
+        value = self.env.get("SYSMAIL_LISTEN", "").strip()
+        if not value:
+            return DEFAULTS.listen
         host, _, port = value.rpartition(":")
         host = host.strip("[]")
         if not host or not port.isdigit() or int(port) > 65535:
             self.problems.append("SYSMAIL_LISTEN must be HOST:PORT, like 127.0.0.1:8025")
-            return ("127.0.0.1", 8025)
+            return DEFAULTS.listen
         return (host, int(port))
 
     def _networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -745,11 +727,74 @@ class _EnvReader:
         return Path(value) if value else None
 
     def _log_level(self) -> int:
-        value = self.env.get("SYSMAIL_LOG_LEVEL", "info").strip().lower() or "info"
-        if value not in LOG_LEVELS:
+        value = self.env.get("SYSMAIL_LOG_LEVEL", "").strip().lower()
+        if value and value not in LOG_LEVELS:
             self.problems.append("SYSMAIL_LOG_LEVEL must be debug, info, warning or error")
-            return logging.INFO
-        return LOG_LEVELS[value]
+        return LOG_LEVELS.get(value, DEFAULTS.log_level)
+
+
+ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
+    # variable, the Config field whose default applies ("" for none), what it is
+    ("SYSTEM_DOMAIN", "domain", "brand domain (required with SMTP_URL)"),
+    ("SYSTEM_FROM", "", "sender address (noreply@$SYSTEM_DOMAIN)"),
+    ("SYSTEM_FROM_NAME", "", "sender display name ($SYSTEM_DOMAIN)"),
+    ("SYSTEM_REPLY_TO", "", "optional Reply-To address"),
+    ("SYSTEM_DKIM_SELECTOR", "dkim_selector", "RSA selector"),
+    ("SYSTEM_DKIM_PRIVATE_KEY", "", "PEM RSA key, 2048 bits or more (literal \\n accepted)"),
+    ("SYSTEM_DKIM_ED25519_SELECTOR", "ed25519_selector", "selector of the ed25519 key"),
+    ("SYSTEM_DKIM_ED25519_PRIVATE_KEY", "", "optional ed25519 key: PEM or base64 seed"),
+    ("DASHBOARD_URL", "", "base of the links in account mails"),
+    ("SMTP_URL", "", ("smtp://user:pass@host:587 (STARTTLS), smtps://host:465 or "
+                      "smtp+plain://127.0.0.1:25 (loopback only); unset: .eml files in the outbox")),
+    ("SMTP_TLS_VERIFY", "smtp_tls_verify", "0 relaxes the relay's certificate checks"),
+    ("SMTP_CA_FILE", "", "a private CA to trust for the relay"),
+    ("SMTP_TIMEOUT_SECONDS", "smtp_timeout", "socket timeout for the relay"),
+    ("SYSMAIL_SMTP_CONNECTIONS", "smtp_connections", "SMTP connections a sender uses at once"),
+    ("SYSMAIL_SPOOL", "spool_dir", "the spool folder"),
+    ("SYSMAIL_OUTBOX", "outbox_dir", "where .eml files go without SMTP_URL"),
+    ("SYSMAIL_TEMPLATES", "", "folder of NAME.subject / NAME.txt / NAME.html overrides"),
+    ("SYSMAIL_ALLOW_UNSIGNED", "allow_unsigned", "1 allows a real relay without a DKIM key"),
+    ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
+    ("REDIS_URL", "", "fallback queue (and shared rate limits) in Redis"),
+    ("SYSMAIL_LISTEN", "listen", "the HTTP service's address"),
+    ("SYSMAIL_PUBLIC_URL", "", "public base URL of the reset page (the listen address)"),
+    ("SYSMAIL_DB", "db_path", "the SQLite token store"),
+    ("SYSMAIL_STORE", "", "module:attribute of another token store (class or factory)"),
+    ("SYSMAIL_API_KEY", "", "bearer key of POST /v1/emails (the route is off when unset)"),
+    ("SYSMAIL_TRUSTED_PROXIES", "", "proxies whose X-Forwarded-For is believed (IPs, CIDRs)"),
+    ("SYSMAIL_RESET_TOKEN_SECONDS", "reset_token_seconds", "reset link lifetime"),
+    ("SYSMAIL_FORGOT_LIMIT_PER_CLIENT", "forgot_client_limit", "COUNT/SECONDS"),
+    ("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS", "forgot_address_limit", "COUNT/SECONDS"),
+    ("SYSMAIL_RESET_LIMIT_PER_CLIENT", "reset_client_limit", "COUNT/SECONDS"),
+    ("CREDENTIALS_DIRECTORY", "", ("systemd credentials dkim.pem, dkim-ed25519.pem, smtp-url "
+                                   "and api-key (they win over the variables)")),
+)
+
+
+def environment_help() -> str:
+    """The environment variables, what each is and its default: for --help and __doc__."""
+    lines = []
+    for variable, field_name, text in ENVIRONMENT:
+        if field_name:
+            text += f" (default {_shown_default(field_name, getattr(DEFAULTS, field_name))})"
+        lines += textwrap.wrap(text, 96, initial_indent=f"    {variable:33} ",
+                               subsequent_indent=" " * 38)
+    return "\n".join(lines)
+
+
+def _shown_default(name: str, value: object) -> str:
+    if name == "log_level":
+        return logging.getLevelName(value).lower()
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple) and isinstance(value[0], str):
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, tuple):
+        return f"{value[0]}/{value[1]:g}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+__doc__ = __doc__.replace("@ENVIRONMENT@", environment_help())
 
 
 CREDENTIAL_FILES = {"dkim.pem": "SYSTEM_DKIM_PRIVATE_KEY",
@@ -4687,7 +4732,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="sysmail", description="Queue and send system emails.")
+    parser = _ArgumentParser(prog="sysmail", description="Queue and send system emails.",
+                             epilog="environment:\n" + environment_help(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-file", metavar="FILE",
                         help="read variables from a systemd EnvironmentFile (the environment wins)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,

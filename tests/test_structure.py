@@ -12,9 +12,9 @@ SOURCE = Path(sysmail.__file__).read_text(encoding="utf-8")
 BANNER = re.compile(r"# ---- (.+) ---- #$")
 
 
-def banners() -> list[tuple[int, str]]:
+def banners(source: str = SOURCE) -> list[tuple[int, str]]:
     """(line number, title) of every section banner, in file order."""
-    return [(number, match.group(1)) for number, line in enumerate(SOURCE.splitlines(), 1)
+    return [(number, match.group(1)) for number, line in enumerate(source.splitlines(), 1)
             if (match := BANNER.match(line))]
 
 
@@ -38,9 +38,9 @@ def top_level_names(tree: ast.Module) -> dict[str, int]:
     return names
 
 
-def forward_references() -> list[str]:
+def forward_references(source: str = SOURCE) -> list[str]:
     """Every use of a module-level name above the section that defines it."""
-    sections, tree = banners(), ast.parse(SOURCE)
+    sections, tree = banners(source), ast.parse(source)
     defined = {name: section_of(line, sections) for name, line in top_level_names(tree).items()}
     found = []
     for node in ast.walk(tree):
@@ -58,14 +58,9 @@ def test_no_section_uses_a_name_defined_below_it() -> None:
 
 def test_the_checker_sees_a_forward_reference() -> None:
     """The walk is not vacuous: a name used above its section is reported."""
-    global SOURCE
-    saved = SOURCE
-    try:
-        SOURCE = ("# ---- A ---- #\ndef early():\n    return late()\n\n"
-                  "# ---- B ---- #\ndef late():\n    return 1\n")
-        assert forward_references() == ["line 3: A uses late, defined in B"]
-    finally:
-        SOURCE = saved
+    source = ("# ---- A ---- #\ndef early():\n    return late()\n\n"
+              "# ---- B ---- #\ndef late():\n    return 1\n")
+    assert forward_references(source) == ["line 3: A uses late, defined in B"]
 
 
 def test_the_docstring_contents_list_the_banners_in_order() -> None:
