@@ -1561,7 +1561,8 @@ class _DueIndex:
 
     RESCAN_SECONDS = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
         self._lock = threading.Lock()
         self._heaps: dict[int, list[str]] = {}
         self._built_at: float | None = None
@@ -1569,7 +1570,7 @@ class _DueIndex:
     def needs_scan(self) -> bool:
         """True when the index was never built or is old enough to refresh."""
         built = self._built_at
-        return built is None or time.monotonic() - built >= self.RESCAN_SECONDS
+        return built is None or self.clock() - built >= self.RESCAN_SECONDS
 
     def rebuild(self, entries: list[str]) -> None:
         """Replace the index with a fresh scan of new/ (100,000 names in about 50 ms)."""
@@ -1581,7 +1582,7 @@ class _DueIndex:
         for heap in heaps.values():
             heapq.heapify(heap)
         with self._lock:
-            self._heaps, self._built_at = heaps, time.monotonic()
+            self._heaps, self._built_at = heaps, self.clock()
 
     def add(self, entry: str) -> None:
         """Index one name that just appeared in new/."""
@@ -1714,15 +1715,14 @@ class Spool:
     send content and settle one message at a time (Sender._commit).
     """
 
-    def __init__(self, root: Path | str, clock: Clock = time.time):
+    def __init__(self, root: Path | str, clock: Clock = time.time, *,
+                 index: _DueIndex | None = None, wakeups: _Wakeups | None = None):
         self.root = Path(root)
         self.clock = clock
         self._counter = 0
         self._lock = threading.Lock()
-        self._wake_socket: socket.socket | None = None
-        self._index = _DueIndex()
-        self._own_listener = ""
-        self._wake_local: Callable[[], None] = lambda: None
+        self._index = index or _DueIndex()
+        self._wakeups = wakeups or _Wakeups(self.root / "wake")
         try:
             for sub in ("", "tmp", "new", "cur", "failed", "wake"):
                 _make_private_dir(self.root / sub)
@@ -1744,8 +1744,7 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool {self.root}: {exc.strerror}") from exc
         self._index.add(str(name))
-        self._wake_local()  # this process's sender, which notify() skips
-        self.notify(str(name))
+        self._wakeups.notify(str(name))
         return name.id
 
     def _new_id(self) -> str:
@@ -1916,8 +1915,7 @@ class Spool:
             _fsync_dir(self.root / "new")
             _unlink_quietly(self.root / "failed" / f"{entry}.json")
             self._index.add(fresh)
-            self._wake_local()
-            self.notify(fresh)
+            self._wakeups.notify(fresh)
             moved.append(name.id)
         return moved
 
@@ -1958,42 +1956,62 @@ class Spool:
         except OSError:
             return None
 
-    # -- waking workers in other processes -- #
+    # -- waking workers -- #
 
     def notify(self, entry: str = "") -> None:
-        """Tell every other worker listening on this spool that entry is in new/."""
+        """Tell every worker on this spool that entry is in new/ (or just to look)."""
+        self._wakeups.notify(entry)
+
+    def listen(self, on_wake: Callable[[], None]) -> _WakeListener | None:
+        """Index what other processes enqueue, and call on_wake for every new entry."""
+        def arrived(entry: str) -> None:
+            self._index.add(entry)
+            on_wake()
+        return self._wakeups.listen(arrived, on_wake)
+
+
+class _Wakeups:
+    """Wake-ups for the workers of one spool: this process's sender is called directly, other
+    processes' get a datagram on the abstract unix socket each registers in wake/."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._socket: socket.socket | None = None
+        self._own_listener = ""
+        self._local: Callable[[], None] = lambda: None
+
+    def notify(self, entry: str = "") -> None:
+        """Wake this process's sender, and send entry's name to every other listener."""
+        self._local()
         if not sys.platform.startswith("linux"):
             return  # workers fall back to their idle poll
-        if self._wake_socket is None:
-            self._wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._wake_socket.setblocking(False)
+        if self._socket is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
         try:
-            listeners = _scan(self.root / "wake")
+            listeners = _scan(self.folder)
         except SpoolError:
             return  # no one can be listening on a broken spool
         for listener in listeners:
             if listener == self._own_listener:
                 continue  # this process indexed it already
             try:
-                self._wake_socket.sendto(entry.encode() or b"!", _WAKE_PREFIX + listener)
+                self._socket.sendto(entry.encode() or b"!", _WAKE_PREFIX + listener)
             except BlockingIOError:
                 pass  # its queue is full: it is awake already
             except (ConnectionRefusedError, FileNotFoundError):
-                _unlink_quietly(self.root / "wake" / listener)
+                _unlink_quietly(self.folder / listener)
 
-    def listen(self, on_wake: Callable[[], None]) -> _WakeListener | None:
-        """Start a listener that indexes what other processes enqueue and calls on_wake."""
+    def listen(self, arrived: Callable[[str], None],
+               local: Callable[[], None]) -> _WakeListener | None:
+        """Receive other processes' names (arrived) and this one's wake-ups (local)."""
         if not sys.platform.startswith("linux"):
             return None
-
-        def arrived(entry: str) -> None:
-            self._index.add(entry)
-            on_wake()
         try:
-            listener = _WakeListener(self.root / "wake", arrived)
+            listener = _WakeListener(self.folder, arrived)
         except OSError:
             return None  # a broken spool: the sender still polls, and drains Redis
-        self._own_listener, self._wake_local = listener.name, on_wake
+        self._own_listener, self._local = listener.name, local
         return listener
 
 
