@@ -477,12 +477,122 @@ DEFAULTS = Config()  # each default is written once, as its Config field's
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
-class _EnvReader:
-    """Reads Config fields from a mapping, collecting every problem instead of stopping."""
+class _EnvValues:
+    """Typed values read from an environment mapping, collecting every problem instead of
+    stopping: a bad value is reported and its default used."""
 
     def __init__(self, env: Mapping[str, str]):
         self.env = env
         self.problems: list[str] = []
+
+    def _path(self, name: str, default: Path) -> Path:
+        return Path(self.env.get(name) or default)
+
+    def _import_path(self, name: str) -> str:
+        value = self.env.get(name, "").strip()
+        if value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            self.problems.append(f"{name} must be module:attribute, like myapp.users:Store")
+            return ""
+        return value
+
+    def _networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        items = [v.strip() for v in self.env.get(name, "").split(",") if v.strip()]
+        try:
+            return tuple(ipaddress.ip_network(v, strict=False) for v in items)
+        except ValueError:
+            self.problems.append(f"{name} must be a comma-separated list of IP addresses or CIDRs")
+            return ()
+
+    def _rate(self, name: str, default: tuple[int, float]) -> tuple[int, float]:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        count, _, seconds = value.partition("/")
+        if not (count.isdigit() and seconds.isdigit() and int(count) > 0 and int(seconds) > 0):
+            self.problems.append(f"{name} must be COUNT/SECONDS, like 10/60")
+            return default
+        return (int(count), float(seconds))
+
+    def _address(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            return validate_address(value)
+        except MessageError:
+            self.problems.append(f"{name} is not a valid email address")
+            return default
+
+    def _header_text(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip() or default
+        if _unsafe_in_header(value):
+            self.problems.append(f"{name} contains a line break or a control character")
+            return default
+        return value
+
+    def _selector(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip() or default
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})", value):
+            self.problems.append(f"{name} must be letters, digits, dots, '-' or '_'")
+            return default
+        return value
+
+    def _url(self, name: str) -> str:
+        value = self.env.get(name, "").strip().rstrip("/")
+        if value and not _is_web_url(value):
+            self.problems.append(f"{name} must be an http:// or https:// URL")
+            return ""
+        return value
+
+    def _bool(self, name: str, default: bool) -> bool:
+        value = self.env.get(name)
+        if value is None:
+            return default
+        word = value.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        self.problems.append(f"{name} must be 1 or 0")
+        return default
+
+    def _positive(self, name: str, default: float) -> float:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if number <= 0:
+            self.problems.append(f"{name} must be a positive number of seconds")
+            return default
+        return number
+
+    def _count(self, name: str, default: int, maximum: int) -> int:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= maximum:
+            self.problems.append(f"{name} must be a whole number from 1 to {maximum}")
+            return default
+        return int(value)
+
+    def _file(self, name: str) -> str:
+        value = self.env.get(name, "").strip()
+        if value and not os.path.isfile(value):
+            self.problems.append(f"{name} names no readable file")
+            return ""
+        return value
+
+    def _folder(self, name: str) -> Path | None:
+        value = self.env.get(name, "").strip()
+        if value and not os.path.isdir(value):
+            self.problems.append(f"{name} names no folder")
+            return None
+        return Path(value) if value else None
+
+
+class _EnvReader(_EnvValues):
+    """Reads a Config from a mapping: the values, and the rules that tie them together."""
 
     def read(self) -> Config:
         smtp = self._smtp_url()
@@ -539,16 +649,6 @@ class _EnvReader:
             self.problems.append("SYSMAIL_API_KEY must be at least 16 characters")
         return api_key
 
-    def _path(self, name: str, default: Path) -> Path:
-        return Path(self.env.get(name) or default)
-
-    def _import_path(self, name: str) -> str:
-        value = self.env.get(name, "").strip()
-        if value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
-            self.problems.append(f"{name} must be module:attribute, like myapp.users:Store")
-            return ""
-        return value
-
     def _redis_url(self) -> str:
         value = self.env.get("REDIS_URL", "").strip()
         if not value:
@@ -573,24 +673,6 @@ class _EnvReader:
             self.problems.append("SYSMAIL_LISTEN must be HOST:PORT, like 127.0.0.1:8025")
             return DEFAULTS.listen
         return (host, int(port))
-
-    def _networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        items = [v.strip() for v in self.env.get(name, "").split(",") if v.strip()]
-        try:
-            return tuple(ipaddress.ip_network(v, strict=False) for v in items)
-        except ValueError:
-            self.problems.append(f"{name} must be a comma-separated list of IP addresses or CIDRs")
-            return ()
-
-    def _rate(self, name: str, default: tuple[int, float]) -> tuple[int, float]:
-        value = self.env.get(name, "").strip()
-        if not value:
-            return default
-        count, _, seconds = value.partition("/")
-        if not (count.isdigit() and seconds.isdigit() and int(count) > 0 and int(seconds) > 0):
-            self.problems.append(f"{name} must be COUNT/SECONDS, like 10/60")
-            return default
-        return (int(count), float(seconds))
 
     def _smtp_url(self) -> SmtpUrl | None:
         text = self.env.get("SMTP_URL", "").strip()
@@ -617,30 +699,6 @@ class _EnvReader:
         except MessageError:
             self.problems.append("SYSTEM_DOMAIN is not a valid domain name")
             return "localhost"
-
-    def _address(self, name: str, default: str) -> str:
-        value = self.env.get(name, "").strip()
-        if not value:
-            return default
-        try:
-            return validate_address(value)
-        except MessageError:
-            self.problems.append(f"{name} is not a valid email address")
-            return default
-
-    def _header_text(self, name: str, default: str) -> str:
-        value = self.env.get(name, "").strip() or default
-        if _unsafe_in_header(value):
-            self.problems.append(f"{name} contains a line break or a control character")
-            return default
-        return value
-
-    def _selector(self, name: str, default: str) -> str:
-        value = self.env.get(name, "").strip() or default
-        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})", value):
-            self.problems.append(f"{name} must be letters, digits, dots, '-' or '_'")
-            return default
-        return value
 
     def _rsa_key(self) -> bytes | None:
         text = self.env.get("SYSTEM_DKIM_PRIVATE_KEY", "").strip()
@@ -672,59 +730,6 @@ class _EnvReader:
                                  "pip install 'sysmail[ed25519]'")
             return None
         return base64.b64encode(seed)
-
-    def _url(self, name: str) -> str:
-        value = self.env.get(name, "").strip().rstrip("/")
-        if value and not _is_web_url(value):
-            self.problems.append(f"{name} must be an http:// or https:// URL")
-            return ""
-        return value
-
-    def _bool(self, name: str, default: bool) -> bool:
-        value = self.env.get(name)
-        if value is None:
-            return default
-        word = value.strip().lower()
-        if word in _TRUE_WORDS or word in _FALSE_WORDS:
-            return word in _TRUE_WORDS
-        self.problems.append(f"{name} must be 1 or 0")
-        return default
-
-    def _positive(self, name: str, default: float) -> float:
-        value = self.env.get(name, "").strip()
-        if not value:
-            return default
-        try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if number <= 0:
-            self.problems.append(f"{name} must be a positive number of seconds")
-            return default
-        return number
-
-    def _count(self, name: str, default: int, maximum: int) -> int:
-        value = self.env.get(name, "").strip()
-        if not value:
-            return default
-        if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= maximum:
-            self.problems.append(f"{name} must be a whole number from 1 to {maximum}")
-            return default
-        return int(value)
-
-    def _file(self, name: str) -> str:
-        value = self.env.get(name, "").strip()
-        if value and not os.path.isfile(value):
-            self.problems.append(f"{name} names no readable file")
-            return ""
-        return value
-
-    def _folder(self, name: str) -> Path | None:
-        value = self.env.get(name, "").strip()
-        if value and not os.path.isdir(value):
-            self.problems.append(f"{name} names no folder")
-            return None
-        return Path(value) if value else None
 
     def _log_level(self) -> int:
         value = self.env.get("SYSMAIL_LOG_LEVEL", "").strip().lower()
@@ -3061,6 +3066,127 @@ class _Batch:
             self.error = self.error or error
 
 
+class _Settler:
+    """Applies what happened to a claim to its queue: sent, deferred, failed, expired or
+    released; counts it, logs it, and keeps the claims a failing queue could not take back."""
+
+    def __init__(self, spool: Spool, metrics: Metrics, clock: Clock, retry: RetryPolicy,
+                 rand: Callable[[], float]):
+        self.spool = spool
+        self.metrics = metrics
+        self.clock = clock
+        self.retry = retry
+        self.rand = rand
+        self._lock = threading.Lock()
+        self._unreleased: list[Claim] = []
+        self._last_mark = float("-inf")
+
+    def release(self, claim: Claim, counts: DeliveryCounts) -> None:
+        """Put a claim back; when its queue cannot take it now, keep it to try again later
+        (a claim left to its lease would wait minutes, and one already sent goes out once
+        more: the duplicate window of a queue outage)."""
+        try:
+            claim.queue.release(claim)
+        except (QueueUnavailable, SpoolError, OSError):
+            with self._lock:
+                self._unreleased.append(claim)
+        counts.add("released")
+
+    def release_leftovers(self) -> None:
+        """Try again to put back the claims a failing queue could not take."""
+        with self._lock:
+            leftovers, self._unreleased = self._unreleased, []
+        for claim in leftovers:
+            try:
+                claim.queue.release(claim)
+            except (QueueUnavailable, SpoolError, OSError):
+                with self._lock:
+                    self._unreleased.append(claim)
+
+    def verdicts(self, message: SpooledMessage,
+                  result: SendResult | DeliveryError) -> tuple[Verdict, ...]:
+        """What to do with each group of recipients after the relay answered."""
+        if isinstance(result, DeliveryError):
+            refusals = {r: (result.smtp_code, result.reply) for r in message.rcpts}
+            verdicts: list[Verdict] = []
+        else:
+            refusals = dict(result.refused)
+            verdicts = [Verdict("sent", result.accepted, {"code": result.code,
+                                                          "reply": result.reply})]
+        for permanent in (True, False):
+            group = tuple(r for r, (code, _) in refusals.items()
+                          if (classify_reply(code or 451) == "permanent") == permanent)
+            if group:
+                verdicts.append(self._refused(message, group, *refusals[group[0]], permanent))
+        return tuple(v for v in verdicts if v.rcpts)
+
+    def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
+                 reply: str, permanent: bool) -> Verdict:
+        """A refused group's verdict: failed when permanent or out of attempts, else retry."""
+        if permanent:
+            return Verdict("failed", rcpts, _refusal("rejected", code, reply))
+        if message.attempt + 1 >= self.retry.attempts:
+            return Verdict("failed", rcpts, _refusal("attempts exhausted", code, reply))
+        return Verdict("deferred", rcpts, _refusal("deferred", code, reply))
+
+    def apply(self, claim: Claim, message: SpooledMessage | None,
+               verdicts: tuple[Verdict, ...], counts: DeliveryCounts,
+               duration: float = 0.0) -> None:
+        """Settle a claim by its verdicts: when one unserved group is all there is, the claim
+        itself moves; otherwise each unserved group is written apart and the claim forgotten."""
+        served = [v for v in verdicts if v.action == "sent"]
+        unserved = [v for v in verdicts if v.action != "sent"]
+        if served and message is not None:
+            self._log_sent(message, served[0], duration)
+            counts.add("sent")
+        whole = not served and len(unserved) == 1
+        for verdict in unserved:
+            self._settle(claim, message, verdict, counts, whole)
+        if not whole:
+            claim.queue.ack(claim)
+
+    def _settle(self, claim: Claim, message: SpooledMessage | None, verdict: Verdict,
+                counts: DeliveryCounts, whole: bool) -> None:
+        """Defer or bury the whole claim, or a copy of it for the verdict's recipients."""
+        reason = dict(verdict.reason)
+        if message is not None:
+            reason.update(rfcMessageId=message.message_id, to=list(verdict.rcpts),
+                          template=message.template, attempts=message.attempt + 1)
+        if verdict.action == "deferred":
+            due = self.clock() + self.retry.delay(message.attempt + 1, self.rand())
+            if whole:
+                claim.queue.defer(claim, due)
+            else:
+                claim.queue.enqueue(message.header(verdict.rcpts), message.data,
+                                    message.priority, due=due, attempt=message.attempt + 1)
+            log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
+                      to=list(verdict.rcpts), attempt=message.attempt + 1,
+                      next_try=_iso_time(due), code=reason.get("code"),
+                      reason=f"{reason.get('code')} {reason.get('reply')}")
+        elif whole:
+            claim.queue.fail(claim, reason)
+        else:
+            claim.queue.add_failed(message, verdict.rcpts, reason)
+        counts.add(verdict.action)
+        self.metrics.inc("sysmail_messages_total", outcome=verdict.action)
+        if verdict.action != "deferred":
+            log_event(logging.WARNING, verdict.action, id=claim.name.id, **reason)
+
+    def _log_sent(self, message: SpooledMessage, sent: Verdict, duration: float) -> None:
+        now = self.clock()
+        if now - self._last_mark >= LAST_SENT_RESOLUTION_SECONDS:  # one utime a second will do
+            self._last_mark = now
+            self.spool.mark_sent()
+        latency = max(now - message.queued_at, 0.0)
+        self.metrics.inc("sysmail_messages_total", outcome="sent")
+        self.metrics.observe_latency(latency)
+        if _log.isEnabledFor(logging.INFO):
+            log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
+                      to=list(sent.rcpts), template=message.template or "ad-hoc",
+                      code=sent.reason["code"], reply=sent.reason["reply"],
+                      duration_ms=round(duration * 1000, 1), latency_ms=round(latency * 1000, 1))
+
+
 class Sender:
     """Drains a spool through a transport, signing each message at send time.
 
@@ -3092,11 +3218,9 @@ class Sender:
         self._next_due: float | None = None
         self._relay = _RelayBackoff(retry, clock, rand)
         self._last_clean = 0.0
-        self._last_mark = float("-inf")
         self._last_queue_warning: dict[str, float] = {}
-        self._lock = threading.Lock()
         self._commit = threading.Lock()
-        self._unreleased: list[Claim] = []
+        self._settler = _Settler(spool, self.metrics, clock, retry, rand)
         self._connections = _Connections(transport, connections, transport_factory)
 
     def close(self) -> None:
@@ -3160,7 +3284,7 @@ class Sender:
         """Deliver every message due now; stop early (releasing claims) if the relay is down."""
         counts = DeliveryCounts()
         next_due: list[float] = []
-        self._release_leftovers()
+        self._settler.release_leftovers()
         for source in self.queues:
             try:
                 if not self._drain(source, counts, next_due):
@@ -3205,45 +3329,23 @@ class Sender:
         """Deliver one claim on a free connection; never raises."""
         self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
         if batch.halted:  # the rest goes back, unsent and unharmed
-            self._release(claim, counts)
+            self._settler.release(claim, counts)
             return
         try:
             with self._connections.borrow() as transport:
                 self._deliver(claim, counts, transport, batch)
         except (RelayUnavailable, QueueUnavailable, SpoolError, OSError) as exc:
             batch.halt(exc)  # the relay or the queue, not the message
-            self._release(claim, counts)
+            self._settler.release(claim, counts)
         except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
             _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
             internal = Verdict("failed", (), {"reason": "internal error",
                                               "error": type(exc).__name__})
             try:
-                self._apply(claim, None, (internal,), counts)
+                self._settler.apply(claim, None, (internal,), counts)
             except (QueueUnavailable, SpoolError, OSError) as queue_error:
                 batch.halt(queue_error)
-                self._release(claim, counts)
-
-    def _release(self, claim: Claim, counts: DeliveryCounts) -> None:
-        """Put a claim back; when its queue cannot take it now, keep it to try again later
-        (a claim left to its lease would wait minutes, and one already sent goes out once
-        more: the duplicate window of a queue outage)."""
-        try:
-            claim.queue.release(claim)
-        except (QueueUnavailable, SpoolError, OSError):
-            with self._lock:
-                self._unreleased.append(claim)
-        counts.add("released")
-
-    def _release_leftovers(self) -> None:
-        """Try again to put back the claims a failing queue could not take."""
-        with self._lock:
-            leftovers, self._unreleased = self._unreleased, []
-        for claim in leftovers:
-            try:
-                claim.queue.release(claim)
-            except (QueueUnavailable, SpoolError, OSError):
-                with self._lock:
-                    self._unreleased.append(claim)
+                self._settler.release(claim, counts)
 
     def _deliver(self, claim: Claim, counts: DeliveryCounts, transport: Transport,
                  batch: _Batch) -> None:
@@ -3254,10 +3356,10 @@ class Sender:
             message = claim.queue.read(claim)
         except SpoolError as exc:
             unreadable = Verdict("failed", (), {"reason": "unreadable", "error": str(exc)})
-            self._apply(claim, None, (unreadable,), counts)
+            self._settler.apply(claim, None, (unreadable,), counts)
             return
         if self.clock() >= message.expires_at:
-            self._apply(claim, message, (Verdict("expired", message.rcpts,
+            self._settler.apply(claim, message, (Verdict("expired", message.rcpts,
                                                  {"reason": "expired"}),), counts)
             return
         data = self.signer.sign(message.data) if self.signer else message.data
@@ -3271,10 +3373,10 @@ class Sender:
         with self._commit:
             if batch.halted:  # stopped, or the relay or queue failed while we waited our turn
                 transport.abort()
-                self._release(claim, counts)
+                self._settler.release(claim, counts)
                 return
             result = self._content(transport, answer, data)
-            self._apply(claim, message, self._verdicts(message, result), counts,
+            self._settler.apply(claim, message, self._settler.verdicts(message, result), counts,
                         time.monotonic() - started)
 
     @staticmethod
@@ -3291,90 +3393,6 @@ class Sender:
             raise
         except DeliveryError as exc:
             return exc
-
-    def _verdicts(self, message: SpooledMessage,
-                  result: SendResult | DeliveryError) -> tuple[Verdict, ...]:
-        """What to do with each group of recipients after the relay answered."""
-        if isinstance(result, DeliveryError):
-            refusals = {r: (result.smtp_code, result.reply) for r in message.rcpts}
-            verdicts: list[Verdict] = []
-        else:
-            refusals = dict(result.refused)
-            verdicts = [Verdict("sent", result.accepted, {"code": result.code,
-                                                          "reply": result.reply})]
-        for permanent in (True, False):
-            group = tuple(r for r, (code, _) in refusals.items()
-                          if (classify_reply(code or 451) == "permanent") == permanent)
-            if group:
-                verdicts.append(self._refused(message, group, *refusals[group[0]], permanent))
-        return tuple(v for v in verdicts if v.rcpts)
-
-    def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
-                 reply: str, permanent: bool) -> Verdict:
-        """A refused group's verdict: failed when permanent or out of attempts, else retry."""
-        if permanent:
-            return Verdict("failed", rcpts, _refusal("rejected", code, reply))
-        if message.attempt + 1 >= self.retry.attempts:
-            return Verdict("failed", rcpts, _refusal("attempts exhausted", code, reply))
-        return Verdict("deferred", rcpts, _refusal("deferred", code, reply))
-
-    def _apply(self, claim: Claim, message: SpooledMessage | None,
-               verdicts: tuple[Verdict, ...], counts: DeliveryCounts,
-               duration: float = 0.0) -> None:
-        """Settle a claim by its verdicts: when one unserved group is all there is, the claim
-        itself moves; otherwise each unserved group is written apart and the claim forgotten."""
-        served = [v for v in verdicts if v.action == "sent"]
-        unserved = [v for v in verdicts if v.action != "sent"]
-        if served and message is not None:
-            self._log_sent(message, served[0], duration)
-            counts.add("sent")
-        whole = not served and len(unserved) == 1
-        for verdict in unserved:
-            self._settle(claim, message, verdict, counts, whole)
-        if not whole:
-            claim.queue.ack(claim)
-
-    def _settle(self, claim: Claim, message: SpooledMessage | None, verdict: Verdict,
-                counts: DeliveryCounts, whole: bool) -> None:
-        """Defer or bury the whole claim, or a copy of it for the verdict's recipients."""
-        reason = dict(verdict.reason)
-        if message is not None:
-            reason.update(rfcMessageId=message.message_id, to=list(verdict.rcpts),
-                          template=message.template, attempts=message.attempt + 1)
-        if verdict.action == "deferred":
-            due = self.clock() + self.retry.delay(message.attempt + 1, self.rand())
-            if whole:
-                claim.queue.defer(claim, due)
-            else:
-                claim.queue.enqueue(message.header(verdict.rcpts), message.data,
-                                    message.priority, due=due, attempt=message.attempt + 1)
-            log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
-                      to=list(verdict.rcpts), attempt=message.attempt + 1,
-                      next_try=_iso_time(due), code=reason.get("code"),
-                      reason=f"{reason.get('code')} {reason.get('reply')}")
-        elif whole:
-            claim.queue.fail(claim, reason)
-        else:
-            claim.queue.add_failed(message, verdict.rcpts, reason)
-        counts.add(verdict.action)
-        self.metrics.inc("sysmail_messages_total", outcome=verdict.action)
-        if verdict.action != "deferred":
-            log_event(logging.WARNING, verdict.action, id=claim.name.id, **reason)
-
-    def _log_sent(self, message: SpooledMessage, sent: Verdict, duration: float) -> None:
-        now = self.clock()
-        if now - self._last_mark >= LAST_SENT_RESOLUTION_SECONDS:  # one utime a second will do
-            self._last_mark = now
-            self.spool.mark_sent()
-        latency = max(now - message.queued_at, 0.0)
-        self.metrics.inc("sysmail_messages_total", outcome="sent")
-        self.metrics.observe_latency(latency)
-        if _log.isEnabledFor(logging.INFO):
-            log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
-                      to=list(sent.rcpts), template=message.template or "ad-hoc",
-                      code=sent.reason["code"], reply=sent.reason["reply"],
-                      duration_ms=round(duration * 1000, 1), latency_ms=round(latency * 1000, 1))
-
 
 def _refusal(reason: str, code: int | None, reply: str) -> dict:
     return {"reason": reason, "code": code, "reply": reply}
