@@ -72,6 +72,8 @@ from typing import Protocol, Self
 
 __all__ = [
     "BULK",
+    "DEFAULTS",
+    "ENVIRONMENT",
     "TEMPLATES",
     "URGENT",
     "Api",
@@ -82,7 +84,9 @@ __all__ = [
     "DeliveryCounts",
     "DeliveryError",
     "DkimSigner",
+    "Enqueuer",
     "Envelope",
+    "ForgotWorker",
     "HttpError",
     "IdempotencyKeys",
     "JsonLogFormatter",
@@ -104,6 +108,7 @@ __all__ = [
     "RetryPolicy",
     "SendResult",
     "Sender",
+    "SenderThread",
     "SmtpTransport",
     "SmtpUrl",
     "Spool",
@@ -125,6 +130,7 @@ __all__ = [
     "build_message",
     "classify_reply",
     "client_address",
+    "environment_help",
     "hash_password",
     "json_response",
     "load_templates",
@@ -133,6 +139,7 @@ __all__ = [
     "make_message_id",
     "parse_env_file",
     "render",
+    "store_from_config",
     "tls_context_from_config",
     "token_hash",
     "transport_from_config",
@@ -3953,7 +3960,6 @@ class Api:
         except Exception:  # noqa: BLE001 - the HTTP boundary: log it, tell the client nothing
             _log.exception("http_internal_error", extra={"fields": {"route": route}})
             response = json_response(500, {"error": "internal error"})
-        self.metrics.inc("sysmail_http_requests_total", route=route, status=str(response.status))
         return response
 
     def route_name(self, path: str) -> str:
@@ -4332,13 +4338,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         request = self._read_request()
         route = self.server.api.route_name(self.path.partition("?")[0])
-        if isinstance(request, Response):  # refused before routing: counted here
-            response = request
-            self.server.api.metrics.inc("sysmail_http_requests_total", route=route,
-                                        status=str(response.status))
-        else:
-            response = self.server.api.handle(request)
-        self._write(response)
+        response = request if isinstance(request, Response) else self.server.api.handle(request)
+        self._write(response, route)
         log_event(logging.INFO, "http", method=self.command[:16], route=route,
                   status=response.status, client=self._client(),
                   duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -4367,7 +4368,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return client_address(peer, self.headers.get("X-Forwarded-For", ""),
                               self.server.api.config.trusted_proxies)
 
-    def _write(self, response: Response) -> None:
+    def _write(self, response: Response, route: str) -> None:
+        """Send a response, and count it: the one place requests are counted."""
+        self.server.api.metrics.inc("sysmail_http_requests_total", route=route,
+                                    status=str(response.status))
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -4385,10 +4389,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """http.server's own protocol errors, as JSON 4xx like every other answer."""
         status = code if 400 <= code < 500 else 400
         self.close_connection = True
-        self.server.api.metrics.inc("sysmail_http_requests_total", route="unparsed",
-                                    status=str(status))
         with contextlib.suppress(OSError):
-            self._write(json_response(status, {"error": message or "bad request"}))
+            self._write(json_response(status, {"error": message or "bad request"}), "unparsed")
 
     def log_message(self, format: str, *args: object) -> None:  # http.server's own signature
         """Silenced: the default line holds the raw path, and with it a reset token."""

@@ -72,3 +72,23 @@ def test_the_docstring_contents_list_the_banners_in_order() -> None:
 def test_every_public_name_is_defined_and_exported_once() -> None:
     assert len(sysmail.__all__) == len(set(sysmail.__all__))
     assert all(hasattr(sysmail, name) for name in sysmail.__all__)
+
+
+def test_the_readme_configuration_table_agrees_with_the_config_defaults() -> None:
+    """Defaults live in Config's fields; --help, the docstring and the README show them."""
+    readme = (Path(sysmail.__file__).parent / "README.md").read_text(encoding="utf-8")
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \|", readme,
+                                                         re.MULTILINE)}
+    for variable, field_name, _ in sysmail.ENVIRONMENT:
+        if variable == "CREDENTIALS_DIRECTORY":
+            continue
+        assert variable in rows, f"{variable} is missing from the README's table"
+        if field_name:
+            shown = sysmail.environment_help().split(variable, 1)[1].split("(default ")[1]
+            assert shown.split(")")[0].split(":")[0] in rows[variable], variable
+
+
+def test_help_lists_every_variable_with_its_default() -> None:
+    text = sysmail.environment_help()
+    assert "SMTP_TIMEOUT_SECONDS" in text and "(default 30)" in text
+    assert all(variable in text for variable, _, _ in sysmail.ENVIRONMENT)
