@@ -2225,8 +2225,7 @@ for i = 1, 2 do
 end
 local next_due = false
 for i = 1, 2 do
-  local first = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. ARGV[1], '+inf', 'WITHSCORES',
-                           'LIMIT', 0, 1)
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if first[2] and (not next_due or tonumber(first[2]) < next_due) then
     next_due = tonumber(first[2])
   end
