@@ -14,7 +14,7 @@ from email.policy import default as DEFAULT_POLICY
 from pathlib import Path
 
 import pytest
-from conftest import Ed25519Key, RsaKey, run_cli
+from conftest import Ed25519Key, FakeClock, RsaKey, run_cli
 
 import sysmail
 
@@ -895,21 +895,45 @@ def test_priority_is_the_first_field_of_the_spool_name(
     assert fields[1:3] == [f"{int(NOW * 1000):014d}", "0"]
 
 
-def test_urgent_mail_sorts_before_bulk_mail_queued_earlier(tmp_path: Path) -> None:
-    mailer = mailer_for(tmp_path)
-    mailer.enqueue("service-announcement", to="ada@example.com", title="t", body="b")
-    mailer.enqueue("two-factor-code", to="ada@example.com", code="1")
-    assert [entry.header["template"] for entry in spooled(tmp_path / "spool")] == [
-        "two-factor-code", "service-announcement"]
+def claim_order(tmp_path: Path, now: float) -> list[str]:
+    """Claim everything due at `now` from tmp_path/spool, one message at a time, as a worker
+    in another process would; return the Message-IDs in the order they were claimed."""
+    spool = sysmail.Spool(tmp_path / "spool", clock=lambda: now)
+    message_ids = []
+    while claims := spool.claim(1)[0]:
+        message_ids += [spool.read(claim).message_id for claim in claims]
+    return message_ids
+
+
+def test_urgent_mail_is_claimed_before_bulk_mail_queued_earlier(tmp_path: Path) -> None:
+    """README: urgent templates always go before bulk ones, whatever came first; each kind
+    oldest first."""
+    clock = FakeClock(NOW)
+    mailer = sysmail.Mailer(sysmail.Config.from_env(env_for(tmp_path)), clock=clock)
+    queued = {}
+    for label, template, variables in [
+            ("announcement 1", "service-announcement", {"title": "t1", "body": "b"}),
+            ("announcement 2", "service-announcement", {"title": "t2", "body": "b"}),
+            ("code", "two-factor-code", {"code": "111111"}),
+            ("billing", "billing-notification", {"summary": "Invoice"}),
+            ("reset", "password-reset", {"reset_url": "https://example.com/r"})]:
+        queued[mailer.enqueue(template, to="ada@example.com", **variables)] = label
+        clock.advance(1)
+    assert [queued[m] for m in claim_order(tmp_path, clock())] == [
+        "code", "reset", "announcement 1", "announcement 2", "billing"]
 
 
 def test_ad_hoc_mail_is_bulk_unless_urgent(tmp_path: Path) -> None:
-    mailer = mailer_for(tmp_path)
-    mailer.enqueue_message("ada@example.com", "bulk", "text")
-    mailer.enqueue_message("ada@example.com", "urgent", "text", priority=sysmail.URGENT)
-    entries = spooled(tmp_path / "spool")
-    assert [(e.name[0], e.message["Subject"]) for e in entries] == [("0", "urgent"),
-                                                                     ("1", "bulk")]
+    """Ad-hoc mail is bulk by default: an urgent one queued later is claimed first."""
+    clock = FakeClock(NOW)
+    mailer = sysmail.Mailer(sysmail.Config.from_env(env_for(tmp_path)), clock=clock)
+    queued = {}
+    for subject, priority in [("bulk", None), ("urgent", sysmail.URGENT),
+                              ("bulk again", sysmail.BULK)]:
+        extra = {} if priority is None else {"priority": priority}
+        queued[mailer.enqueue_message("ada@example.com", subject, "text", **extra)] = subject
+        clock.advance(1)
+    assert [queued[m] for m in claim_order(tmp_path, clock())] == ["urgent", "bulk", "bulk again"]
 
 
 def test_cli_send_urgent_ad_hoc_mail_is_spooled_as_urgent(tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 Spool unit behaviour (with a fake clock where time matters), writers and workers killed with
 SIGKILL, several workers on one spool, the cross-process wake-up, SIGTERM, and the worker,
 status, failed and retry commands. Everything is real: files on disk, subprocesses, signals and
-the aiosmtpd relay of the smtp_server fixture (one test serves conftest's SmtpServer with an
-aiosmtpd protocol that holds back its 250, to open the crash-duplicate window on purpose).
+the aiosmtpd relay of the smtp_server fixture (two tests serve conftest's SmtpServer with a
+protocol that holds back its 250, to open the crash-duplicate window on purpose and to keep a
+worker's claims held until it is killed). Where a test needs a state (a worker idle, nothing
+more in flight) it waits for that state to show, never for a fixed time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import random
 import re
 import signal
+import socket
 import stat
 import statistics
 import subprocess
@@ -31,8 +34,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP
-from conftest import REPO, FakeClock, SmtpServer, enqueue_many, run_cli
+from conftest import REPO, FakeClock, SinkSMTP, SmtpServer, enqueue_many, run_cli
 
 import sysmail
 
@@ -41,8 +43,7 @@ SYSMAIL = REPO / "sysmail.py"
 T0 = 1_800_000_000.0  # fake-clock epoch: 13 hex digits of microseconds, like real spool ids
 HOUR = 3600.0
 STATES = ("new", "deferred", "cur", "failed")
-# SMTP connections a worker uses at once (SYSMAIL_SMTP_CONNECTIONS)
-DEFAULT_CONNECTIONS = getattr(sysmail.Config(), "smtp_connections", 1)
+SPOOL_FORMAT = b"sysmail-spool/1 "  # the first line of a spool file: this, then JSON
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -79,8 +80,8 @@ def _split_spool_file(raw: bytes) -> tuple[dict, bytes]:
     """The (header, message bytes) of a spool file: one 'sysmail-spool/1 JSON' line, then data."""
     head, newline, data = raw.partition(b"\n")
     assert newline, "a spool file starts with a header line"
-    assert head.startswith(sysmail.SPOOL_FORMAT), head[:40]
-    return json.loads(head[len(sysmail.SPOOL_FORMAT):]), data
+    assert head.startswith(SPOOL_FORMAT), head[:40]
+    return json.loads(head[len(SPOOL_FORMAT):]), data
 
 
 def _ls(folder: Path) -> list[str]:
@@ -103,6 +104,19 @@ def _wait_until(condition: Callable[[], object], timeout: float, what: str) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up after {timeout} s waiting for {what}")
         time.sleep(0.003)
+
+
+def _wait_quiet(probe: Callable[[], object], quiet: float, timeout: float, what: str) -> object:
+    """Wait until probe() has not changed for `quiet` seconds in a row; return its value."""
+    deadline = time.monotonic() + timeout
+    value, since = probe(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not stay still for {quiet} s within {timeout} s")
+        time.sleep(0.01)
+        if (now := probe()) != value:
+            value, since = now, time.monotonic()
+    return value
 
 
 def _env(server: SmtpServer, spool: Path) -> dict[str, str]:
@@ -226,7 +240,7 @@ def test_enqueue_writes_one_complete_private_file_in_new(tmp_path: Path) -> None
     assert _ls(root / "tmp") == []
     assert _ls(root / "cur") == [] and _ls(root / "failed") == []
     entry = _only(root / "new")
-    assert entry == f"{sysmail.URGENT}.{int(T0 * 1000):014d}.0.{spool_id}"  # PRIORITY.DUE_MS.ATTEMPT.ID
+    assert entry == f"0.{int(T0 * 1000):014d}.0.{spool_id}"  # PRIORITY.DUE_MS.ATTEMPT.ID
     path = root / "new" / entry
     assert _mode(path) == 0o600
     assert path.stat().st_nlink == 1  # the tmp/ name is gone, not merely hidden
@@ -263,6 +277,63 @@ def test_claim_renames_into_cur_with_the_owner_and_no_other_spool_gets_it(tmp_pa
     clock.advance(60)
     assert [c.name.id for c in second.claim(10)[0]] == [later]
     assert _ls(root / "new") == [] and len(_ls(root / "cur")) == 4
+
+
+@pytest.mark.parametrize("batch", [1, 10], ids=["one-at-a-time", "one-batch"])
+@pytest.mark.parametrize("claimer", ["same-spool", "another-spool"])
+def test_claims_come_urgent_first_then_oldest_due_and_none_before_due(
+        tmp_path: Path, batch: int, claimer: str) -> None:
+    """README: urgent mail always goes before bulk, each by due time, and nothing before it is
+    due. Queued in a mixed order, the messages come out of claim() in the order written here
+    (claimed by the writing Spool, and by another one that finds them on disk)."""
+    root, clock = tmp_path / "spool", FakeClock(T0)
+    writer = sysmail.Spool(root, clock=clock)
+    subjects = {}
+    for subject, priority, due in [  # the order they are queued in: not the claim order
+            ("bulk due now", sysmail.BULK, T0),
+            ("bulk later", sysmail.BULK, T0 + 20),
+            ("urgent later", sysmail.URGENT, T0 + 25),
+            ("bulk overdue", sysmail.BULK, T0 - 30),
+            ("urgent due now", sysmail.URGENT, T0),
+            ("urgent overdue", sysmail.URGENT, T0 - 5)]:
+        _, header, _ = _enqueue(writer, subject, priority, due=due)
+        subjects[header["message_id"]] = subject
+    spool = writer if claimer == "same-spool" else sysmail.Spool(root, clock=clock)
+
+    def claim_all() -> tuple[list[str], float | None]:
+        order = []
+        while True:
+            claims, next_due = spool.claim(batch)
+            if not claims:
+                return order, next_due
+            order += [subjects[spool.read(claim).message_id] for claim in claims]
+
+    assert claim_all() == (["urgent overdue", "urgent due now", "bulk overdue", "bulk due now"],
+                           pytest.approx(T0 + 20, abs=0.001))
+    clock.advance(30)  # both later ones are due now, the bulk one for longer
+    assert claim_all() == (["urgent later", "bulk later"], None)
+
+
+def test_a_worker_with_one_connection_delivers_urgent_first_then_oldest_due(
+        smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """What the relay receives, in order: urgent mail first, each kind oldest first
+    (SYSMAIL_SMTP_CONNECTIONS=1 keeps strict order, README)."""
+    spool = tmp_path / "spool"
+    env = {**_env(smtp_server, spool), "SYSMAIL_SMTP_CONNECTIONS": "1"}
+    clock = FakeClock(time.time() - 60)  # queued over the last minute: all due
+    mailer = sysmail.Mailer(sysmail.Config.from_env(env), clock=clock)
+    subjects = {}
+    for subject, priority in [("bulk 1", sysmail.BULK), ("bulk 2", sysmail.BULK),
+                              ("urgent 1", sysmail.URGENT), ("bulk 3", sysmail.BULK),
+                              ("urgent 2", sysmail.URGENT)]:
+        message_id = mailer.enqueue_message("ada@example.org", subject, "text\n",
+                                            priority=priority)
+        subjects[message_id] = subject
+        clock.advance(1)
+    result = run_cli(["worker", "--once"], env)
+    assert result.returncode == 0, result.stderr
+    assert [subjects[m] for m in _received_ids(smtp_server)] == [
+        "urgent 1", "urgent 2", "bulk 1", "bulk 2", "bulk 3"]
 
 
 CLAIM_LOOP = """
@@ -605,14 +676,16 @@ def test_sigkill_during_enqueue_never_leaves_a_partial_file_in_new(tmp_path: Pat
     assert {spool.read(c).message_id for c in claims} == set(message_ids)
 
 
-@pytest.mark.parametrize("connections", [1, DEFAULT_CONNECTIONS],
+@pytest.mark.parametrize("connections", ["1", None],
                          ids=["one-connection", "default-connections"])
 def test_sigkilled_worker_loses_nothing_after_restart(
         smtp_server: SmtpServer, tmp_path: Path, workers: Callable[..., Worker],
-        connections: int) -> None:
+        connections: str | None) -> None:
     spool = tmp_path / "spool"
     ids = _enqueue_many(spool, 300)
-    env = {**_env(smtp_server, spool), "SYSMAIL_SMTP_CONNECTIONS": str(connections)}
+    env = _env(smtp_server, spool)
+    if connections is not None:  # None: SYSMAIL_SMTP_CONNECTIONS unset, its default
+        env["SYSMAIL_SMTP_CONNECTIONS"] = connections
     orphaned_claims = []
     kills = 0
     for threshold in (60, 160):
@@ -633,22 +706,23 @@ def test_sigkilled_worker_loses_nothing_after_restart(
     received = _received_ids(smtp_server)
     per_id = Counter(received)
     assert set(per_id) == set(ids)
-    # what can be resent: the messages between the relay's 250 and the unlink, one per
-    # connection in flight (see test_the_duplicate_window_is_one_message_per_crashed_worker)
+    # what can be resent: the message between the relay's 250 and the unlink, one per crashed
+    # worker whatever its connections (README; test_the_duplicate_window_is_one_message_...)
     duplicates = len(received) - len(per_id)
-    assert duplicates <= kills * connections, f"{duplicates} duplicates: {per_id.most_common(4)}"
+    assert duplicates <= kills, f"{duplicates} duplicates: {per_id.most_common(4)}"
     assert _counts(_status(env)) == {"new": 0, "deferred": 0, "cur": 0, "failed": 0}
 
 
-class SlowAckSMTP(SMTP):
-    """aiosmtpd that, while `hold` is set, records a message and waits before its 250."""
+class SlowAckSMTP(SinkSMTP):
+    """The sink's SMTP that, while `hold` is set, records a message and waits before its 250."""
 
     hold = threading.Event()
+    delay = 5.0  # seconds between recording a message and its 250, while held
 
     async def push(self, status: str | bytes) -> None:
         text = status if isinstance(status, str) else status.decode(errors="replace")
         if text.startswith("250 2.0.0") and self.hold.is_set():
-            await asyncio.sleep(3)
+            await asyncio.sleep(self.delay)
         await super().push(status)
 
 
@@ -661,11 +735,17 @@ def test_the_duplicate_window_is_one_message_per_crashed_worker(
         ids = _enqueue_many(spool, 8)
         env = _env(relay, spool)
         SlowAckSMTP.hold.set()  # the relay has the message; the worker waits for its 250
+        relay.sink.record_wire()
         worker = workers(env)
         _wait_until(lambda: relay.messages, 10, "a message at the relay")
-        time.sleep(0.5)  # every message in flight reaches the relay
-        in_flight = len(relay.messages)
+        first_recorded = time.monotonic()
+        # every message in flight has reached the relay: the relay has recorded nothing and
+        # received not a byte, on any connection, for 1 s (well inside the 5 s hold)
+        quiet = 1.0
+        in_flight, _ = _wait_quiet(lambda: (len(relay.messages), len(relay.sink.wire or [])),
+                                   quiet, SlowAckSMTP.delay - 1, "the relay's traffic")
         worker.kill()
+        assert time.monotonic() - first_recorded < SlowAckSMTP.delay, "the hold ran out"
         SlowAckSMTP.hold.clear()
         result = run_cli(["worker", "--once"], env)
         assert result.returncode == 0, result.stderr
@@ -675,32 +755,52 @@ def test_the_duplicate_window_is_one_message_per_crashed_worker(
         relay.stop()
     assert set(received) == set(ids)
     assert len(received) - len(ids) == in_flight  # each accepted-unacknowledged one again
-    # however many connections (DEFAULT_CONNECTIONS) sign and negotiate at once, content is
+    # however many connections (4 by default) sign and negotiate at once, content is
     # sent and settled one message at a time: one accepted-but-unforgotten message at most
     assert in_flight == 1, f"{in_flight} messages resent after one SIGKILL"
 
 
+class BriefAckSMTP(SlowAckSMTP):
+    """SlowAckSMTP with a hold of its own and a 250 one second late while held."""
+
+    hold = threading.Event()
+    delay = 1.0
+
+
 def test_a_running_worker_takes_back_the_claims_of_a_killed_peer(
-        smtp_server: SmtpServer, tmp_path: Path, workers: Callable[..., Worker]) -> None:
-    spool = tmp_path / "spool"
-    ids = _enqueue_many(spool, 300)
-    env = _env(smtp_server, spool)
-    victim, survivor = workers(env), workers(env)
-    victim_token = victim.token
-    survivor.wait_event("sender_started")
+        tmp_path: Path, workers: Callable[..., Worker]) -> None:
+    # While held, every 250 comes 1 s late, so the victim keeps its batch claimed until it is
+    # killed, however slowly the two processes start (unheld, a victim that starts first can
+    # send all 300 before the survivor runs).
+    relay = SmtpServer("smtp+plain", smtp_class=BriefAckSMTP)
+    relay.start()
+    try:
+        spool = tmp_path / "spool"
+        ids = _enqueue_many(spool, 300)
+        env = _env(relay, spool)
+        BriefAckSMTP.hold.set()
+        victim = workers(env)
+        victim_token = victim.token
 
-    def victim_holds_claims() -> bool:
-        return sum(e.endswith(f".{victim_token}") for e in os.listdir(spool / "cur")) >= 10
+        def victim_claims() -> list[str]:
+            return [e for e in os.listdir(spool / "cur") if e.endswith(f".{victim_token}")]
 
-    _wait_until(victim_holds_claims, 10, "the victim to hold a batch of claims")
-    victim.kill()
-    assert [e for e in _ls(spool / "cur") if e.endswith(f".{victim_token}")]
-    _wait_until(lambda: set(_received_ids(smtp_server)) >= set(ids) and _spool_empty(spool),
-                10, "the survivor to deliver everything, the victim's claims included")
-    assert survivor.term(timeout=10) == 0
-    received = _received_ids(smtp_server)
+        _wait_until(lambda: len(victim_claims()) >= 10, 10, "the victim to hold a batch of claims")
+        survivor = workers(env)
+        survivor.wait_event("sender_started")  # running; its start-up recovery found no orphan
+        assert victim_claims(), "the victim let go of its claims before it was killed"
+        victim.kill()
+        assert victim_claims()
+        BriefAckSMTP.hold.clear()
+        _wait_until(lambda: set(_received_ids(relay)) >= set(ids) and _spool_empty(spool),
+                    20, "the survivor to deliver everything, the victim's claims included")
+        assert survivor.term(timeout=10) == 0
+        received = _received_ids(relay)
+    finally:
+        BriefAckSMTP.hold.clear()
+        relay.stop()
     assert set(received) == set(ids)
-    assert len(received) - len(set(received)) <= DEFAULT_CONNECTIONS  # one per lane in flight
+    assert len(received) - len(set(received)) <= 1  # one crashed worker: one message at most
 
 
 def test_three_workers_on_one_spool_send_each_message_exactly_once(
@@ -726,13 +826,51 @@ def test_three_workers_on_one_spool_send_each_message_exactly_once(
 # --------------------------------------------------------------------------- wake-up and signals
 
 
+class Heartbeats:
+    """A stand-in for systemd's NOTIFY_SOCKET that counts a worker's WATCHDOG=1 pings.
+
+    With WATCHDOG_USEC this short every turn of the sender loop pings (at most every quarter
+    of it), right before the loop waits: n pings mean n turns done and the loop waiting."""
+
+    WATCHDOG_USEC = 40_000
+
+    def __init__(self) -> None:
+        self.address = f"@sysmail-test-{os.getpid()}-{os.urandom(6).hex()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address[1:])
+        self.sock.setblocking(False)
+        self.pings: list[float] = []
+
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": self.address, "WATCHDOG_USEC": str(self.WATCHDOG_USEC)}
+
+    def count(self) -> int:
+        """Read what has arrived; return the number of WATCHDOG=1 pings so far."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return len(self.pings)
+            if b"WATCHDOG=1" in data.split(b"\n"):
+                self.pings.append(time.monotonic())
+
+
+@pytest.fixture
+def heartbeats() -> Iterator[Heartbeats]:
+    beats = Heartbeats()
+    yield beats
+    beats.sock.close()
+
+
 def test_an_idle_worker_wakes_at_once_when_another_process_queues_mail(
-        smtp_server: SmtpServer, tmp_path: Path, workers: Callable[..., Worker]) -> None:
+        smtp_server: SmtpServer, tmp_path: Path, workers: Callable[..., Worker],
+        heartbeats: Heartbeats) -> None:
     spool = tmp_path / "spool"
     env = _env(smtp_server, spool)
-    worker = workers(env)
+    worker = workers({**env, **heartbeats.env()})
     worker.wait_event("sender_started")
-    time.sleep(1.1)  # past its first idle poll: it is waiting now
+    # past its first idle poll, waiting now: the loop's second turn has pinged
+    _wait_until(lambda: heartbeats.count() >= 2, 10, "two turns of the sender loop")
     latencies = []
     for i in range(4):
         message_id = _send(env, f"Wake {i}")
@@ -747,12 +885,19 @@ def test_an_idle_worker_wakes_at_once_when_another_process_queues_mail(
 
 
 def test_sigterm_stops_an_idle_worker_with_exit_0(
-        smtp_server: SmtpServer, tmp_path: Path, workers: Callable[..., Worker]) -> None:
+        smtp_server: SmtpServer, tmp_path: Path, workers: Callable[..., Worker],
+        heartbeats: Heartbeats) -> None:
     spool = tmp_path / "spool"
-    worker = workers(_env(smtp_server, spool))
+    worker = workers({**_env(smtp_server, spool), **heartbeats.env()})
     worker.wait_event("sender_started")
     assert len(_ls(spool / "wake")) == 1  # its wake-up listener is registered
-    time.sleep(0.3)
+    # idle: its loop has turned once and waits; the queue is empty, the relay has seen no
+    # connection, and nothing (spool, relay, the worker's log) has changed for 0.3 s
+    _wait_until(lambda: heartbeats.count() >= 1, 10, "a turn of the sender loop")
+    state = _wait_quiet(lambda: (_spool_empty(spool), smtp_server.connections,
+                                 len(smtp_server.messages), worker.log.stat().st_size),
+                        0.3, 10, "the idle worker")
+    assert state[:3] == (True, 0, 0)
     started = time.monotonic()
     assert worker.term(timeout=3) == 0
     assert time.monotonic() - started < 3
