@@ -4547,7 +4547,10 @@ class App:
     @functools.cached_property
     def limiter(self) -> RateLimiter | RedisRateLimiter:
         """Request rate limits: shared through Redis when REDIS_URL is set."""
-        return RedisRateLimiter(self.config.redis_url) if self.config.redis_url else RateLimiter()
+        local = RateLimiter(self.clock)
+        if self.config.redis_url:
+            return RedisRateLimiter(self.config.redis_url, local)
+        return local
 
     @functools.cached_property
     def idempotency(self) -> IdempotencyKeys:
