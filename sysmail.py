@@ -9,35 +9,7 @@ message at send time. A small HTTP service runs the password-reset flow on a plu
 store (SQLite by default) and takes mail from internal callers.
 
 Environment (see Config.from_env; every bad value is reported at once, exit 78):
-    SYSTEM_DOMAIN                     brand domain (required with SMTP_URL; else "localhost")
-    SYSTEM_FROM, SYSTEM_FROM_NAME     sender address (noreply@$SYSTEM_DOMAIN) and display name
-    SYSTEM_REPLY_TO                   optional Reply-To address
-    SYSTEM_DKIM_SELECTOR              RSA selector (default "default")
-    SYSTEM_DKIM_PRIVATE_KEY           PEM RSA key, 2048 bits or more (literal \\n accepted)
-    SYSTEM_DKIM_ED25519_SELECTOR      selector of the optional ed25519 key (default "ed25519")
-    SYSTEM_DKIM_ED25519_PRIVATE_KEY   optional ed25519 key: PEM, or base64 of the 32-byte seed
-    DASHBOARD_URL                     base of the links in account mails
-    SMTP_URL                          smtp://user:pass@host:587 (STARTTLS), smtps://host:465,
-                                      smtp+plain://127.0.0.1:25 (no TLS; loopback relays only);
-                                      unset: mail is written as .eml files into SYSMAIL_OUTBOX
-    SMTP_TLS_VERIFY=0, SMTP_CA_FILE   relax certificate checks / trust a private CA
-    SMTP_TIMEOUT_SECONDS              socket timeout for the relay (default 30)
-    SYSMAIL_SMTP_CONNECTIONS          SMTP connections a sender uses at once (default 4)
-    SYSMAIL_SPOOL, SYSMAIL_OUTBOX     ./spool and ./outbox by default
-    SYSMAIL_TEMPLATES                 folder of NAME.subject / NAME.txt / NAME.html overrides
-    SYSMAIL_ALLOW_UNSIGNED=1          allow a real relay without a DKIM key
-    SYSMAIL_LOG_LEVEL                 debug, info (default), warning, error
-    REDIS_URL                         fallback queue (and shared rate limits) in Redis
-    SYSMAIL_LISTEN, SYSMAIL_PUBLIC_URL   HTTP address (127.0.0.1:8025) and its public base URL
-    SYSMAIL_DB                        the SQLite token store (./sysmail.db)
-    SYSMAIL_API_KEY                   bearer key of POST /v1/emails (off when unset)
-    SYSMAIL_TRUSTED_PROXIES           proxies whose X-Forwarded-For is believed (IPs, CIDRs)
-    SYSMAIL_RESET_TOKEN_SECONDS       reset link lifetime (3600)
-    SYSMAIL_FORGOT_LIMIT_PER_CLIENT, SYSMAIL_FORGOT_LIMIT_PER_ADDRESS,
-    SYSMAIL_RESET_LIMIT_PER_CLIENT    COUNT/SECONDS (10/60, 3/3600, 10/60)
-    CREDENTIALS_DIRECTORY             systemd credentials: dkim.pem, dkim-ed25519.pem,
-                                      smtp-url, api-key (they win over the variables)
-
+@ENVIRONMENT@
 Command line:
     sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...]
     sysmail send --to ADDR --subject S --text T [--html H] [--urgent]
@@ -46,8 +18,9 @@ Command line:
     sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
 
 Contents (greppable banners, in dependency order):
-    Errors, Configuration, Logging and metrics, Messages and templates, DKIM signing, Spool,
-    Redis fallback, Token store, SMTP transport, Sender, Mailer, HTTP API, Wiring, CLI
+    Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
+    metrics, Messages and templates, DKIM signing, Spool, Redis fallback, Enqueueing, SMTP
+    transport, Sender, Token store, HTTP API, Wiring, CLI
 """
 
 from __future__ import annotations
@@ -67,6 +40,8 @@ import heapq
 import hmac
 import html
 import http.server
+import importlib
+import inspect
 import ipaddress
 import json
 import logging
@@ -85,6 +60,7 @@ import ssl
 import string
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -96,6 +72,8 @@ from typing import Protocol, Self
 
 __all__ = [
     "BULK",
+    "DEFAULTS",
+    "ENVIRONMENT",
     "TEMPLATES",
     "URGENT",
     "Api",
@@ -106,6 +84,9 @@ __all__ = [
     "DeliveryCounts",
     "DeliveryError",
     "DkimSigner",
+    "Enqueuer",
+    "Envelope",
+    "ForgotWorker",
     "HttpError",
     "IdempotencyKeys",
     "JsonLogFormatter",
@@ -115,6 +96,7 @@ __all__ = [
     "Metrics",
     "OutboxTransport",
     "PermanentDeliveryError",
+    "Queue",
     "QueueUnavailable",
     "RateLimiter",
     "RedisQueue",
@@ -126,6 +108,7 @@ __all__ = [
     "RetryPolicy",
     "SendResult",
     "Sender",
+    "SenderThread",
     "SmtpTransport",
     "SmtpUrl",
     "Spool",
@@ -139,12 +122,15 @@ __all__ = [
     "Template",
     "TemporaryDeliveryError",
     "TokenStore",
+    "Transport",
     "UsageError",
     "User",
+    "Verdict",
     "build_app",
     "build_message",
     "classify_reply",
     "client_address",
+    "environment_help",
     "hash_password",
     "json_response",
     "load_templates",
@@ -153,6 +139,7 @@ __all__ = [
     "make_message_id",
     "parse_env_file",
     "render",
+    "store_from_config",
     "tls_context_from_config",
     "token_hash",
     "transport_from_config",
@@ -222,15 +209,181 @@ class RelayUnavailable(TemporaryDeliveryError):
     """The relay cannot be reached or is shutting down (refused, timeout, 421): no message's fault."""
 
 
+# ---- Text and address checks ---- #
+
+MAX_ADDRESS_LENGTH = 254
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # IDNA 2003 and 2008 disagree
+_HEADER_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+_WHITESPACE = re.compile(r"\s")
+
+
+def _has_control_chars(value: str) -> bool:
+    """True when a value holds CR, LF or NUL, which would let it forge headers."""
+    return "\r" in value or "\n" in value or "\0" in value
+
+
+
+def _unsafe_in_header(value: str) -> bool:
+    """True when text bound for a header holds a control character or anything Python's
+    folding treats as a line break (VT, FF, FS..US, NEL, U+2028/9): a folded header could
+    then start a forged field."""
+    return _HEADER_UNSAFE.search(value) is not None
+
+
+
+def _is_web_url(value: str) -> bool:
+    """True for an absolute http(s) URL with a host and no control characters."""
+    if _has_control_chars(value) or _WHITESPACE.search(value):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed [host] or a character that normalises into a delimiter
+        return False
+
+
+
+def validate_address(address: str) -> str:
+    """Return a normalised address (IDNA domain); raise MessageError when it is not a plain one."""
+    if not isinstance(address, str) or _has_control_chars(address):
+        raise MessageError("an email address contains a line break or NUL")
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not _LOCAL_PART.fullmatch(local) or len(local) > 64:
+        raise MessageError(f"{address[:80]!r} is not a valid email address")
+    normalised = f"{local}@{_idna_domain(domain)}"
+    if len(normalised) > MAX_ADDRESS_LENGTH:
+        raise MessageError(f"{address[:80]!r} is longer than {MAX_ADDRESS_LENGTH} characters")
+    return normalised
+
+
+
+def _idna_domain(domain: str) -> str:
+    """Return the ASCII (IDNA 2008, UTS #46) form of a domain; raise MessageError if invalid.
+
+    The stdlib codec is IDNA 2003, which maps straße.de to the different domain strasse.de;
+    the `idna` package does it right, and without it such domains are refused, not misdirected.
+    """
+    domain = domain.rstrip(".")
+    try:
+        ascii_domain = _idna_encode(domain).lower()
+    except (UnicodeError, ValueError):
+        raise MessageError(f"{domain[:80]!r} is not a valid domain name") from None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
+        raise MessageError(f"{domain[:80]!r} is not a valid domain name")
+    return ascii_domain
+
+
+def _idna_encode(domain: str) -> str:
+    if domain.isascii():
+        return domain
+    try:
+        import idna
+    except ImportError:
+        if _IDNA_DEVIATIONS & set(domain.lower()):
+            raise ValueError("needs IDNA 2008: pip install idna") from None
+        return domain.encode("idna").decode("ascii")
+    return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# ---- DKIM keys and DNS records ---- #
+
+RSA_MIN_BITS = 2048
+_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+
+
+def _pem_bytes(text: str) -> bytes:
+    """Normalise a PEM from the environment: literal \\n escapes become real line breaks."""
+    return text.replace("\\n", "\n").strip().encode("ascii", "replace") + b"\n"
+
+
+def _rsa_key_bits(pem: bytes) -> int:
+    """Return the modulus size of a PEM RSA private key; raise ValueError when it is not one."""
+    from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+    try:
+        key = parse_pem_private_key(pem)
+    except (UnparsableKeyError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError("not an RSA private key") from exc
+    return key["modulus"].bit_length()
+
+
+def _ed25519_seed(text: str) -> bytes:
+    """Return the 32-byte seed of an ed25519 key given as PEM (PKCS#8) or base64 seed."""
+    text = text.replace("\\n", "\n").strip()
+    if "-----BEGIN" in text:
+        body = "".join(line for line in text.splitlines() if not line.startswith("-----"))
+        der = base64.b64decode(body, validate=False)
+        if len(der) != 48 or not der.startswith(_ED25519_PKCS8_PREFIX):
+            raise ValueError("not an ed25519 PKCS#8 key")
+        return der[16:]
+    try:
+        seed = base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ValueError("not base64") from exc
+    if len(seed) != 32:
+        raise ValueError("not 32 bytes")
+    return seed
+
+
+def _nacl_available() -> bool:
+    """True when PyNaCl, which dkimpy needs for ed25519, can be imported."""
+    try:
+        import nacl.signing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _txt_record(name: str, value: str) -> str:
+    """A zone-file TXT record, split into 255-character strings as DNS requires."""
+    chunks = [value[i:i + 255] for i in range(0, len(value), 255)]
+    return f"{name}. IN TXT ( " + " ".join(f'"{c}"' for c in chunks) + " )"
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 128 else (
+        bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes((size.bit_length() + 7) // 8, "big"))
+    return bytes([tag]) + length + body
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _rsa_public_key_b64(pem: bytes) -> str:
+    """The base64 DER SubjectPublicKeyInfo of an RSA private key, for the DKIM p= tag."""
+    from dkim.crypto import parse_pem_private_key
+
+    key = parse_pem_private_key(pem)
+    rsa_public = _der(0x30, _der_int(key["modulus"]) + _der_int(key["publicExponent"]))
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + _der(0x05, b""))
+    return base64.b64encode(_der(0x30, algorithm + _der(0x03, b"\0" + rsa_public))).decode()
+
+
+def _ed25519_public_key_b64(seed_b64: bytes) -> str:
+    """The base64 raw public key of an ed25519 seed, for the DKIM p= tag."""
+    import nacl.signing
+
+    seed = base64.b64decode(seed_b64)
+    return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
+
+
 # ---- Configuration ---- #
 
 SMTP_DEFAULT_PORTS = {"smtp": 587, "smtps": 465, "smtp+plain": 25}
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
-RSA_MIN_BITS = 2048
 _TRUE_WORDS = {"1", "true", "yes", "on"}
 _FALSE_WORDS = {"0", "false", "no", "off", ""}
-_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 
 
 @dataclass(frozen=True)
@@ -302,6 +455,7 @@ class Config:
     public_url: str = "http://127.0.0.1:8025"
     public_url_set: bool = False
     db_path: Path = Path("sysmail.db")
+    store: str = ""
     api_key: str = field(default="", repr=False)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     reset_token_seconds: int = 3600
@@ -326,89 +480,27 @@ class Config:
         return self.dkim_key is not None or self.ed25519_key is not None
 
 
-class _EnvReader:
-    """Reads Config fields from a mapping, collecting every problem instead of stopping."""
+DEFAULTS = Config()  # each default is written once, as its Config field's
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class _EnvValues:
+    """Typed values read from an environment mapping, collecting every problem instead of
+    stopping: a bad value is reported and its default used."""
 
     def __init__(self, env: Mapping[str, str]):
         self.env = env
         self.problems: list[str] = []
 
-    def read(self) -> Config:
-        smtp = self._smtp_url()
-        domain = self._domain(required=smtp is not None)
-        from_addr = self._address("SYSTEM_FROM", f"noreply@{domain}")
-        config = Config(
-            domain=domain,
-            from_addr=from_addr,
-            from_name=self._header_text("SYSTEM_FROM_NAME", domain),
-            reply_to=self._address("SYSTEM_REPLY_TO", ""),
-            dkim_selector=self._selector("SYSTEM_DKIM_SELECTOR", "default"),
-            dkim_key=self._rsa_key(),
-            ed25519_selector=self._selector("SYSTEM_DKIM_ED25519_SELECTOR", "ed25519"),
-            ed25519_key=self._ed25519_key(),
-            dashboard_url=self._url("DASHBOARD_URL"),
-            smtp=smtp,
-            smtp_tls_verify=self._bool("SMTP_TLS_VERIFY", True),
-            smtp_ca_file=self._file("SMTP_CA_FILE"),
-            smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", 30.0),
-            smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", 4, 64),
-            spool_dir=Path(self.env.get("SYSMAIL_SPOOL") or "spool"),
-            outbox_dir=Path(self.env.get("SYSMAIL_OUTBOX") or "outbox"),
-            templates_dir=self._folder("SYSMAIL_TEMPLATES"),
-            allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", False),
-            log_level=self._log_level(),
-            **self._service(),
-        )
-        if smtp and not config.signing and not config.allow_unsigned:
-            self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is required with a real SMTP_URL "
-                                 "(or set SYSMAIL_ALLOW_UNSIGNED=1 to send unsigned mail)")
-        return config
+    def _path(self, name: str, default: Path) -> Path:
+        return Path(self.env.get(name) or default)
 
-    def _service(self) -> dict:
-        """The HTTP service's settings."""
-        listen = self._listen()
-        public = self._url("SYSMAIL_PUBLIC_URL")
-        api_key = self.env.get("SYSMAIL_API_KEY", "").strip()
-        if api_key and len(api_key) < 16:
-            self.problems.append("SYSMAIL_API_KEY must be at least 16 characters")
-        return {
-            "listen": listen,
-            "public_url": public or f"http://{_url_host(listen[0])}:{listen[1]}",
-            "public_url_set": bool(public),
-            "db_path": Path(self.env.get("SYSMAIL_DB") or "sysmail.db"),
-            "api_key": api_key,
-            "trusted_proxies": self._networks("SYSMAIL_TRUSTED_PROXIES"),
-            "reset_token_seconds": int(self._positive("SYSMAIL_RESET_TOKEN_SECONDS", 3600)),
-            "forgot_client_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_CLIENT", (10, 60.0)),
-            "forgot_address_limit": self._rate("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS", (3, 3600.0)),
-            "reset_client_limit": self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT", (10, 60.0)),
-            "redis_url": self._redis_url(),
-            "systemd": {k: v for k, v in self.env.items()
-                        if k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")},
-        }
-
-    def _redis_url(self) -> str:
-        value = self.env.get("REDIS_URL", "").strip()
-        if not value:
-            return ""
-        if urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            self.problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
-            return ""
-        try:
-            import redis  # noqa: F401
-        except ImportError:
-            self.problems.append("REDIS_URL needs the redis package: pip install redis")
+    def _import_path(self, name: str) -> str:
+        value = self.env.get(name, "").strip()
+        if value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            self.problems.append(f"{name} must be module:attribute, like myapp.users:Store")
             return ""
         return value
-
-    def _listen(self) -> tuple[str, int]:
-        value = self.env.get("SYSMAIL_LISTEN", "").strip() or "127.0.0.1:8025"
-        host, _, port = value.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit() or int(port) > 65535:
-            self.problems.append("SYSMAIL_LISTEN must be HOST:PORT, like 127.0.0.1:8025")
-            return ("127.0.0.1", 8025)
-        return (host, int(port))
 
     def _networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         items = [v.strip() for v in self.env.get(name, "").split(",") if v.strip()]
@@ -427,32 +519,6 @@ class _EnvReader:
             self.problems.append(f"{name} must be COUNT/SECONDS, like 10/60")
             return default
         return (int(count), float(seconds))
-
-    def _smtp_url(self) -> SmtpUrl | None:
-        text = self.env.get("SMTP_URL", "").strip()
-        if not text:
-            return None
-        try:
-            url = SmtpUrl.parse(text)
-        except ValueError as exc:
-            self.problems.append(f"SMTP_URL {exc}")
-            return None
-        if url.scheme == "smtp+plain" and url.username and not url.is_loopback:
-            self.problems.append("SMTP_URL sends a password without TLS to a remote host: "
-                                 "use smtp:// (STARTTLS) or smtps://")
-        return url
-
-    def _domain(self, required: bool) -> str:
-        domain = self.env.get("SYSTEM_DOMAIN", "").strip().lower()
-        if not domain:
-            if required:
-                self.problems.append("SYSTEM_DOMAIN is required when SMTP_URL is set")
-            return "localhost"
-        try:
-            return _idna_domain(domain)
-        except MessageError:
-            self.problems.append("SYSTEM_DOMAIN is not a valid domain name")
-            return "localhost"
 
     def _address(self, name: str, default: str) -> str:
         value = self.env.get(name, "").strip()
@@ -477,37 +543,6 @@ class _EnvReader:
             self.problems.append(f"{name} must be letters, digits, dots, '-' or '_'")
             return default
         return value
-
-    def _rsa_key(self) -> bytes | None:
-        text = self.env.get("SYSTEM_DKIM_PRIVATE_KEY", "").strip()
-        if not text:
-            return None
-        try:
-            bits = _rsa_key_bits(_pem_bytes(text))
-        except ValueError:
-            self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is not a PEM RSA private key")
-            return None
-        if bits < RSA_MIN_BITS:
-            self.problems.append(f"SYSTEM_DKIM_PRIVATE_KEY has {bits} bits; "
-                                 f"at least {RSA_MIN_BITS} are required")
-            return None
-        return _pem_bytes(text)
-
-    def _ed25519_key(self) -> bytes | None:
-        text = self.env.get("SYSTEM_DKIM_ED25519_PRIVATE_KEY", "").strip()
-        if not text:
-            return None
-        try:
-            seed = _ed25519_seed(text)
-        except ValueError:
-            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY is neither a PEM ed25519 key "
-                                 "nor the base64 of a 32-byte seed")
-            return None
-        if not _nacl_available():
-            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY needs PyNaCl: "
-                                 "pip install 'sysmail[ed25519]'")
-            return None
-        return base64.b64encode(seed)
 
     def _url(self, name: str) -> str:
         value = self.env.get(name, "").strip().rstrip("/")
@@ -562,12 +597,216 @@ class _EnvReader:
             return None
         return Path(value) if value else None
 
+
+class _EnvReader(_EnvValues):
+    """Reads a Config from a mapping: the values, and the rules that tie them together."""
+
+    def read(self) -> Config:
+        smtp = self._smtp_url()
+        domain = self._domain(required=smtp is not None)
+        from_addr = self._address("SYSTEM_FROM", f"noreply@{domain}")
+        listen, public = self._listen(), self._url("SYSMAIL_PUBLIC_URL")
+        config = Config(
+            domain=domain,
+            from_addr=from_addr,
+            from_name=self._header_text("SYSTEM_FROM_NAME", domain),
+            reply_to=self._address("SYSTEM_REPLY_TO", ""),
+            dkim_selector=self._selector("SYSTEM_DKIM_SELECTOR", DEFAULTS.dkim_selector),
+            dkim_key=self._rsa_key(),
+            ed25519_selector=self._selector("SYSTEM_DKIM_ED25519_SELECTOR",
+                                            DEFAULTS.ed25519_selector),
+            ed25519_key=self._ed25519_key(),
+            dashboard_url=self._url("DASHBOARD_URL"),
+            smtp=smtp,
+            smtp_tls_verify=self._bool("SMTP_TLS_VERIFY", DEFAULTS.smtp_tls_verify),
+            smtp_ca_file=self._file("SMTP_CA_FILE"),
+            smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", DEFAULTS.smtp_timeout),
+            smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", DEFAULTS.smtp_connections, 64),
+            spool_dir=self._path("SYSMAIL_SPOOL", DEFAULTS.spool_dir),
+            outbox_dir=self._path("SYSMAIL_OUTBOX", DEFAULTS.outbox_dir),
+            templates_dir=self._folder("SYSMAIL_TEMPLATES"),
+            allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", DEFAULTS.allow_unsigned),
+            log_level=self._log_level(),
+            listen=listen,
+            public_url=public or f"http://{_url_host(listen[0])}:{listen[1]}",
+            public_url_set=bool(public),
+            db_path=self._path("SYSMAIL_DB", DEFAULTS.db_path),
+            store=self._import_path("SYSMAIL_STORE"),
+            api_key=self._api_key(),
+            trusted_proxies=self._networks("SYSMAIL_TRUSTED_PROXIES"),
+            reset_token_seconds=int(self._positive("SYSMAIL_RESET_TOKEN_SECONDS",
+                                                   DEFAULTS.reset_token_seconds)),
+            forgot_client_limit=self._rate("SYSMAIL_FORGOT_LIMIT_PER_CLIENT",
+                                           DEFAULTS.forgot_client_limit),
+            forgot_address_limit=self._rate("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS",
+                                            DEFAULTS.forgot_address_limit),
+            reset_client_limit=self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT",
+                                          DEFAULTS.reset_client_limit),
+            redis_url=self._redis_url(),
+            systemd={k: v for k, v in self.env.items() if k in SYSTEMD_VARIABLES},
+        )
+        if smtp and not config.signing and not config.allow_unsigned:
+            self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is required with a real SMTP_URL "
+                                 "(or set SYSMAIL_ALLOW_UNSIGNED=1 to send unsigned mail)")
+        return config
+
+    def _api_key(self) -> str:
+        api_key = self.env.get("SYSMAIL_API_KEY", "").strip()
+        if api_key and len(api_key) < 16:
+            self.problems.append("SYSMAIL_API_KEY must be at least 16 characters")
+        return api_key
+
+    def _redis_url(self) -> str:
+        value = self.env.get("REDIS_URL", "").strip()
+        if not value:
+            return ""
+        if urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            self.problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
+            return ""
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            self.problems.append("REDIS_URL needs the redis package: pip install redis")
+            return ""
+        return value
+
+    def _listen(self) -> tuple[str, int]:
+        value = self.env.get("SYSMAIL_LISTEN", "").strip()
+        if not value:
+            return DEFAULTS.listen
+        host, _, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or int(port) > 65535:
+            self.problems.append("SYSMAIL_LISTEN must be HOST:PORT, like 127.0.0.1:8025")
+            return DEFAULTS.listen
+        return (host, int(port))
+
+    def _smtp_url(self) -> SmtpUrl | None:
+        text = self.env.get("SMTP_URL", "").strip()
+        if not text:
+            return None
+        try:
+            url = SmtpUrl.parse(text)
+        except ValueError as exc:
+            self.problems.append(f"SMTP_URL {exc}")
+            return None
+        if url.scheme == "smtp+plain" and url.username and not url.is_loopback:
+            self.problems.append("SMTP_URL sends a password without TLS to a remote host: "
+                                 "use smtp:// (STARTTLS) or smtps://")
+        return url
+
+    def _domain(self, required: bool) -> str:
+        domain = self.env.get("SYSTEM_DOMAIN", "").strip().lower()
+        if not domain:
+            if required:
+                self.problems.append("SYSTEM_DOMAIN is required when SMTP_URL is set")
+            return "localhost"
+        try:
+            return _idna_domain(domain)
+        except MessageError:
+            self.problems.append("SYSTEM_DOMAIN is not a valid domain name")
+            return "localhost"
+
+    def _rsa_key(self) -> bytes | None:
+        text = self.env.get("SYSTEM_DKIM_PRIVATE_KEY", "").strip()
+        if not text:
+            return None
+        try:
+            bits = _rsa_key_bits(_pem_bytes(text))
+        except ValueError:
+            self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is not a PEM RSA private key")
+            return None
+        if bits < RSA_MIN_BITS:
+            self.problems.append(f"SYSTEM_DKIM_PRIVATE_KEY has {bits} bits; "
+                                 f"at least {RSA_MIN_BITS} are required")
+            return None
+        return _pem_bytes(text)
+
+    def _ed25519_key(self) -> bytes | None:
+        text = self.env.get("SYSTEM_DKIM_ED25519_PRIVATE_KEY", "").strip()
+        if not text:
+            return None
+        try:
+            seed = _ed25519_seed(text)
+        except ValueError:
+            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY is neither a PEM ed25519 key "
+                                 "nor the base64 of a 32-byte seed")
+            return None
+        if not _nacl_available():
+            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY needs PyNaCl: "
+                                 "pip install 'sysmail[ed25519]'")
+            return None
+        return base64.b64encode(seed)
+
     def _log_level(self) -> int:
-        value = self.env.get("SYSMAIL_LOG_LEVEL", "info").strip().lower() or "info"
-        if value not in LOG_LEVELS:
+        value = self.env.get("SYSMAIL_LOG_LEVEL", "").strip().lower()
+        if value and value not in LOG_LEVELS:
             self.problems.append("SYSMAIL_LOG_LEVEL must be debug, info, warning or error")
-            return logging.INFO
-        return LOG_LEVELS[value]
+        return LOG_LEVELS.get(value, DEFAULTS.log_level)
+
+
+ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
+    # variable, the Config field whose default applies ("" for none), what it is
+    ("SYSTEM_DOMAIN", "domain", "brand domain (required with SMTP_URL)"),
+    ("SYSTEM_FROM", "", "sender address (noreply@$SYSTEM_DOMAIN)"),
+    ("SYSTEM_FROM_NAME", "", "sender display name ($SYSTEM_DOMAIN)"),
+    ("SYSTEM_REPLY_TO", "", "optional Reply-To address"),
+    ("SYSTEM_DKIM_SELECTOR", "dkim_selector", "RSA selector"),
+    ("SYSTEM_DKIM_PRIVATE_KEY", "", "PEM RSA key, 2048 bits or more (literal \\n accepted)"),
+    ("SYSTEM_DKIM_ED25519_SELECTOR", "ed25519_selector", "selector of the ed25519 key"),
+    ("SYSTEM_DKIM_ED25519_PRIVATE_KEY", "", "optional ed25519 key: PEM or base64 seed"),
+    ("DASHBOARD_URL", "", "base of the links in account mails"),
+    ("SMTP_URL", "", ("smtp://user:pass@host:587 (STARTTLS), smtps://host:465 or "
+                      "smtp+plain://127.0.0.1:25 (loopback only); unset: .eml files in the outbox")),
+    ("SMTP_TLS_VERIFY", "smtp_tls_verify", "0 relaxes the relay's certificate checks"),
+    ("SMTP_CA_FILE", "", "a private CA to trust for the relay"),
+    ("SMTP_TIMEOUT_SECONDS", "smtp_timeout", "socket timeout for the relay"),
+    ("SYSMAIL_SMTP_CONNECTIONS", "smtp_connections", "SMTP connections a sender uses at once"),
+    ("SYSMAIL_SPOOL", "spool_dir", "the spool folder"),
+    ("SYSMAIL_OUTBOX", "outbox_dir", "where .eml files go without SMTP_URL"),
+    ("SYSMAIL_TEMPLATES", "", "folder of NAME.subject / NAME.txt / NAME.html overrides"),
+    ("SYSMAIL_ALLOW_UNSIGNED", "allow_unsigned", "1 allows a real relay without a DKIM key"),
+    ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
+    ("REDIS_URL", "", "fallback queue (and shared rate limits) in Redis"),
+    ("SYSMAIL_LISTEN", "listen", "the HTTP service's address"),
+    ("SYSMAIL_PUBLIC_URL", "", "public base URL of the reset page (the listen address)"),
+    ("SYSMAIL_DB", "db_path", "the SQLite token store"),
+    ("SYSMAIL_STORE", "", "module:attribute of another token store (class or factory)"),
+    ("SYSMAIL_API_KEY", "", "bearer key of POST /v1/emails (the route is off when unset)"),
+    ("SYSMAIL_TRUSTED_PROXIES", "", "proxies whose X-Forwarded-For is believed (IPs, CIDRs)"),
+    ("SYSMAIL_RESET_TOKEN_SECONDS", "reset_token_seconds", "reset link lifetime"),
+    ("SYSMAIL_FORGOT_LIMIT_PER_CLIENT", "forgot_client_limit", "COUNT/SECONDS"),
+    ("SYSMAIL_FORGOT_LIMIT_PER_ADDRESS", "forgot_address_limit", "COUNT/SECONDS"),
+    ("SYSMAIL_RESET_LIMIT_PER_CLIENT", "reset_client_limit", "COUNT/SECONDS"),
+    ("CREDENTIALS_DIRECTORY", "", ("systemd credentials dkim.pem, dkim-ed25519.pem, smtp-url "
+                                   "and api-key (they win over the variables)")),
+)
+
+
+def environment_help() -> str:
+    """The environment variables, what each is and its default: for --help and __doc__."""
+    lines = []
+    for variable, field_name, text in ENVIRONMENT:
+        if field_name:
+            text += f" (default {_shown_default(field_name, getattr(DEFAULTS, field_name))})"
+        lines += textwrap.wrap(text, 96, initial_indent=f"    {variable:33} ",
+                               subsequent_indent=" " * 38)
+    return "\n".join(lines)
+
+
+def _shown_default(name: str, value: object) -> str:
+    if name == "log_level":
+        return logging.getLevelName(value).lower()
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple) and isinstance(value[0], str):
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, tuple):
+        return f"{value[0]}/{value[1]:g}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+__doc__ = __doc__.replace("@ENVIRONMENT@", environment_help())
 
 
 CREDENTIAL_FILES = {"dkim.pem": "SYSTEM_DKIM_PRIVATE_KEY",
@@ -590,63 +829,6 @@ def with_credentials(env: Mapping[str, str]) -> dict[str, str]:
         except (OSError, UnicodeDecodeError):
             raise ConfigError([f"the credential {name} cannot be read"]) from None
     return merged
-
-
-def _pem_bytes(text: str) -> bytes:
-    """Normalise a PEM from the environment: literal \\n escapes become real line breaks."""
-    return text.replace("\\n", "\n").strip().encode("ascii", "replace") + b"\n"
-
-
-def _rsa_key_bits(pem: bytes) -> int:
-    """Return the modulus size of a PEM RSA private key; raise ValueError when it is not one."""
-    from dkim.crypto import UnparsableKeyError, parse_pem_private_key
-
-    try:
-        key = parse_pem_private_key(pem)
-    except (UnparsableKeyError, ValueError, TypeError, IndexError) as exc:
-        raise ValueError("not an RSA private key") from exc
-    return key["modulus"].bit_length()
-
-
-def _ed25519_seed(text: str) -> bytes:
-    """Return the 32-byte seed of an ed25519 key given as PEM (PKCS#8) or base64 seed."""
-    text = text.replace("\\n", "\n").strip()
-    if "-----BEGIN" in text:
-        body = "".join(line for line in text.splitlines() if not line.startswith("-----"))
-        der = base64.b64decode(body, validate=False)
-        if len(der) != 48 or not der.startswith(_ED25519_PKCS8_PREFIX):
-            raise ValueError("not an ed25519 PKCS#8 key")
-        return der[16:]
-    try:
-        seed = base64.b64decode(text, validate=True)
-    except ValueError as exc:
-        raise ValueError("not base64") from exc
-    if len(seed) != 32:
-        raise ValueError("not 32 bytes")
-    return seed
-
-
-def _nacl_available() -> bool:
-    """True when PyNaCl, which dkimpy needs for ed25519, can be imported."""
-    try:
-        import nacl.signing  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-_WHITESPACE = re.compile(r"\s")
-
-
-def _is_web_url(value: str) -> bool:
-    """True for an absolute http(s) URL with a host and no control characters."""
-    if _has_control_chars(value) or _WHITESPACE.search(value):
-        return False
-    try:
-        parts = urllib.parse.urlsplit(value)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # a malformed [host] or a character that normalises into a delimiter
-        return False
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -727,21 +909,6 @@ def _iso_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
-def _has_control_chars(value: str) -> bool:
-    """True when a value holds CR, LF or NUL, which would let it forge headers."""
-    return "\r" in value or "\n" in value or "\0" in value
-
-
-_HEADER_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-
-
-def _unsafe_in_header(value: str) -> bool:
-    """True when text bound for a header holds a control character or anything Python's
-    folding treats as a line break (VT, FF, FS..US, NEL, U+2028/9): a folded header could
-    then start a forged field."""
-    return _HEADER_UNSAFE.search(value) is not None
-
-
 class Metrics:
     """Counters and the delivery-latency histogram, rendered in the Prometheus text format."""
 
@@ -818,9 +985,6 @@ def _labels(labels: Mapping[str, str]) -> str:
 
 # ---- Messages and templates ---- #
 
-MAX_ADDRESS_LENGTH = 254
-_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 URGENT, BULK = 0, 1
 PRIORITY_NAMES = {URGENT: "urgent", BULK: "bulk"}
 DAY_SECONDS = 86400
@@ -1144,52 +1308,6 @@ def _format_line(line: str) -> tuple[str, frozenset[str]]:
     return "".join(parts), frozenset(names)
 
 
-def validate_address(address: str) -> str:
-    """Return a normalised address (IDNA domain); raise MessageError when it is not a plain one."""
-    if not isinstance(address, str) or _has_control_chars(address):
-        raise MessageError("an email address contains a line break or NUL")
-    address = address.strip()
-    local, at, domain = address.rpartition("@")
-    if not at or not _LOCAL_PART.fullmatch(local) or len(local) > 64:
-        raise MessageError(f"{address[:80]!r} is not a valid email address")
-    normalised = f"{local}@{_idna_domain(domain)}"
-    if len(normalised) > MAX_ADDRESS_LENGTH:
-        raise MessageError(f"{address[:80]!r} is longer than {MAX_ADDRESS_LENGTH} characters")
-    return normalised
-
-
-_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # IDNA 2003 and 2008 disagree
-
-
-def _idna_domain(domain: str) -> str:
-    """Return the ASCII (IDNA 2008, UTS #46) form of a domain; raise MessageError if invalid.
-
-    The stdlib codec is IDNA 2003, which maps straße.de to the different domain strasse.de;
-    the `idna` package does it right, and without it such domains are refused, not misdirected.
-    """
-    domain = domain.rstrip(".")
-    try:
-        ascii_domain = _idna_encode(domain).lower()
-    except (UnicodeError, ValueError):
-        raise MessageError(f"{domain[:80]!r} is not a valid domain name") from None
-    labels = ascii_domain.split(".")
-    if len(ascii_domain) > 253 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
-        raise MessageError(f"{domain[:80]!r} is not a valid domain name")
-    return ascii_domain
-
-
-def _idna_encode(domain: str) -> str:
-    if domain.isascii():
-        return domain
-    try:
-        import idna
-    except ImportError:
-        if _IDNA_DEVIATIONS & set(domain.lower()):
-            raise ValueError("needs IDNA 2008: pip install idna") from None
-        return domain.encode("idna").decode("ascii")
-    return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
-
-
 def make_message_id(domain: str, now: float) -> str:
     """A globally unique RFC 5322 Message-ID in the brand domain."""
     return f"<{int(now * 1000)}.{secrets.token_hex(10)}@{domain}>"
@@ -1455,7 +1573,8 @@ class _DueIndex:
 
     RESCAN_SECONDS = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
         self._lock = threading.Lock()
         self._heaps: dict[int, list[str]] = {}
         self._built_at: float | None = None
@@ -1463,7 +1582,7 @@ class _DueIndex:
     def needs_scan(self) -> bool:
         """True when the index was never built or is old enough to refresh."""
         built = self._built_at
-        return built is None or time.monotonic() - built >= self.RESCAN_SECONDS
+        return built is None or self.clock() - built >= self.RESCAN_SECONDS
 
     def rebuild(self, entries: list[str]) -> None:
         """Replace the index with a fresh scan of new/ (100,000 names in about 50 ms)."""
@@ -1475,7 +1594,7 @@ class _DueIndex:
         for heap in heaps.values():
             heapq.heapify(heap)
         with self._lock:
-            self._heaps, self._built_at = heaps, time.monotonic()
+            self._heaps, self._built_at = heaps, self.clock()
 
     def add(self, entry: str) -> None:
         """Index one name that just appeared in new/."""
@@ -1508,6 +1627,53 @@ def _due_ms(entry: str) -> int:
     return int(entry.split(".", 2)[1])
 
 
+class Queue(Protocol):
+    """Where queued mail waits: the spool, or Redis when the spool cannot be written.
+
+    A message is stored durably before enqueue returns; a claim gives one process the sole
+    right to send it until it settles the claim (ack, defer, release or fail), or dies and a
+    recover() elsewhere hands it back. Failures to reach the storage raise SpoolError or
+    QueueUnavailable.
+    """
+
+    def enqueue(self, header: dict, data: bytes, priority: int, due: float | None = None,
+                attempt: int = 0) -> str:
+        """Store a message durably, due at `due` (now by default); return its id."""
+
+    def claim(self, limit: int) -> tuple[list[Claim], float | None]:
+        """Claim up to limit due messages, most urgent first; also the next due time left."""
+
+    def read(self, claim: Claim) -> SpooledMessage:
+        """The claimed message; SpoolError when it is not a readable entry."""
+
+    def ack(self, claim: Claim) -> None:
+        """Forget a delivered message."""
+
+    def defer(self, claim: Claim, due: float) -> None:
+        """Put a message back for another attempt at `due` (attempt + 1)."""
+
+    def release(self, claim: Claim) -> None:
+        """Put a message back unchanged, due now: its attempt was not its fault."""
+
+    def fail(self, claim: Claim, reason: dict) -> None:
+        """Make a dead letter of a message, with its reason."""
+
+    def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
+        """Write a dead letter for some recipients of a message whose others were served."""
+
+    def recover(self) -> int:
+        """Hand back the claims of dead processes; return how many."""
+
+    def failed(self) -> list[dict]:
+        """The dead letters with their reasons (each with its id), oldest first."""
+
+    def retry(self, ids: list[str] | None = None) -> list[str]:
+        """Put dead letters (all when ids is None) back, due now with attempt 0; return ids."""
+
+    def counts(self) -> dict:
+        """Messages per state: new (due now), deferred, cur (claimed) and failed."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """A message this process has claimed: it alone may send it until it settles the claim.
@@ -1516,7 +1682,7 @@ class Claim:
     """
 
     name: SpoolName
-    queue: Spool | RedisQueue = field(repr=False)
+    queue: Queue = field(repr=False)
     path: Path | None = None
     entry: bytes = field(default=b"", repr=False)
 
@@ -1561,15 +1727,14 @@ class Spool:
     send content and settle one message at a time (Sender._commit).
     """
 
-    def __init__(self, root: Path | str, clock: Clock = time.time):
+    def __init__(self, root: Path | str, clock: Clock = time.time, *,
+                 index: _DueIndex | None = None, wakeups: _Wakeups | None = None):
         self.root = Path(root)
         self.clock = clock
         self._counter = 0
         self._lock = threading.Lock()
-        self._wake_socket: socket.socket | None = None
-        self._index = _DueIndex()
-        self._own_listener = ""
-        self._wake_local: Callable[[], None] = lambda: None
+        self._index = index or _DueIndex()
+        self._wakeups = wakeups or _Wakeups(self.root / "wake")
         try:
             for sub in ("", "tmp", "new", "cur", "failed", "wake"):
                 _make_private_dir(self.root / sub)
@@ -1591,8 +1756,7 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool {self.root}: {exc.strerror}") from exc
         self._index.add(str(name))
-        self._wake_local()  # this process's sender, which notify() skips
-        self.notify(str(name))
+        self._wakeups.notify(str(name))
         return name.id
 
     def _new_id(self) -> str:
@@ -1683,12 +1847,14 @@ class Spool:
 
     def _return(self, claim: Claim, entry: str) -> None:
         os.rename(claim.path, self.root / "new" / entry)
+        _fsync_dir(self.root / "new")  # a power loss must not take the move back
         self._index.add(entry)
 
     def fail(self, claim: Claim, reason: dict) -> None:
         """Move a message to failed/ with its reason written beside it first."""
         self._write_reason(str(claim.name), reason)
         os.rename(claim.path, self.root / "failed" / str(claim.name))
+        _fsync_dir(self.root / "failed")
 
     def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
         """Write a dead letter for some recipients of a message whose others were served."""
@@ -1758,10 +1924,10 @@ class Spool:
                 continue
             fresh = str(dataclasses.replace(name, due_ms=int(self.clock() * 1000), attempt=0))
             os.rename(self.root / "failed" / entry, self.root / "new" / fresh)
+            _fsync_dir(self.root / "new")
             _unlink_quietly(self.root / "failed" / f"{entry}.json")
             self._index.add(fresh)
-            self._wake_local()
-            self.notify(fresh)
+            self._wakeups.notify(fresh)
             moved.append(name.id)
         return moved
 
@@ -1802,42 +1968,62 @@ class Spool:
         except OSError:
             return None
 
-    # -- waking workers in other processes -- #
+    # -- waking workers -- #
 
     def notify(self, entry: str = "") -> None:
-        """Tell every other worker listening on this spool that entry is in new/."""
+        """Tell every worker on this spool that entry is in new/ (or just to look)."""
+        self._wakeups.notify(entry)
+
+    def listen(self, on_wake: Callable[[], None]) -> _WakeListener | None:
+        """Index what other processes enqueue, and call on_wake for every new entry."""
+        def arrived(entry: str) -> None:
+            self._index.add(entry)
+            on_wake()
+        return self._wakeups.listen(arrived, on_wake)
+
+
+class _Wakeups:
+    """Wake-ups for the workers of one spool: this process's sender is called directly, other
+    processes' get a datagram on the abstract unix socket each registers in wake/."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._socket: socket.socket | None = None
+        self._own_listener = ""
+        self._local: Callable[[], None] = lambda: None
+
+    def notify(self, entry: str = "") -> None:
+        """Wake this process's sender, and send entry's name to every other listener."""
+        self._local()
         if not sys.platform.startswith("linux"):
             return  # workers fall back to their idle poll
-        if self._wake_socket is None:
-            self._wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._wake_socket.setblocking(False)
+        if self._socket is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
         try:
-            listeners = _scan(self.root / "wake")
+            listeners = _scan(self.folder)
         except SpoolError:
             return  # no one can be listening on a broken spool
         for listener in listeners:
             if listener == self._own_listener:
                 continue  # this process indexed it already
             try:
-                self._wake_socket.sendto(entry.encode() or b"!", _WAKE_PREFIX + listener)
+                self._socket.sendto(entry.encode() or b"!", _WAKE_PREFIX + listener)
             except BlockingIOError:
                 pass  # its queue is full: it is awake already
             except (ConnectionRefusedError, FileNotFoundError):
-                _unlink_quietly(self.root / "wake" / listener)
+                _unlink_quietly(self.folder / listener)
 
-    def listen(self, on_wake: Callable[[], None]) -> _WakeListener | None:
-        """Start a listener that indexes what other processes enqueue and calls on_wake."""
+    def listen(self, arrived: Callable[[str], None],
+               local: Callable[[], None]) -> _WakeListener | None:
+        """Receive other processes' names (arrived) and this one's wake-ups (local)."""
         if not sys.platform.startswith("linux"):
             return None
-
-        def arrived(entry: str) -> None:
-            self._index.add(entry)
-            on_wake()
         try:
-            listener = _WakeListener(self.root / "wake", arrived)
+            listener = _WakeListener(self.folder, arrived)
         except OSError:
             return None  # a broken spool: the sender still polls, and drains Redis
-        self._own_listener, self._wake_local = listener.name, on_wake
+        self._own_listener, self._local = listener.name, local
         return listener
 
 
@@ -2039,8 +2225,7 @@ for i = 1, 2 do
 end
 local next_due = false
 for i = 1, 2 do
-  local first = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. ARGV[1], '+inf', 'WITHSCORES',
-                           'LIMIT', 0, 1)
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if first[2] and (not next_due or tonumber(first[2]) < next_due) then
     next_due = tonumber(first[2])
   end
@@ -2274,6 +2459,979 @@ def _redact_url(url: str) -> str:
         return url
     netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+# ---- Enqueueing ---- #
+
+
+class Enqueuer:
+    """Renders, builds and queues system emails: into the spool, or Redis when the spool fails."""
+
+    def __init__(self, config: Config, spool: Spool, fallback: RedisQueue | None,
+                 metrics: Metrics, clock: Clock = time.time):
+        self.config = config
+        self.spool = spool
+        self.fallback = fallback
+        self.metrics = metrics
+        self.clock = clock
+        self.templates = load_templates(config.templates_dir)
+        self._brand = {"brand": config.from_name, "domain": config.domain}
+
+    def enqueue_template(self, template: str, to: str | list[str],
+                         variables: Mapping[str, object]) -> str:
+        """Queue a system email from a template; return its Message-ID."""
+        if template not in self.templates:
+            raise MessageError(f"there is no template {template!r} "
+                               f"(templates: {', '.join(self.templates)})")
+        chosen = self.templates[template]
+        rendered = render(chosen, variables, self._brand)
+        ttl = chosen.ttl({**chosen.defaults, **{k: str(v) for k, v in variables.items()}})
+        return self._store(to, rendered, template, chosen.priority, ttl)
+
+    def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
+                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
+        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+        if _unsafe_in_header(subject) or "\0" in text + html:
+            raise MessageError("the subject contains a line break or a control character")
+        if not subject.strip() or not text.strip():
+            raise MessageError("an ad-hoc message needs a subject and a text")
+        return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
+
+    def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
+               ttl: int) -> str:
+        rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
+        if not rcpts:
+            raise MessageError("a message needs at least one recipient")
+        now = self.clock()
+        message_id = make_message_id(self.config.domain, now)
+        data = build_message(self.config, rcpts, rendered, message_id, now)
+        header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
+                  "template": template, "queued_at": now, "expires_at": now + ttl}
+        spool_id, backend = self._enqueue(header, data, priority)
+        self.metrics.inc("sysmail_enqueued_total", backend=backend)
+        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id, backend=backend,
+                  template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
+        return message_id
+
+    def _enqueue(self, header: dict, data: bytes, priority: int) -> tuple[str, str]:
+        """Store in the spool, or in Redis when the spool fails; return (id, backend)."""
+        try:
+            return self.spool.enqueue(header, data, priority), "spool"
+        except SpoolError as exc:
+            if self.fallback is None:
+                log_event(logging.ERROR, "enqueue_failed", reason=str(exc))
+                raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
+            log_event(logging.WARNING, "spool_unwritable", reason=str(exc), using="redis")
+        try:
+            spool_id = self.fallback.enqueue(header, data, priority)
+        except QueueUnavailable as exc:
+            log_event(logging.ERROR, "enqueue_failed", reason=f"spool and {exc}")
+            raise QueueUnavailable("the message could not be queued: neither the spool nor "
+                                   "Redis could store it") from exc
+        with contextlib.suppress(OSError):
+            self.spool.notify()
+        return spool_id, "redis"
+
+    def check_queue(self) -> None:
+        """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
+        if self.spool.writable():
+            return
+        if self.fallback is None:
+            raise QueueUnavailable("the spool cannot be written")
+        self.fallback.ping()
+
+
+# ---- SMTP transport ---- #
+
+SMTP_MAX_MESSAGES_PER_CONNECTION = 1000
+SMTP_MAX_IDLE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the relay said about one message: the final reply and per-recipient refusals."""
+
+    code: int
+    reply: str
+    accepted: tuple[str, ...]
+    refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the relay said to MAIL FROM and RCPT TO: who it accepts and who it refused (why)."""
+
+    accepted: tuple[str, ...]
+    refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """A way to the relay: one connection, one transaction at a time.
+
+    begin() negotiates a message's envelope and raises RelayUnavailable (no message's fault),
+    TemporaryDeliveryError or PermanentDeliveryError when nobody can be served; finish() sends
+    the content of the transaction begin() opened (when anybody was accepted) and raises the
+    same errors for the final reply; abort() gives that transaction up instead.
+    """
+
+    def open(self) -> bool:
+        """Make sure a usable connection is open; True when a new one was opened."""
+
+    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """Negotiate MAIL FROM and RCPT TO; return who is accepted and who is refused."""
+
+    def finish(self, data: bytes) -> SendResult:
+        """Send the content of the open transaction; return the final reply."""
+
+    def abort(self) -> None:
+        """Give up the open transaction without sending its content."""
+
+    def probe(self) -> list[str]:
+        """Connect and log in without sending; return what was checked."""
+
+    def close(self) -> None:
+        """Close the connection; safe to call at any time."""
+
+
+def classify_reply(code: int) -> str:
+    """ok, temporary, permanent, or unavailable (421 or no answer: the relay's fault)."""
+    if 200 <= code < 300:
+        return "ok"
+    if code == 421 or code < 200:
+        return "unavailable"
+    if 500 <= code < 600:
+        return "permanent"
+    return "temporary"  # 4xx, and anything garbled: never lose mail over a strange reply
+
+
+def _reply_text(reply: bytes | str) -> str:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return " ".join(text.split())[:500]
+
+
+class SmtpTransport:
+    """One reused SMTP connection: opened lazily, refreshed after N messages or idle time."""
+
+    def __init__(self, url: SmtpUrl, *, tls_context: ssl.SSLContext | None = None,
+                 timeout: float = 30.0, local_hostname: str | None = None,
+                 max_messages: int = SMTP_MAX_MESSAGES_PER_CONNECTION,
+                 max_idle_seconds: float = SMTP_MAX_IDLE_SECONDS,
+                 clock: Clock = time.monotonic):
+        self.url = url
+        self.tls_context = tls_context or ssl.create_default_context()
+        self.timeout = timeout
+        self.local_hostname = local_hostname
+        self.max_messages = max_messages
+        self.max_idle_seconds = max_idle_seconds
+        self.clock = clock
+        self._smtp: smtplib.SMTP | None = None
+        self._envelope: Envelope | None = None
+        self._in_data = False
+        self._sent_on_connection = 0
+        self._last_used = 0.0
+
+    def __repr__(self) -> str:
+        return f"SmtpTransport({self.url})"
+
+    def open(self) -> bool:
+        """Make sure a fresh connection is open; return True when a new one was opened."""
+        if self._smtp is not None and not self._stale():
+            return False
+        self.close()
+        try:
+            self._smtp = self._connect()
+        except smtplib.SMTPAuthenticationError as exc:
+            raise RelayUnavailable("the relay refused the SMTP credentials", exc.smtp_code) from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise RelayUnavailable(f"cannot reach the relay {self.url.host}:{self.url.port}: "
+                                   f"{_reply_text(str(exc))}") from None
+        self._sent_on_connection, self._last_used = 0, self.clock()
+        return True
+
+    def _connect(self) -> smtplib.SMTP:
+        host, port = self.url.host, self.url.port
+        if self.url.scheme == "smtps":
+            smtp = smtplib.SMTP_SSL(host, port, self.local_hostname, timeout=self.timeout,
+                                    context=self.tls_context)
+        else:
+            smtp = smtplib.SMTP(host, port, self.local_hostname, timeout=self.timeout)
+        try:
+            smtp.ehlo()
+            if self.url.scheme == "smtp":
+                if not smtp.has_extn("starttls"):
+                    raise smtplib.SMTPNotSupportedError("the relay does not offer STARTTLS")
+                smtp.starttls(context=self.tls_context)
+                smtp.ehlo()
+            if self.url.username:
+                smtp.login(self.url.username, self.url.password)
+        except BaseException:
+            _close_quietly(smtp)
+            raise
+        return smtp
+
+    def _stale(self) -> bool:
+        idle = self.clock() - self._last_used
+        return self._sent_on_connection >= self.max_messages or idle > self.max_idle_seconds
+
+    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """Open a transaction: MAIL FROM and RCPT TO (and DATA, when pipelining)."""
+        fresh = self.open()
+        try:
+            return self._negotiate(mail_from, rcpts)
+        except _IdleConnectionClosed:
+            if fresh:
+                raise RelayUnavailable("the relay closed the connection at once",
+                                       recipients=rcpts) from None
+            self.close()  # the relay dropped a connection we kept idle: reopen, try once more
+            return self.begin(mail_from, rcpts)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            raise self._dropped(exc, rcpts) from None
+        finally:
+            self._last_used = self.clock()
+
+    def finish(self, data: bytes) -> SendResult:
+        """Send the content of the transaction begin() opened; return the relay's final reply."""
+        envelope, self._envelope = self._envelope, None
+        assert self._smtp is not None and envelope is not None, "finish() without begin()"
+        try:
+            if self._in_data:  # pipelined: the relay said 354 already
+                self._smtp.send(_dot_stuffed(data))
+                code, reply = self._smtp.getreply()
+            else:
+                code, reply = self._data(data)
+            return self._finish(code, reply, envelope.accepted, envelope.refused)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            raise self._dropped(exc, envelope.accepted) from None
+        finally:
+            self._last_used = self.clock()
+
+    def abort(self) -> None:
+        """Give up the transaction begin() opened: only dropping the connection cancels DATA."""
+        self._envelope = None
+        self._abort()
+
+    def _negotiate(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        smtp = self._smtp
+        assert smtp is not None
+        self._in_data = smtp.has_extn("pipelining")
+        if self._in_data:
+            envelope = self._pipelined(smtp, mail_from, rcpts)
+        else:
+            envelope = self._lockstep(smtp, mail_from, rcpts)
+        self._envelope = envelope if envelope.accepted else None
+        return envelope
+
+    def _lockstep(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        try:
+            mail = smtp.mail(mail_from)
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise _IdleConnectionClosed from exc
+        if mail[0] == 421:  # the notice of a relay that hung up on our idle connection
+            raise _IdleConnectionClosed
+        self._check(*mail, rcpts, "MAIL FROM")
+        envelope = self._recipients(rcpts, [smtp.rcpt(r) for r in rcpts])
+        if not envelope.accepted:
+            smtp.rset()
+        return envelope
+
+    def _data(self, data: bytes) -> tuple[int, bytes]:
+        try:
+            return self._smtp.data(data)
+        except smtplib.SMTPDataError as exc:
+            return exc.smtp_code, exc.smtp_error
+
+    def _pipelined(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """RFC 2920: MAIL, RCPT... and DATA in one write, then the content: 2 round trips."""
+        commands = [f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpts), "DATA"]
+        try:
+            smtp.send("".join(f"{command}\r\n" for command in commands))
+            mail = smtp.getreply()
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise _IdleConnectionClosed from exc
+        if mail[0] == 421:  # the notice of a relay that hung up on our idle connection
+            raise _IdleConnectionClosed
+        rcpt_replies = [smtp.getreply() for _ in rcpts]
+        go_ahead = smtp.getreply()
+        envelope = self._recipients(rcpts, rcpt_replies)
+        if go_ahead[0] == 354 and (classify_reply(mail[0]) != "ok" or not envelope.accepted):
+            smtp.send(b".\r\n")  # end the content the relay should not have asked for
+            smtp.getreply()
+        self._check(*mail, rcpts, "MAIL FROM")
+        if not envelope.accepted:
+            smtp.rset()
+        elif go_ahead[0] != 354:
+            self._check(go_ahead[0] if go_ahead[0] >= 400 else 451, go_ahead[1],
+                        envelope.accepted, "DATA")
+        return envelope
+
+    def _dropped(self, exc: Exception, rcpts: tuple[str, ...]) -> RelayUnavailable:
+        self.close()
+        return RelayUnavailable(f"the relay dropped the connection: {_reply_text(str(exc))}",
+                                recipients=rcpts)
+
+    def _recipients(self, rcpts: tuple[str, ...], replies: list[tuple[int, bytes]]) -> Envelope:
+        """Accepted recipients and refused ones with their replies; a 421 ends it all."""
+        accepted, refused = [], {}
+        for rcpt, (code, reply) in zip(rcpts, replies, strict=True):
+            if classify_reply(code) == "unavailable":
+                self._check(code, reply, rcpts, "RCPT TO")
+            if code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                refused[rcpt] = (code, _reply_text(reply))
+        return Envelope(tuple(accepted), refused)
+
+    def _finish(self, code: int, reply: bytes, accepted: tuple[str, ...],
+                refused: dict[str, tuple[int, str]]) -> SendResult:
+        self._check(code, reply, accepted, "DATA")
+        self._sent_on_connection += 1
+        return SendResult(code, _reply_text(reply), accepted, refused)
+
+    def _check(self, code: int, reply: bytes, rcpts: tuple[str, ...], stage: str) -> None:
+        kind = classify_reply(code)
+        if kind == "ok":
+            return
+        text = _reply_text(reply)
+        if kind == "unavailable":
+            self._abort()  # no QUIT: the relay is closing, and we may be inside DATA content
+            raise RelayUnavailable(f"the relay is unavailable at {stage}: {code} {text}", code,
+                                   text, rcpts)
+        self._reset()
+        error = PermanentDeliveryError if kind == "permanent" else TemporaryDeliveryError
+        raise error(f"{stage} refused: {code} {text}", code, text, rcpts)
+
+    def _reset(self) -> None:
+        try:
+            assert self._smtp is not None
+            self._smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self.close()
+
+    def probe(self) -> list[str]:
+        """Connect, negotiate TLS and log in without sending; return what was checked."""
+        self.close()
+        self.open()
+        assert self._smtp is not None
+        steps = [f"connected to {self.url.host}:{self.url.port}"]
+        if self.url.scheme != "smtp+plain":
+            steps.append(f"TLS {self._smtp.sock.version()} with a verified certificate"
+                         if self.tls_context.verify_mode == ssl.CERT_REQUIRED
+                         else f"TLS {self._smtp.sock.version()} (certificate not verified)")
+        if self.url.username:
+            steps.append(f"logged in as {self.url.username}")
+        self.close()
+        return steps
+
+    def close(self) -> None:
+        """Close the connection (QUIT when possible); safe to call at any time."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            _close_quietly(smtp)
+
+    def _abort(self) -> None:
+        """Drop the connection without a word (nothing sent could end an open content)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """Message content for DATA: leading dots doubled, CRLF-terminated, then the final dot."""
+    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    return stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+
+class _IdleConnectionClosed(Exception):
+    """The relay had closed the connection before this transaction's first command."""
+
+
+def _close_quietly(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
+class OutboxTransport:
+    """The embedded default relay: each message is written as an .eml file into a folder."""
+
+    def __init__(self, folder: Path | str, clock: Clock = time.time):
+        self.folder = Path(folder)
+        self.clock = clock
+        self._rcpts: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"OutboxTransport({str(self.folder)!r})"
+
+    def open(self) -> bool:
+        """Create the outbox folder; True the first time."""
+        existed = self.folder.is_dir()
+        try:
+            _make_private_dir(self.folder)
+        except OSError as exc:
+            raise RelayUnavailable(f"cannot create the outbox {self.folder}: {exc.strerror}") from None
+        return not existed
+
+    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """Accept every recipient (the folder is made if need be)."""
+        self.open()
+        self._rcpts = rcpts
+        return Envelope(rcpts)
+
+    def finish(self, data: bytes) -> SendResult:
+        """Write the message (signed, exactly as it would go on the wire) to the outbox."""
+        name = f"{int(self.clock() * 1000)}-{secrets.token_hex(4)}.eml"
+        try:
+            _write_file_atomically(self.folder / name, data, self.folder)
+        except OSError as exc:
+            raise RelayUnavailable(f"cannot write to the outbox: {exc.strerror}") from None
+        return SendResult(250, f"2.0.0 written to {self.folder / name}", self._rcpts)
+
+    def abort(self) -> None:
+        """Nothing was written."""
+
+    def probe(self) -> list[str]:
+        """Check the outbox can be written."""
+        self.open()
+        return [f"no SMTP_URL: mail is written as .eml files into {self.folder}"]
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def tls_context_from_config(config: Config) -> ssl.SSLContext:
+    """The TLS context for the relay: verified by default, with an optional private CA."""
+    context = ssl.create_default_context(cafile=config.smtp_ca_file or None)
+    if not config.smtp_tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def transport_from_config(config: Config) -> Transport:
+    """The relay of the configuration, or the outbox folder when SMTP_URL is unset."""
+    if config.smtp is None:
+        return OutboxTransport(config.outbox_dir)
+    return SmtpTransport(config.smtp, tls_context=tls_context_from_config(config),
+                         timeout=config.smtp_timeout)
+
+
+# ---- Sender ---- #
+
+SENDER_IDLE_POLL_SECONDS = 1.0
+SENDER_BATCH_SIZE = 50
+LAST_SENT_RESOLUTION_SECONDS = 1.0
+TMP_CLEAN_INTERVAL_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """5 attempts with exponential backoff and jitter; relay outages back off as a whole."""
+
+    attempts: int = 5
+    base_seconds: float = 1.0
+    jitter: float = 0.2
+    relay_base_seconds: float = 1.0
+    relay_cap_seconds: float = 60.0
+
+    def delay(self, attempts_made: int, rand: float) -> float:
+        """Seconds before the next attempt, after attempts_made failed ones (1, 2, 4, 8 s...)."""
+        return self.base_seconds * 2 ** (attempts_made - 1) * (1 + self.jitter * (2 * rand - 1))
+
+    def relay_delay(self, failures: int, rand: float) -> float:
+        """Seconds before trying an unreachable relay again, capped."""
+        delay = min(self.relay_cap_seconds, self.relay_base_seconds * 2 ** (failures - 1))
+        return delay * (1 + self.jitter * (2 * rand - 1))
+
+
+@dataclass
+class DeliveryCounts:
+    """What one pass of the sender did (counted from several connections at once)."""
+
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    expired: int = 0
+    released: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, outcome: str, count: int = 1) -> None:
+        """Count messages with one outcome."""
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + count)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {getattr(self, name)}"
+                         for name in ("sent", "deferred", "failed", "expired", "released"))
+
+
+class _Connections:
+    """A sender's SMTP connections: one, used in order, or several used at once by threads."""
+
+    def __init__(self, first: Transport, count: int,
+                 factory: Callable[[], Transport] | None):
+        extra = [factory() for _ in range(count - 1)] if factory else []
+        self.all = [first, *extra]
+        self._free: queue.SimpleQueue[Transport] = queue.SimpleQueue()
+        for transport in self.all:
+            self._free.put(transport)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(len(self.all),
+                                                            thread_name_prefix="sysmail-smtp")
+                      if len(self.all) > 1 else None)
+
+    def each(self, work: Callable[[Claim], None], claims: list[Claim]) -> None:
+        """Run work over every claim, on as many connections as there are, and wait."""
+        if self._pool is None:
+            for claim in claims:
+                work(claim)
+        else:
+            list(self._pool.map(work, claims))
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Transport]:
+        """A free connection, for one message."""
+        transport = self._free.get()
+        try:
+            yield transport
+        finally:
+            self._free.put(transport)
+
+    def close(self) -> None:
+        """Close every connection and the threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for transport in self.all:
+            transport.close()
+
+
+class _RelayBackoff:
+    """Whether the relay is worth trying now: after each outage the wait doubles, to a cap."""
+
+    def __init__(self, policy: RetryPolicy, clock: Clock, rand: Callable[[], float]):
+        self.policy = policy
+        self.clock = clock
+        self.rand = rand
+        self.failures = 0
+        self.retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def seconds_left(self) -> float:
+        """Seconds before the relay may be tried again (0 when it may be now)."""
+        return max(self.retry_at - self.clock(), 0.0)
+
+    def pause(self, seconds: float) -> None:
+        """Try nothing for a while (after an unexpected error)."""
+        self.retry_at = self.clock() + seconds
+
+    def down(self, exc: RelayUnavailable) -> None:
+        """The relay could not be used: wait longer before the next try."""
+        with self._lock:
+            self.failures += 1
+            failures = self.failures
+            delay = self.policy.relay_delay(failures, self.rand())
+            self.retry_at = self.clock() + delay
+        log_event(logging.WARNING, "relay_unavailable", reason=str(exc), code=exc.smtp_code,
+                  failures=failures, retry_in_seconds=round(delay, 2))
+
+    def up(self) -> None:
+        """The relay answered: forget the outage."""
+        if not self.failures:
+            return  # the usual case, without taking the lock
+        with self._lock:
+            failures, self.failures, self.retry_at = self.failures, 0, 0.0
+        if failures:
+            log_event(logging.INFO, "relay_available", after_failures=failures)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What becomes of some recipients of a claimed message: sent, deferred, failed or expired."""
+
+    action: str
+    rcpts: tuple[str, ...]
+    reason: Mapping[str, object] = field(default_factory=dict)
+
+
+class _Batch:
+    """A batch's shared fate: after a stop, a relay outage or a queue failure, nothing more
+    of it is sent; the first such error is kept."""
+
+    def __init__(self, stop: threading.Event):
+        self._stop = stop
+        self._lock = threading.Lock()
+        self.error: Exception | None = None
+
+    @property
+    def halted(self) -> bool:
+        """True once the sender stopped or anything halted the batch."""
+        return self._stop.is_set() or self.error is not None
+
+    def halt(self, error: Exception) -> None:
+        """Stop the batch because of error (the first one is kept)."""
+        with self._lock:
+            self.error = self.error or error
+
+
+class _Settler:
+    """Applies what happened to a claim to its queue: sent, deferred, failed, expired or
+    released; counts it, logs it, and keeps the claims a failing queue could not take back."""
+
+    def __init__(self, spool: Spool, metrics: Metrics, clock: Clock, retry: RetryPolicy,
+                 rand: Callable[[], float]):
+        self.spool = spool
+        self.metrics = metrics
+        self.clock = clock
+        self.retry = retry
+        self.rand = rand
+        self._lock = threading.Lock()
+        self._unreleased: list[Claim] = []
+        self._last_mark = float("-inf")
+
+    def release(self, claim: Claim, counts: DeliveryCounts) -> None:
+        """Put a claim back; when its queue cannot take it now, keep it to try again later
+        (a claim left to its lease would wait minutes, and one already sent goes out once
+        more: the duplicate window of a queue outage)."""
+        try:
+            claim.queue.release(claim)
+        except (QueueUnavailable, SpoolError, OSError):
+            with self._lock:
+                self._unreleased.append(claim)
+        counts.add("released")
+
+    def release_leftovers(self) -> None:
+        """Try again to put back the claims a failing queue could not take."""
+        with self._lock:
+            leftovers, self._unreleased = self._unreleased, []
+        for claim in leftovers:
+            try:
+                claim.queue.release(claim)
+            except (QueueUnavailable, SpoolError, OSError):
+                with self._lock:
+                    self._unreleased.append(claim)
+
+    def verdicts(self, message: SpooledMessage,
+                  result: SendResult | DeliveryError) -> tuple[Verdict, ...]:
+        """What to do with each group of recipients after the relay answered."""
+        if isinstance(result, DeliveryError):
+            refusals = {r: (result.smtp_code, result.reply) for r in message.rcpts}
+            verdicts: list[Verdict] = []
+        else:
+            refusals = dict(result.refused)
+            verdicts = [Verdict("sent", result.accepted, {"code": result.code,
+                                                          "reply": result.reply})]
+        for permanent in (True, False):
+            group = tuple(r for r, (code, _) in refusals.items()
+                          if (classify_reply(code or 451) == "permanent") == permanent)
+            if group:
+                verdicts.append(self._refused(message, group, *refusals[group[0]], permanent))
+        return tuple(v for v in verdicts if v.rcpts)
+
+    def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
+                 reply: str, permanent: bool) -> Verdict:
+        """A refused group's verdict: failed when permanent or out of attempts, else retry."""
+        if permanent:
+            return Verdict("failed", rcpts, _refusal("rejected", code, reply))
+        if message.attempt + 1 >= self.retry.attempts:
+            return Verdict("failed", rcpts, _refusal("attempts exhausted", code, reply))
+        return Verdict("deferred", rcpts, _refusal("deferred", code, reply))
+
+    def apply(self, claim: Claim, message: SpooledMessage | None,
+               verdicts: tuple[Verdict, ...], counts: DeliveryCounts,
+               duration: float = 0.0) -> None:
+        """Settle a claim by its verdicts: when one unserved group is all there is, the claim
+        itself moves; otherwise each unserved group is written apart and the claim forgotten."""
+        served = [v for v in verdicts if v.action == "sent"]
+        unserved = [v for v in verdicts if v.action != "sent"]
+        if served and message is not None:
+            self._log_sent(message, served[0], duration)
+            counts.add("sent")
+        whole = not served and len(unserved) == 1
+        for verdict in unserved:
+            self._settle(claim, message, verdict, counts, whole)
+        if not whole:
+            claim.queue.ack(claim)
+
+    def _settle(self, claim: Claim, message: SpooledMessage | None, verdict: Verdict,
+                counts: DeliveryCounts, whole: bool) -> None:
+        """Defer or bury the whole claim, or a copy of it for the verdict's recipients."""
+        reason = dict(verdict.reason)
+        if message is not None:
+            reason.update(rfcMessageId=message.message_id, to=list(verdict.rcpts),
+                          template=message.template, attempts=message.attempt + 1)
+        if verdict.action == "deferred":
+            due = self.clock() + self.retry.delay(message.attempt + 1, self.rand())
+            if whole:
+                claim.queue.defer(claim, due)
+            else:
+                claim.queue.enqueue(message.header(verdict.rcpts), message.data,
+                                    message.priority, due=due, attempt=message.attempt + 1)
+            log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
+                      to=list(verdict.rcpts), attempt=message.attempt + 1,
+                      next_try=_iso_time(due), code=reason.get("code"),
+                      reason=f"{reason.get('code')} {reason.get('reply')}")
+        elif whole:
+            claim.queue.fail(claim, reason)
+        else:
+            claim.queue.add_failed(message, verdict.rcpts, reason)
+        counts.add(verdict.action)
+        self.metrics.inc("sysmail_messages_total", outcome=verdict.action)
+        if verdict.action != "deferred":
+            log_event(logging.WARNING, verdict.action, id=claim.name.id, **reason)
+
+    def _log_sent(self, message: SpooledMessage, sent: Verdict, duration: float) -> None:
+        now = self.clock()
+        if now - self._last_mark >= LAST_SENT_RESOLUTION_SECONDS:  # one utime a second will do
+            self._last_mark = now
+            self.spool.mark_sent()
+        latency = max(now - message.queued_at, 0.0)
+        self.metrics.inc("sysmail_messages_total", outcome="sent")
+        self.metrics.observe_latency(latency)
+        if _log.isEnabledFor(logging.INFO):
+            log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
+                      to=list(sent.rcpts), template=message.template or "ad-hoc",
+                      code=sent.reason["code"], reply=sent.reason["reply"],
+                      duration_ms=round(duration * 1000, 1), latency_ms=round(latency * 1000, 1))
+
+
+class Sender:
+    """Drains a spool through a transport, signing each message at send time.
+
+    With connections > 1 (and a transport_factory for the extra ones) a batch is sent over
+    that many SMTP connections at once: OpenSSL signs outside the GIL, so the connections use
+    every core and hide each other's round trips. With one, messages go strictly in order.
+    """
+
+    def __init__(self, spool: Spool, transport: Transport,
+                 signer: DkimSigner | None = None, *, clock: Clock = time.time,
+                 retry: RetryPolicy = RetryPolicy(), batch_size: int = SENDER_BATCH_SIZE,
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
+                 fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
+                 connections: int = 1,
+                 transport_factory: Callable[[], Transport] | None = None):
+        self.spool = spool
+        self.fallback = fallback
+        self.queues: tuple[Queue, ...] = (spool, fallback) if fallback else (spool,)
+        self.on_cycle = on_cycle
+        self.metrics = metrics or Metrics()
+        self.transport = transport
+        self.signer = signer
+        self.clock = clock
+        self.retry = retry
+        self.batch_size = batch_size
+        self.rand = rand
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._next_due: float | None = None
+        self._relay = _RelayBackoff(retry, clock, rand)
+        self._last_clean = 0.0
+        self._last_queue_warning: dict[str, float] = {}
+        self._commit = threading.Lock()
+        self._settler = _Settler(spool, self.metrics, clock, retry, rand)
+        self._connections = _Connections(transport, connections, transport_factory)
+
+    def close(self) -> None:
+        """Close every SMTP connection and the connection threads."""
+        self._connections.close()
+
+    def wake(self) -> None:
+        """Make a waiting run() look at the spool now."""
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Deliver until stop is set (then call wake()); never dies on a message."""
+        self._stop = stop
+        listener = self.spool.listen(self.wake)
+        log_event(logging.INFO, "sender_started", spool=str(self.spool.root),
+                  transport=repr(self.transport), signing=self.signer is not None)
+        try:
+            while not stop.is_set():
+                self._cycle()
+                self._beat()
+                self._wake.wait(self._idle_seconds())
+                self._wake.clear()
+        finally:
+            if listener:
+                listener.close()
+            self.close()
+            log_event(logging.INFO, "sender_stopped")
+
+    def _beat(self) -> None:
+        if self.on_cycle:
+            try:
+                self.on_cycle()
+            except Exception:  # noqa: BLE001 - a heartbeat hook must never stop delivery
+                _log.exception("heartbeat_error", extra={"fields": {}})
+
+    def _cycle(self) -> None:
+        now = self.clock()
+        if self._relay.seconds_left():
+            return
+        try:
+            if now - self._last_clean > TMP_CLEAN_INTERVAL_SECONDS:
+                self._last_clean = now
+                with contextlib.suppress(SpoolError):  # a broken spool: Redis may still serve
+                    self.spool.clean_tmp()
+            self.run_once()
+        except Exception:  # noqa: BLE001 - the thread must survive anything: log, slow down
+            _log.exception("sender_error", extra={"fields": {}})
+            self._relay.pause(SENDER_IDLE_POLL_SECONDS)
+
+    def _idle_seconds(self) -> float:
+        """Until the next due message or the relay retry, but at most a second: the loop is
+        also the heartbeat (systemd's watchdog) and the recovery poll."""
+        wait = SENDER_IDLE_POLL_SECONDS
+        if relay_wait := self._relay.seconds_left():
+            return min(wait, relay_wait)
+        if self._next_due is not None:
+            wait = min(wait, self._next_due - self.clock())
+        return max(wait, 0.001)
+
+    def run_once(self) -> DeliveryCounts:
+        """Deliver every message due now; stop early (releasing claims) if the relay is down."""
+        counts = DeliveryCounts()
+        next_due: list[float] = []
+        self._settler.release_leftovers()
+        for source in self.queues:
+            try:
+                if not self._drain(source, counts, next_due):
+                    break
+            except (QueueUnavailable, SpoolError, OSError) as exc:  # one queue down: others serve
+                self._warn_queue_down(source, exc)
+        self._next_due = min(next_due, default=None)
+        return counts
+
+    def _drain(self, source: Queue, counts: DeliveryCounts,
+               next_due: list[float]) -> bool:
+        """Deliver what is due in one queue; False when the relay went down."""
+        source.recover()
+        while True:
+            claims, due = source.claim(self.batch_size)
+            if due is not None:
+                next_due.append(due)
+            if not claims:
+                return True
+            if not self._deliver_batch(claims, counts) or self._stop.is_set():
+                return False
+
+    def _warn_queue_down(self, source: Queue, exc: Exception) -> None:
+        now = self.clock()
+        if now - self._last_queue_warning.get(repr(source), -60.0) >= 60:
+            self._last_queue_warning[repr(source)] = now
+            log_event(logging.WARNING, "queue_unavailable", queue=repr(source), reason=str(exc))
+
+    def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
+        """Send a batch over the free connections; False when the relay went down or stop;
+        QueueUnavailable when the batch's own queue failed under it."""
+        batch = _Batch(self._stop)
+        self._connections.each(lambda claim: self._deliver_one(claim, counts, batch), claims)
+        if isinstance(batch.error, RelayUnavailable):
+            self._relay.down(batch.error)
+            return False
+        if batch.error is not None:
+            raise QueueUnavailable(f"the queue failed while settling messages: {batch.error}")
+        return not self._stop.is_set()
+
+    def _deliver_one(self, claim: Claim, counts: DeliveryCounts, batch: _Batch) -> None:
+        """Deliver one claim on a free connection; never raises."""
+        self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
+        if batch.halted:  # the rest goes back, unsent and unharmed
+            self._settler.release(claim, counts)
+            return
+        try:
+            with self._connections.borrow() as transport:
+                self._deliver(claim, counts, transport, batch)
+        except (RelayUnavailable, QueueUnavailable, SpoolError, OSError) as exc:
+            batch.halt(exc)  # the relay or the queue, not the message
+            self._settler.release(claim, counts)
+        except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
+            _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
+            internal = Verdict("failed", (), {"reason": "internal error",
+                                              "error": type(exc).__name__})
+            try:
+                self._settler.apply(claim, None, (internal,), counts)
+            except (QueueUnavailable, SpoolError, OSError) as queue_error:
+                batch.halt(queue_error)
+                self._settler.release(claim, counts)
+
+    def _deliver(self, claim: Claim, counts: DeliveryCounts, transport: Transport,
+                 batch: _Batch) -> None:
+        """Sign and negotiate (in parallel with other connections), then send the content and
+        settle under the commit lock: a crash then leaves at most one accepted but unforgotten
+        message per process to send again, however many connections there are."""
+        try:
+            message = claim.queue.read(claim)
+        except SpoolError as exc:
+            unreadable = Verdict("failed", (), {"reason": "unreadable", "error": str(exc)})
+            self._settler.apply(claim, None, (unreadable,), counts)
+            return
+        if self.clock() >= message.expires_at:
+            self._settler.apply(claim, message, (Verdict("expired", message.rcpts,
+                                                 {"reason": "expired"}),), counts)
+            return
+        data = self.signer.sign(message.data) if self.signer else message.data
+        started = time.monotonic()
+        try:
+            answer: Envelope | DeliveryError = transport.begin(message.mail_from, message.rcpts)
+        except RelayUnavailable:
+            raise
+        except DeliveryError as exc:
+            answer = exc
+        with self._commit:
+            if batch.halted:  # stopped, or the relay or queue failed while we waited our turn
+                transport.abort()
+                self._settler.release(claim, counts)
+                return
+            result = self._content(transport, answer, data)
+            self._settler.apply(claim, message, self._settler.verdicts(message, result), counts,
+                        time.monotonic() - started)
+
+    @staticmethod
+    def _content(transport: Transport, answer: Envelope | DeliveryError,
+                 data: bytes) -> SendResult | DeliveryError:
+        """The relay's last word on a message: its final reply, or the refusal."""
+        if isinstance(answer, DeliveryError):
+            return answer
+        if not answer.accepted:
+            return SendResult(0, "no recipient accepted", (), answer.refused)
+        try:
+            return transport.finish(data)
+        except RelayUnavailable:
+            raise
+        except DeliveryError as exc:
+            return exc
+
+def _refusal(reason: str, code: int | None, reply: str) -> dict:
+    return {"reason": reason, "code": code, "reply": reply}
+
+
+class SenderThread:
+    """A sender running in a thread of this process: the service's, or an embedding program's."""
+
+    def __init__(self, make_sender: Callable[[], Sender]):
+        self._make_sender = make_sender
+        self._stop = threading.Event()
+        self.sender: Sender | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, on_cycle: Callable[[], None] | None = None) -> None:
+        """Start delivering in a daemon thread (on_cycle: a heartbeat hook); once is enough."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self.sender = self._make_sender()
+        self.sender.on_cycle = on_cycle
+        self._thread = threading.Thread(target=self.sender.run, args=(self._stop,),
+                                        name="sysmail-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current SMTP transaction; queued mail stays queued."""
+        if self._thread is None or self.sender is None:
+            return
+        self._stop.set()
+        self.sender.wake()
+        self._thread.join(timeout)
+        self._thread = self.sender = None
 
 
 # ---- Token store ---- #
@@ -2583,905 +3741,6 @@ class SqliteStore:
                       write=True)
 
 
-# ---- SMTP transport ---- #
-
-SMTP_MAX_MESSAGES_PER_CONNECTION = 1000
-SMTP_MAX_IDLE_SECONDS = 30.0
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """What the relay said about one message: the final reply and per-recipient refusals."""
-
-    code: int
-    reply: str
-    accepted: tuple[str, ...]
-    refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
-
-
-def classify_reply(code: int) -> str:
-    """ok, temporary, permanent, or unavailable (421 or no answer: the relay's fault)."""
-    if 200 <= code < 300:
-        return "ok"
-    if code == 421 or code < 200:
-        return "unavailable"
-    if 500 <= code < 600:
-        return "permanent"
-    return "temporary"  # 4xx, and anything garbled: never lose mail over a strange reply
-
-
-def _reply_text(reply: bytes | str) -> str:
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    return " ".join(text.split())[:500]
-
-
-class SmtpTransport:
-    """One reused SMTP connection: opened lazily, refreshed after N messages or idle time."""
-
-    def __init__(self, url: SmtpUrl, *, tls_context: ssl.SSLContext | None = None,
-                 timeout: float = 30.0, local_hostname: str | None = None,
-                 max_messages: int = SMTP_MAX_MESSAGES_PER_CONNECTION,
-                 max_idle_seconds: float = SMTP_MAX_IDLE_SECONDS,
-                 clock: Clock = time.monotonic):
-        self.url = url
-        self.tls_context = tls_context or ssl.create_default_context()
-        self.timeout = timeout
-        self.local_hostname = local_hostname
-        self.max_messages = max_messages
-        self.max_idle_seconds = max_idle_seconds
-        self.clock = clock
-        self._smtp: smtplib.SMTP | None = None
-        self._sent_on_connection = 0
-        self._last_used = 0.0
-
-    def __repr__(self) -> str:
-        return f"SmtpTransport({self.url})"
-
-    def open(self) -> bool:
-        """Make sure a fresh connection is open; return True when a new one was opened."""
-        if self._smtp is not None and not self._stale():
-            return False
-        self.close()
-        try:
-            self._smtp = self._connect()
-        except smtplib.SMTPAuthenticationError as exc:
-            raise RelayUnavailable("the relay refused the SMTP credentials", exc.smtp_code) from None
-        except (OSError, smtplib.SMTPException) as exc:
-            raise RelayUnavailable(f"cannot reach the relay {self.url.host}:{self.url.port}: "
-                                   f"{_reply_text(str(exc))}") from None
-        self._sent_on_connection, self._last_used = 0, self.clock()
-        return True
-
-    def _connect(self) -> smtplib.SMTP:
-        host, port = self.url.host, self.url.port
-        if self.url.scheme == "smtps":
-            smtp = smtplib.SMTP_SSL(host, port, self.local_hostname, timeout=self.timeout,
-                                    context=self.tls_context)
-        else:
-            smtp = smtplib.SMTP(host, port, self.local_hostname, timeout=self.timeout)
-        try:
-            smtp.ehlo()
-            if self.url.scheme == "smtp":
-                if not smtp.has_extn("starttls"):
-                    raise smtplib.SMTPNotSupportedError("the relay does not offer STARTTLS")
-                smtp.starttls(context=self.tls_context)
-                smtp.ehlo()
-            if self.url.username:
-                smtp.login(self.url.username, self.url.password)
-        except BaseException:
-            _close_quietly(smtp)
-            raise
-        return smtp
-
-    def _stale(self) -> bool:
-        idle = self.clock() - self._last_used
-        return self._sent_on_connection >= self.max_messages or idle > self.max_idle_seconds
-
-    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
-             before_content: Callable[[], None] = lambda: None) -> SendResult:
-        """Send one message; raise RelayUnavailable, TemporaryDeliveryError or
-        PermanentDeliveryError when it failed for every recipient at MAIL or DATA.
-        before_content is called just before the content goes out."""
-        fresh = self.open()
-        try:
-            return self._transaction(mail_from, rcpts, data, before_content)
-        except _SendAbandoned:
-            self._abort()  # we are inside DATA: only dropping the connection cancels it
-            raise
-        except _IdleConnectionClosed:
-            if fresh:
-                raise RelayUnavailable("the relay closed the connection at once",
-                                       recipients=rcpts) from None
-            self.close()  # the relay dropped a connection we kept idle: reopen, try once more
-            return self.send(mail_from, rcpts, data, before_content)
-        except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            self.close()
-            raise RelayUnavailable(f"the relay dropped the connection: {_reply_text(str(exc))}",
-                                   recipients=rcpts) from None
-        finally:
-            self._last_used = self.clock()
-
-    def _transaction(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
-                     before_content: Callable[[], None]) -> SendResult:
-        smtp = self._smtp
-        assert smtp is not None
-        if smtp.has_extn("pipelining"):
-            return self._pipelined(smtp, mail_from, rcpts, data, before_content)
-        try:
-            mail = smtp.mail(mail_from)
-        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            raise _IdleConnectionClosed from exc
-        if mail[0] == 421:  # the notice of a relay that hung up on our idle connection
-            raise _IdleConnectionClosed
-        self._check(*mail, rcpts, "MAIL FROM")
-        accepted, refused = self._recipients(rcpts, [smtp.rcpt(r) for r in rcpts])
-        if not accepted:
-            smtp.rset()
-            return SendResult(0, "no recipient accepted", (), refused)
-        before_content()
-        try:
-            code, reply = smtp.data(data)
-        except smtplib.SMTPDataError as exc:
-            code, reply = exc.smtp_code, exc.smtp_error
-        return self._finish(code, reply, accepted, refused)
-
-    def _pipelined(self, smtp: smtplib.SMTP, mail_from: str, rcpts: tuple[str, ...],
-                   data: bytes, before_content: Callable[[], None]) -> SendResult:
-        """RFC 2920: MAIL, RCPT... and DATA in one write, then the content: 2 round trips."""
-        commands = [f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpts), "DATA"]
-        try:
-            smtp.send("".join(f"{command}\r\n" for command in commands))
-            mail = smtp.getreply()
-        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            raise _IdleConnectionClosed from exc
-        if mail[0] == 421:  # the notice of a relay that hung up on our idle connection
-            raise _IdleConnectionClosed
-        rcpt_replies = [smtp.getreply() for _ in rcpts]
-        go_ahead = smtp.getreply()
-        accepted, refused = self._recipients(rcpts, rcpt_replies)
-        if go_ahead[0] == 354 and (classify_reply(mail[0]) != "ok" or not accepted):
-            smtp.send(b".\r\n")  # end the content the relay should not have asked for
-            smtp.getreply()
-        self._check(*mail, rcpts, "MAIL FROM")
-        if not accepted:
-            smtp.rset()
-            return SendResult(0, "no recipient accepted", (), refused)
-        if go_ahead[0] != 354:
-            self._check(go_ahead[0] if go_ahead[0] >= 400 else 451, go_ahead[1], accepted,
-                        "DATA")
-        before_content()
-        smtp.send(_dot_stuffed(data))
-        return self._finish(*smtp.getreply(), accepted, refused)
-
-    def _recipients(self, rcpts: tuple[str, ...], replies: list[tuple[int, bytes]]
-                    ) -> tuple[tuple[str, ...], dict[str, tuple[int, str]]]:
-        """Accepted recipients and refused ones with their replies; a 421 ends it all."""
-        accepted, refused = [], {}
-        for rcpt, (code, reply) in zip(rcpts, replies, strict=True):
-            if classify_reply(code) == "unavailable":
-                self._check(code, reply, rcpts, "RCPT TO")
-            if code in (250, 251):
-                accepted.append(rcpt)
-            else:
-                refused[rcpt] = (code, _reply_text(reply))
-        return tuple(accepted), refused
-
-    def _finish(self, code: int, reply: bytes, accepted: tuple[str, ...],
-                refused: dict[str, tuple[int, str]]) -> SendResult:
-        self._check(code, reply, accepted, "DATA")
-        self._sent_on_connection += 1
-        return SendResult(code, _reply_text(reply), accepted, refused)
-
-    def _check(self, code: int, reply: bytes, rcpts: tuple[str, ...], stage: str) -> None:
-        kind = classify_reply(code)
-        if kind == "ok":
-            return
-        text = _reply_text(reply)
-        if kind == "unavailable":
-            self._abort()  # no QUIT: the relay is closing, and we may be inside DATA content
-            raise RelayUnavailable(f"the relay is unavailable at {stage}: {code} {text}", code,
-                                   text, rcpts)
-        self._reset()
-        error = PermanentDeliveryError if kind == "permanent" else TemporaryDeliveryError
-        raise error(f"{stage} refused: {code} {text}", code, text, rcpts)
-
-    def _reset(self) -> None:
-        try:
-            assert self._smtp is not None
-            self._smtp.rset()
-        except (smtplib.SMTPException, OSError):
-            self.close()
-
-    def probe(self) -> list[str]:
-        """Connect, negotiate TLS and log in without sending; return what was checked."""
-        self.close()
-        self.open()
-        assert self._smtp is not None
-        steps = [f"connected to {self.url.host}:{self.url.port}"]
-        if self.url.scheme != "smtp+plain":
-            steps.append(f"TLS {self._smtp.sock.version()} with a verified certificate"
-                         if self.tls_context.verify_mode == ssl.CERT_REQUIRED
-                         else f"TLS {self._smtp.sock.version()} (certificate not verified)")
-        if self.url.username:
-            steps.append(f"logged in as {self.url.username}")
-        self.close()
-        return steps
-
-    def close(self) -> None:
-        """Close the connection (QUIT when possible); safe to call at any time."""
-        smtp, self._smtp = self._smtp, None
-        if smtp is not None:
-            _close_quietly(smtp)
-
-    def _abort(self) -> None:
-        """Drop the connection without a word (nothing sent could end an open content)."""
-        smtp, self._smtp = self._smtp, None
-        if smtp is not None:
-            smtp.close()
-
-
-def _dot_stuffed(data: bytes) -> bytes:
-    """Message content for DATA: leading dots doubled, CRLF-terminated, then the final dot."""
-    stuffed = re.sub(rb"(?m)^\.", b"..", data)
-    return stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n"
-
-
-class _SendAbandoned(Exception):
-    """The sender withdrew a message before its content was sent (it stays queued)."""
-
-
-class _IdleConnectionClosed(Exception):
-    """The relay had closed the connection before this transaction's first command."""
-
-
-def _close_quietly(smtp: smtplib.SMTP) -> None:
-    try:
-        smtp.quit()
-    except (smtplib.SMTPException, OSError):
-        smtp.close()
-
-
-class OutboxTransport:
-    """The embedded default relay: each message is written as an .eml file into a folder."""
-
-    def __init__(self, folder: Path | str, clock: Clock = time.time):
-        self.folder = Path(folder)
-        self.clock = clock
-
-    def __repr__(self) -> str:
-        return f"OutboxTransport({str(self.folder)!r})"
-
-    def open(self) -> bool:
-        """Create the outbox folder; True the first time."""
-        existed = self.folder.is_dir()
-        try:
-            _make_private_dir(self.folder)
-        except OSError as exc:
-            raise RelayUnavailable(f"cannot create the outbox {self.folder}: {exc.strerror}") from None
-        return not existed
-
-    def send(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
-             before_content: Callable[[], None] = lambda: None) -> SendResult:
-        """Write the message (signed, exactly as it would go on the wire) to the outbox."""
-        self.open()
-        before_content()
-        name = f"{int(self.clock() * 1000)}-{secrets.token_hex(4)}.eml"
-        try:
-            _write_file_atomically(self.folder / name, data, self.folder)
-        except OSError as exc:
-            raise RelayUnavailable(f"cannot write to the outbox: {exc.strerror}") from None
-        return SendResult(250, f"2.0.0 written to {self.folder / name}", rcpts)
-
-    def probe(self) -> list[str]:
-        """Check the outbox can be written."""
-        self.open()
-        return [f"no SMTP_URL: mail is written as .eml files into {self.folder}"]
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
-def tls_context_from_config(config: Config) -> ssl.SSLContext:
-    """The TLS context for the relay: verified by default, with an optional private CA."""
-    context = ssl.create_default_context(cafile=config.smtp_ca_file or None)
-    if not config.smtp_tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def transport_from_config(config: Config) -> SmtpTransport | OutboxTransport:
-    """The relay of the configuration, or the outbox folder when SMTP_URL is unset."""
-    if config.smtp is None:
-        return OutboxTransport(config.outbox_dir)
-    return SmtpTransport(config.smtp, tls_context=tls_context_from_config(config),
-                         timeout=config.smtp_timeout)
-
-
-# ---- Sender ---- #
-
-SENDER_IDLE_POLL_SECONDS = 1.0
-SENDER_BATCH_SIZE = 50
-LAST_SENT_RESOLUTION_SECONDS = 1.0
-TMP_CLEAN_INTERVAL_SECONDS = 3600
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """5 attempts with exponential backoff and jitter; relay outages back off as a whole."""
-
-    attempts: int = 5
-    base_seconds: float = 1.0
-    jitter: float = 0.2
-    relay_base_seconds: float = 1.0
-    relay_cap_seconds: float = 60.0
-
-    def delay(self, attempts_made: int, rand: float) -> float:
-        """Seconds before the next attempt, after attempts_made failed ones (1, 2, 4, 8 s...)."""
-        return self.base_seconds * 2 ** (attempts_made - 1) * (1 + self.jitter * (2 * rand - 1))
-
-    def relay_delay(self, failures: int, rand: float) -> float:
-        """Seconds before trying an unreachable relay again, capped."""
-        delay = min(self.relay_cap_seconds, self.relay_base_seconds * 2 ** (failures - 1))
-        return delay * (1 + self.jitter * (2 * rand - 1))
-
-
-@dataclass
-class DeliveryCounts:
-    """What one pass of the sender did (counted from several connections at once)."""
-
-    sent: int = 0
-    deferred: int = 0
-    failed: int = 0
-    expired: int = 0
-    released: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, outcome: str, count: int = 1) -> None:
-        """Count messages with one outcome."""
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + count)
-
-    def __str__(self) -> str:
-        return ", ".join(f"{name} {getattr(self, name)}"
-                         for name in ("sent", "deferred", "failed", "expired", "released"))
-
-
-class _Connections:
-    """A sender's SMTP connections: one, used in order, or several used at once by threads."""
-
-    def __init__(self, first: SmtpTransport | OutboxTransport, count: int,
-                 factory: Callable[[], SmtpTransport | OutboxTransport] | None):
-        extra = [factory() for _ in range(count - 1)] if factory else []
-        self.all = [first, *extra]
-        self._free: queue.SimpleQueue[SmtpTransport | OutboxTransport] = queue.SimpleQueue()
-        for transport in self.all:
-            self._free.put(transport)
-        self._pool = (concurrent.futures.ThreadPoolExecutor(len(self.all),
-                                                            thread_name_prefix="sysmail-smtp")
-                      if len(self.all) > 1 else None)
-
-    def each(self, work: Callable[[Claim], None], claims: list[Claim]) -> None:
-        """Run work over every claim, on as many connections as there are, and wait."""
-        if self._pool is None:
-            for claim in claims:
-                work(claim)
-        else:
-            list(self._pool.map(work, claims))
-
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[SmtpTransport | OutboxTransport]:
-        """A free connection, for one message."""
-        transport = self._free.get()
-        try:
-            yield transport
-        finally:
-            self._free.put(transport)
-
-    def close(self) -> None:
-        """Close every connection and the threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        for transport in self.all:
-            transport.close()
-
-
-class _RelayBackoff:
-    """Whether the relay is worth trying now: after each outage the wait doubles, to a cap."""
-
-    def __init__(self, policy: RetryPolicy, clock: Clock, rand: Callable[[], float]):
-        self.policy = policy
-        self.clock = clock
-        self.rand = rand
-        self.failures = 0
-        self.retry_at = 0.0
-        self._lock = threading.Lock()
-
-    def seconds_left(self) -> float:
-        """Seconds before the relay may be tried again (0 when it may be now)."""
-        return max(self.retry_at - self.clock(), 0.0)
-
-    def pause(self, seconds: float) -> None:
-        """Try nothing for a while (after an unexpected error)."""
-        self.retry_at = self.clock() + seconds
-
-    def down(self, exc: RelayUnavailable) -> None:
-        """The relay could not be used: wait longer before the next try."""
-        with self._lock:
-            self.failures += 1
-            failures = self.failures
-            delay = self.policy.relay_delay(failures, self.rand())
-            self.retry_at = self.clock() + delay
-        log_event(logging.WARNING, "relay_unavailable", reason=str(exc), code=exc.smtp_code,
-                  failures=failures, retry_in_seconds=round(delay, 2))
-
-    def up(self) -> None:
-        """The relay answered: forget the outage."""
-        if not self.failures:
-            return  # the usual case, without taking the lock
-        with self._lock:
-            failures, self.failures, self.retry_at = self.failures, 0, 0.0
-        if failures:
-            log_event(logging.INFO, "relay_available", after_failures=failures)
-
-
-class Sender:
-    """Drains a spool through a transport, signing each message at send time.
-
-    With connections > 1 (and a transport_factory for the extra ones) a batch is sent over
-    that many SMTP connections at once: OpenSSL signs outside the GIL, so the connections use
-    every core and hide each other's round trips. With one, messages go strictly in order.
-    """
-
-    def __init__(self, spool: Spool, transport: SmtpTransport | OutboxTransport,
-                 signer: DkimSigner | None = None, *, clock: Clock = time.time,
-                 retry: RetryPolicy = RetryPolicy(), batch_size: int = SENDER_BATCH_SIZE,
-                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
-                 fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
-                 connections: int = 1,
-                 transport_factory: Callable[[], SmtpTransport | OutboxTransport] | None = None):
-        self.spool = spool
-        self.fallback = fallback
-        self.queues: tuple[Spool | RedisQueue, ...] = (spool, fallback) if fallback else (spool,)
-        self.on_cycle = on_cycle
-        self.metrics = metrics or Metrics()
-        self.transport = transport
-        self.signer = signer
-        self.clock = clock
-        self.retry = retry
-        self.batch_size = batch_size
-        self.rand = rand
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._next_due: float | None = None
-        self._relay = _RelayBackoff(retry, clock, rand)
-        self._last_clean = 0.0
-        self._last_mark = float("-inf")
-        self._last_queue_warning: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._commit = threading.Lock()
-        self._unreleased: list[Claim] = []
-        self._connections = _Connections(transport, connections, transport_factory)
-
-    def close(self) -> None:
-        """Close every SMTP connection and the connection threads."""
-        self._connections.close()
-
-    def wake(self) -> None:
-        """Make a waiting run() look at the spool now."""
-        self._wake.set()
-
-    def run(self, stop: threading.Event) -> None:
-        """Deliver until stop is set (then call wake()); never dies on a message."""
-        self._stop = stop
-        listener = self.spool.listen(self.wake)
-        log_event(logging.INFO, "sender_started", spool=str(self.spool.root),
-                  transport=repr(self.transport), signing=self.signer is not None)
-        try:
-            while not stop.is_set():
-                self._cycle()
-                self._beat()
-                self._wake.wait(self._idle_seconds())
-                self._wake.clear()
-        finally:
-            if listener:
-                listener.close()
-            self.close()
-            log_event(logging.INFO, "sender_stopped")
-
-    def _beat(self) -> None:
-        if self.on_cycle:
-            try:
-                self.on_cycle()
-            except Exception:  # noqa: BLE001 - a heartbeat hook must never stop delivery
-                _log.exception("heartbeat_error", extra={"fields": {}})
-
-    def _cycle(self) -> None:
-        now = self.clock()
-        if self._relay.seconds_left():
-            return
-        try:
-            if now - self._last_clean > TMP_CLEAN_INTERVAL_SECONDS:
-                self._last_clean = now
-                with contextlib.suppress(SpoolError):  # a broken spool: Redis may still serve
-                    self.spool.clean_tmp()
-            self.run_once()
-        except Exception:  # noqa: BLE001 - the thread must survive anything: log, slow down
-            _log.exception("sender_error", extra={"fields": {}})
-            self._relay.pause(SENDER_IDLE_POLL_SECONDS)
-
-    def _idle_seconds(self) -> float:
-        """Until the next due message or the relay retry, but at most a second: the loop is
-        also the heartbeat (systemd's watchdog) and the recovery poll."""
-        wait = SENDER_IDLE_POLL_SECONDS
-        if relay_wait := self._relay.seconds_left():
-            return min(wait, relay_wait)
-        if self._next_due is not None:
-            wait = min(wait, self._next_due - self.clock())
-        return max(wait, 0.001)
-
-    def run_once(self) -> DeliveryCounts:
-        """Deliver every message due now; stop early (releasing claims) if the relay is down."""
-        counts = DeliveryCounts()
-        next_due: list[float] = []
-        self._release_leftovers()
-        for source in self.queues:
-            try:
-                if not self._drain(source, counts, next_due):
-                    break
-            except (QueueUnavailable, SpoolError, OSError) as exc:  # one queue down: others serve
-                self._warn_queue_down(source, exc)
-        self._next_due = min(next_due, default=None)
-        return counts
-
-    def _drain(self, source: Spool | RedisQueue, counts: DeliveryCounts,
-               next_due: list[float]) -> bool:
-        """Deliver what is due in one queue; False when the relay went down."""
-        source.recover()
-        while True:
-            claims, due = source.claim(self.batch_size)
-            if due is not None:
-                next_due.append(due)
-            if not claims:
-                return True
-            if not self._deliver_batch(claims, counts) or self._stop.is_set():
-                return False
-
-    def _warn_queue_down(self, source: Spool | RedisQueue, exc: Exception) -> None:
-        now = self.clock()
-        if now - self._last_queue_warning.get(repr(source), -60.0) >= 60:
-            self._last_queue_warning[repr(source)] = now
-            log_event(logging.WARNING, "queue_unavailable", queue=repr(source), reason=str(exc))
-
-    def _deliver_batch(self, claims: list[Claim], counts: DeliveryCounts) -> bool:
-        """Send a batch over the free connections; False when the relay went down or stop;
-        QueueUnavailable when the batch's own queue failed under it."""
-        trouble: list[Exception] = []  # the first RelayUnavailable or queue failure stops it
-        self._connections.each(lambda c: self._deliver_one(c, counts, trouble), claims)
-        outage = next((t for t in trouble if isinstance(t, RelayUnavailable)), None)
-        if outage is not None:
-            self._relay.down(outage)
-            return False
-        if trouble:
-            raise QueueUnavailable(f"the queue failed while settling messages: {trouble[0]}")
-        return not self._stop.is_set()
-
-    def _deliver_one(self, claim: Claim, counts: DeliveryCounts,
-                     trouble: list[Exception]) -> None:
-        """Deliver one claim on a free connection; never raises."""
-        self._beat()  # a long backlog is progress too: systemd's watchdog must hear of it
-        if self._stop.is_set() or trouble:  # the rest goes back, unsent and unharmed
-            self._release(claim, counts)
-            return
-        try:
-            with self._connections.borrow() as transport:
-                self._deliver(claim, counts, transport,
-                              abandon=lambda: self._stop.is_set() or bool(trouble))
-        except _SendAbandoned:  # the batch stopped while this one waited: it was not sent
-            self._release(claim, counts)
-        except RelayUnavailable as exc:
-            self._release(claim, counts)
-            trouble.append(exc)
-        except (QueueUnavailable, SpoolError, OSError) as exc:  # the queue, not the message
-            trouble.append(exc)
-            self._release(claim, counts)
-        except Exception as exc:  # noqa: BLE001 - a poisoned message must not stop the rest
-            _log.exception("deliver_error", extra={"fields": {"id": claim.name.id}})
-            try:
-                self._fail(claim, None, {"reason": "internal error",
-                                         "error": type(exc).__name__}, counts)
-            except (QueueUnavailable, SpoolError, OSError) as queue_error:
-                trouble.append(queue_error)
-                self._release(claim, counts)
-
-    def _release(self, claim: Claim, counts: DeliveryCounts) -> None:
-        """Put a claim back; when its queue cannot take it now, keep it to try again later
-        (a claim left to its lease would wait minutes, and one already sent goes out once
-        more: the duplicate window of a queue outage)."""
-        try:
-            claim.queue.release(claim)
-        except (QueueUnavailable, SpoolError, OSError):
-            with self._lock:
-                self._unreleased.append(claim)
-        counts.add("released")
-
-    def _release_leftovers(self) -> None:
-        """Try again to put back the claims a failing queue could not take."""
-        with self._lock:
-            leftovers, self._unreleased = self._unreleased, []
-        for claim in leftovers:
-            try:
-                claim.queue.release(claim)
-            except (QueueUnavailable, SpoolError, OSError):
-                with self._lock:
-                    self._unreleased.append(claim)
-
-    def _deliver(self, claim: Claim, counts: DeliveryCounts,
-                 transport: SmtpTransport | OutboxTransport,
-                 abandon: Callable[[], bool] = lambda: False) -> None:
-        try:
-            message = claim.queue.read(claim)
-        except SpoolError as exc:
-            self._fail(claim, None, {"reason": "unreadable", "error": str(exc)}, counts)
-            return
-        if self.clock() >= message.expires_at:
-            self._fail(claim, message, {"reason": "expired"}, counts, event="expired")
-            return
-        data = self.signer.sign(message.data) if self.signer else message.data
-        # From the content until the spool forgets the message, one message at a time: a
-        # crash then leaves at most one accepted but unforgotten message per process to send
-        # again, however many connections sign and negotiate in parallel.
-        holding: list[bool] = []
-
-        def enter_commit() -> None:
-            self._commit.acquire()
-            holding.append(True)
-            if abandon():  # stopped, or the relay or queue failed while we waited our turn
-                raise _SendAbandoned
-        try:
-            self._send_and_settle(claim, message, data, counts, transport, enter_commit)
-        finally:
-            if holding:
-                self._commit.release()
-
-    def _send_and_settle(self, claim: Claim, message: SpooledMessage, data: bytes,
-                         counts: DeliveryCounts, transport: SmtpTransport | OutboxTransport,
-                         before_content: Callable[[], None]) -> None:
-        started = time.monotonic()
-        try:
-            result = transport.send(message.mail_from, message.rcpts, data, before_content)
-        except RelayUnavailable:
-            raise
-        except TemporaryDeliveryError as exc:
-            self._retry(claim, message, exc, counts)
-            return
-        except PermanentDeliveryError as exc:
-            self._fail(claim, message, _refusal("rejected", exc.smtp_code, exc.reply), counts)
-            return
-        self._relay.up()
-        self._settle(claim, message, result, time.monotonic() - started, counts)
-
-    def _settle(self, claim: Claim, message: SpooledMessage, result: SendResult,
-                duration: float, counts: DeliveryCounts) -> None:
-        """Finish a message the relay answered, recipient by recipient."""
-        temporary = tuple(r for r, (code, _) in result.refused.items()
-                          if classify_reply(code) != "permanent")
-        permanent = tuple(r for r in result.refused if r not in temporary)
-        if result.accepted:
-            self._log_sent(message, result, duration)
-            counts.add("sent")
-        # one group of refusals with nobody served settles the claim itself; otherwise each
-        # refused group is written apart and the claim is forgotten
-        whole = not result.accepted and not (temporary and permanent)
-        if permanent:
-            code, reply = result.refused[permanent[0]]
-            self._fail(claim, message, _refusal("rejected", code, reply), counts,
-                       rcpts=None if whole else permanent)
-        if temporary:
-            code, reply = result.refused[temporary[0]]
-            self._retry(claim, message, TemporaryDeliveryError(reply, code, reply), counts,
-                        rcpts=None if whole else temporary)
-        if not whole:
-            claim.queue.ack(claim)
-
-    def _retry(self, claim: Claim, message: SpooledMessage, exc: DeliveryError,
-               counts: DeliveryCounts, rcpts: tuple[str, ...] | None = None) -> None:
-        """Try again later (the whole claim, or a copy for rcpts), or give up after the last."""
-        attempts_made = message.attempt + 1
-        if attempts_made >= self.retry.attempts:
-            self._fail(claim, message, _refusal("attempts exhausted", exc.smtp_code, exc.reply),
-                       counts, rcpts)
-            return
-        due = self.clock() + self.retry.delay(attempts_made, self.rand())
-        if rcpts is None:
-            claim.queue.defer(claim, due)
-        else:
-            claim.queue.enqueue(message.header(rcpts), message.data, message.priority, due=due,
-                                attempt=attempts_made)
-        counts.add("deferred")
-        self.metrics.inc("sysmail_messages_total", outcome="deferred")
-        log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
-                  to=list(rcpts or message.rcpts), attempt=attempts_made,
-                  next_try=_iso_time(due), code=exc.smtp_code, reason=str(exc))
-
-    def _fail(self, claim: Claim, message: SpooledMessage | None, reason: dict,
-              counts: DeliveryCounts, rcpts: tuple[str, ...] | None = None,
-              event: str = "failed") -> None:
-        """Make a dead letter of the whole claim, or of a copy for rcpts."""
-        if message is not None:
-            reason = {**reason, "rfcMessageId": message.message_id,
-                      "to": list(rcpts or message.rcpts), "template": message.template,
-                      "attempts": message.attempt + 1}
-        if rcpts is None:
-            claim.queue.fail(claim, reason)
-        else:
-            claim.queue.add_failed(message, rcpts, reason)
-        counts.add("expired" if event == "expired" else "failed")
-        self.metrics.inc("sysmail_messages_total", outcome=event)
-        log_event(logging.WARNING, event, id=claim.name.id, **reason)
-
-    def _log_sent(self, message: SpooledMessage, result: SendResult, duration: float) -> None:
-        now = self.clock()
-        if now - self._last_mark >= LAST_SENT_RESOLUTION_SECONDS:  # one utime a second will do
-            self._last_mark = now
-            self.spool.mark_sent()
-        latency = max(now - message.queued_at, 0.0)
-        self.metrics.inc("sysmail_messages_total", outcome="sent")
-        self.metrics.observe_latency(latency)
-        if _log.isEnabledFor(logging.INFO):
-            log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
-                      to=list(result.accepted), template=message.template or "ad-hoc",
-                      code=result.code, reply=result.reply,
-                      duration_ms=round(duration * 1000, 1), latency_ms=round(latency * 1000, 1))
-
-
-
-def _refusal(reason: str, code: int | None, reply: str) -> dict:
-    return {"reason": reason, "code": code, "reply": reply}
-
-
-# ---- Mailer ---- #
-
-
-class Mailer:
-    """The embedding API: enqueue system emails, and optionally run the sender in a thread.
-
-        mailer = sysmail.Mailer.from_env()
-        mailer.start()                                   # background sender (optional)
-        mailer.enqueue("password-reset", to="ada@example.com", reset_url=url)
-        mailer.stop()
-    """
-
-    def __init__(self, config: Config, *, clock: Clock = time.time):
-        self.config = config
-        self.clock = clock
-        self.spool = Spool(config.spool_dir, clock)
-        self.fallback = RedisQueue(config.redis_url, clock) if config.redis_url else None
-        self.templates = load_templates(config.templates_dir)
-        self._brand = {"brand": config.from_name, "domain": config.domain}
-        self.metrics = Metrics()
-        self._stop = threading.Event()
-        self._sender: Sender | None = None
-        self._thread: threading.Thread | None = None
-
-    def __repr__(self) -> str:
-        return f"Mailer(spool={str(self.config.spool_dir)!r}, relay={self.config.smtp})"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Mailer:
-        """A Mailer configured from env (os.environ by default); raise ConfigError when invalid."""
-        return cls(Config.from_env(with_credentials(os.environ if env is None else env)))
-
-    def enqueue(self, template: str, /, to: str | list[str], **variables: object) -> str:
-        """Queue a system email from a template; return its Message-ID."""
-        return self.enqueue_template(template, to, variables)
-
-    def enqueue_template(self, template: str, to: str | list[str],
-                         variables: Mapping[str, object]) -> str:
-        """enqueue, with the variables as a mapping (any names, even "to")."""
-        if template not in self.templates:
-            raise MessageError(f"there is no template {template!r} "
-                               f"(templates: {', '.join(self.templates)})")
-        chosen = self.templates[template]
-        rendered = render(chosen, variables, self._brand)
-        ttl = chosen.ttl({**chosen.defaults, **{k: str(v) for k, v in variables.items()}})
-        return self._store(to, rendered, template, chosen.priority, ttl)
-
-    def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
-                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
-        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
-        if _unsafe_in_header(subject) or "\0" in text + html:
-            raise MessageError("the subject contains a line break or a control character")
-        if not subject.strip() or not text.strip():
-            raise MessageError("an ad-hoc message needs a subject and a text")
-        return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
-
-    def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
-               ttl: int) -> str:
-        rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
-        if not rcpts:
-            raise MessageError("a message needs at least one recipient")
-        now = self.clock()
-        message_id = make_message_id(self.config.domain, now)
-        data = build_message(self.config, rcpts, rendered, message_id, now)
-        header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
-                  "template": template, "queued_at": now, "expires_at": now + ttl}
-        spool_id, backend = self._enqueue(header, data, priority)
-        self.metrics.inc("sysmail_enqueued_total", backend=backend)
-        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id, backend=backend,
-                  template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
-        return message_id
-
-    def _enqueue(self, header: dict, data: bytes, priority: int) -> tuple[str, str]:
-        """Store in the spool, or in Redis when the spool fails; return (id, backend)."""
-        try:
-            return self.spool.enqueue(header, data, priority), "spool"
-        except SpoolError as exc:
-            if self.fallback is None:
-                log_event(logging.ERROR, "enqueue_failed", reason=str(exc))
-                raise QueueUnavailable(f"the message could not be queued: {exc}") from exc
-            log_event(logging.WARNING, "spool_unwritable", reason=str(exc), using="redis")
-        try:
-            spool_id = self.fallback.enqueue(header, data, priority)
-        except QueueUnavailable as exc:
-            log_event(logging.ERROR, "enqueue_failed", reason=f"spool and {exc}")
-            raise QueueUnavailable("the message could not be queued: neither the spool nor "
-                                   "Redis could store it") from exc
-        with contextlib.suppress(OSError):
-            self.spool.notify()
-        return spool_id, "redis"
-
-    def check_queue(self) -> None:
-        """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
-        if self.spool.writable():
-            return
-        if self.fallback is None:
-            raise QueueUnavailable("the spool cannot be written")
-        self.fallback.ping()
-
-    def sender(self) -> Sender:
-        """A Sender for this mailer's spool, relay and keys."""
-        transport = transport_from_config(self.config)
-        if isinstance(transport, OutboxTransport):
-            log_event(logging.WARNING, "outbox_mode", outbox=str(transport.folder),
-                      note="no SMTP_URL: delivered mail is written as .eml files")
-        signer = DkimSigner.from_config(self.config)
-        if signer is None:
-            log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
-        if self.fallback is not None:
-            for warning in self.fallback.check_durability():
-                log_event(logging.WARNING, "redis_durability", warning=warning)
-        return Sender(self.spool, transport, signer, clock=self.clock, metrics=self.metrics,
-                      fallback=self.fallback, connections=self.config.smtp_connections,
-                      transport_factory=lambda: transport_from_config(self.config))
-
-    def start(self, on_cycle: Callable[[], None] | None = None) -> None:
-        """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._sender = self.sender()
-        self._sender.on_cycle = on_cycle
-        self._thread = threading.Thread(target=self._sender.run, args=(self._stop,),
-                                        name="sysmail-sender", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
-        if self._thread is None or self._sender is None:
-            return
-        self._stop.set()
-        self._sender.wake()
-        self._thread.join(timeout)
-        self._thread = self._sender = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
 # ---- HTTP API ---- #
 
 MAX_BODY_BYTES = 16 * 1024
@@ -3654,21 +3913,23 @@ class IdempotencyKeys:
 
 
 class Api:
-    """The HTTP API's logic as plain functions of a Request; owns the forgot-password worker."""
+    """The HTTP API's logic as plain functions of a Request, on the parts build_app made.
 
-    def __init__(self, config: Config, mailer: Mailer, store: TokenStore, *,
-                 limiter: RateLimiter | None = None, clock: Clock = time.time):
+    forgot(email, client) hands a forgot-password request to the worker that does the lookup
+    and the enqueue off the request path.
+    """
+
+    def __init__(self, config: Config, enqueuer: Enqueuer, store: TokenStore, *,
+                 limiter: RateLimiter | RedisRateLimiter, idempotency: IdempotencyKeys,
+                 forgot: Callable[[str, str], None], clock: Clock = time.time):
         self.config = config
-        self.mailer = mailer
+        self.enqueuer = enqueuer
         self.store = store
-        self.metrics = mailer.metrics
-        self.limiter = limiter or (RedisRateLimiter(config.redis_url) if config.redis_url
-                                   else RateLimiter())
+        self.metrics = enqueuer.metrics
+        self.limiter = limiter
+        self.idempotency = idempotency
+        self.forgot = forgot
         self.clock = clock
-        self.idempotency = IdempotencyKeys(config.spool_dir / "idempotency", clock)
-        self.public_url = config.public_url
-        self._forgot: queue.Queue[tuple[str, str] | None] = queue.Queue(FORGOT_QUEUE_SIZE)
-        self._worker: threading.Thread | None = None
         self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
             ("POST", "/v1/auth/forgot-password"): self.forgot_password,
             ("POST", "/v1/auth/reset-password"): self.reset_password,
@@ -3698,7 +3959,6 @@ class Api:
         except Exception:  # noqa: BLE001 - the HTTP boundary: log it, tell the client nothing
             _log.exception("http_internal_error", extra={"fields": {"route": route}})
             response = json_response(500, {"error": "internal error"})
-        self.metrics.inc("sysmail_http_requests_total", route=route, status=str(response.status))
         return response
 
     def route_name(self, path: str) -> str:
@@ -3723,28 +3983,10 @@ class Api:
         self._limit(request, "forgot_client", request.client, self.config.forgot_client_limit)
         self._limit(request, "forgot_address", email.lower(), self.config.forgot_address_limit)
         self.store.ping()
-        self.mailer.check_queue()
-        try:
-            self._forgot.put_nowait((email, request.client))
-        except queue.Full:
-            log_event(logging.ERROR, "forgot_queue_full", size=FORGOT_QUEUE_SIZE)
+        self.enqueuer.check_queue()
+        self.forgot(email, request.client)
         return json_response(202, {"status": "accepted", "message": "If an account uses this "
                                    "address, a password reset link is on its way."})
-
-    def process_forgot(self, email: str, client: str) -> None:
-        """For a known address: create a token, keep its hash, queue the reset mail."""
-        user = self.store.find_user(email)
-        if user is None:
-            return
-        token, now = secrets.token_urlsafe(32), self.clock()
-        ttl = self.config.reset_token_seconds
-        self.store.save_token(token_hash(token), user, RESET_PURPOSE, now, now + ttl)
-        link = f"{self.config.dashboard_url or self.public_url}/reset-password?" + \
-            urllib.parse.urlencode({"token": token})
-        variables = {"reset_url": link, "expires_minutes": str(max(ttl // 60, 1))}
-        if user.name:
-            variables["name"] = user.name
-        self.mailer.enqueue("password-reset", to=user.email, **variables)
 
     def reset_password(self, request: Request) -> Response:
         """Consume a valid token and set the new password; 400 with one generic error otherwise."""
@@ -3781,7 +4023,7 @@ class Api:
         if user.name:
             variables["name"] = user.name
         try:
-            self.mailer.enqueue("security-alert", to=user.email, **variables)
+            self.enqueuer.enqueue_template("security-alert", user.email, variables)
         except SysmailError as exc:  # the password is changed: report, do not undo
             log_event(logging.ERROR, "alert_not_queued", user=user.id, reason=str(exc))
 
@@ -3822,7 +4064,7 @@ class Api:
         if not isinstance(template, str) or not _is_recipients(to) or not _is_str_map(variables):
             raise HttpError(400, 'send {"template": NAME, "to": ADDR or [ADDR], "vars": {...}}')
         key = request.headers.get("Idempotency-Key", "")
-        enqueue = functools.partial(self.mailer.enqueue_template, template, to, variables)
+        enqueue = functools.partial(self.enqueuer.enqueue_template, template, to, variables)
         if not key:
             return json_response(202, {"messageId": enqueue()})
         if len(key) > 255 or _has_control_chars(key):
@@ -3846,18 +4088,18 @@ class Api:
     def readyz(self, request: Request) -> Response:
         """200 when the spool is writable and the store reachable, else 503 naming what is not."""
         checks = {"spool": self._spool_writable(), "store": self._store_reachable()}
-        if self.mailer.fallback is not None:
+        if self.enqueuer.fallback is not None:
             checks["redis"] = self._redis_reachable()
         ready = checks["store"] and (checks["spool"] or checks.get("redis", False))
         return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready",
                                                      "checks": checks})
 
     def _spool_writable(self) -> bool:
-        return self.mailer.spool.writable()
+        return self.enqueuer.spool.writable()
 
     def _redis_reachable(self) -> bool:
         try:
-            self.mailer.fallback.ping()
+            self.enqueuer.fallback.ping()
         except QueueUnavailable:
             return False
         return True
@@ -3871,13 +4113,13 @@ class Api:
 
     def metrics_page(self, request: Request) -> Response:
         """Prometheus text: queue gauges read from the spool, then the process's counters."""
-        counts = self.mailer.spool.counts()
+        counts = self.enqueuer.spool.counts()
         gauges = {f"sysmail_queue_messages{{{state}}}": (
             "Messages in the spool by state.", {"state": state}, counts[state])
             for state in ("new", "deferred", "cur", "failed")}
         gauges["sysmail_queue_oldest_age_seconds"] = (
             "Age of the oldest queued message.", {}, counts["oldest_age_seconds"])
-        last = self.mailer.spool.last_sent()
+        last = self.enqueuer.spool.last_sent()
         if last is not None:
             gauges["sysmail_last_send_age_seconds"] = (
                 "Seconds since the last successful send.", {}, round(self.clock() - last, 3))
@@ -3892,27 +4134,6 @@ class Api:
             self.metrics.inc("sysmail_rate_limited_total", limit=name)
             raise HttpError(429, "too many requests, try again later",
                             {"Retry-After": str(math.ceil(retry_after))})
-
-    def start(self) -> None:
-        """Start the thread that serves forgot-password requests off the request path."""
-        self._worker = threading.Thread(target=self._work, name="sysmail-forgot", daemon=True)
-        self._worker.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the queued forgot-password requests, then stop the worker."""
-        if self._worker is not None:
-            self._forgot.put(None)
-            self._worker.join(timeout)
-            self._worker = None
-
-    def _work(self) -> None:
-        while (item := self._forgot.get()) is not None:
-            try:
-                self.process_forgot(*item)
-            except SysmailError as exc:
-                log_event(logging.ERROR, "forgot_failed", reason=str(exc))
-            except Exception:  # noqa: BLE001 - the worker must outlive any one request
-                _log.exception("forgot_internal_error", extra={"fields": {}})
 
 
 def _media_type(request: Request) -> str:
@@ -4116,13 +4337,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         request = self._read_request()
         route = self.server.api.route_name(self.path.partition("?")[0])
-        if isinstance(request, Response):  # refused before routing: counted here
-            response = request
-            self.server.api.metrics.inc("sysmail_http_requests_total", route=route,
-                                        status=str(response.status))
-        else:
-            response = self.server.api.handle(request)
-        self._write(response)
+        response = request if isinstance(request, Response) else self.server.api.handle(request)
+        self._write(response, route)
         log_event(logging.INFO, "http", method=self.command[:16], route=route,
                   status=response.status, client=self._client(),
                   duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -4151,7 +4367,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return client_address(peer, self.headers.get("X-Forwarded-For", ""),
                               self.server.api.config.trusted_proxies)
 
-    def _write(self, response: Response) -> None:
+    def _write(self, response: Response, route: str) -> None:
+        """Send a response, and count it: the one place requests are counted."""
+        self.server.api.metrics.inc("sysmail_http_requests_total", route=route,
+                                    status=str(response.status))
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -4169,10 +4388,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """http.server's own protocol errors, as JSON 4xx like every other answer."""
         status = code if 400 <= code < 500 else 400
         self.close_connection = True
-        self.server.api.metrics.inc("sysmail_http_requests_total", route="unparsed",
-                                    status=str(status))
         with contextlib.suppress(OSError):
-            self._write(json_response(status, {"error": message or "bad request"}))
+            self._write(json_response(status, {"error": message or "bad request"}), "unparsed")
 
     def log_message(self, format: str, *args: object) -> None:  # http.server's own signature
         """Silenced: the default line holds the raw path, and with it a reset token."""
@@ -4250,21 +4467,112 @@ class SystemdNotifier:
                 f"{counts['cur']} sending, {counts['failed']} failed")
 
 
-
 class App:
-    """The service: HTTP API, sender thread and forgot-password worker in one process."""
+    """sysmail assembled from a configuration: each part built here, once, when first used.
 
-    def __init__(self, config: Config, mailer: Mailer, store: TokenStore):
+    The service (start/stop) runs the HTTP API, the sender thread and the forgot-password
+    worker; the CLI and Mailer take only the parts they need.
+    """
+
+    def __init__(self, config: Config, store: TokenStore | None = None, *,
+                 clock: Clock = time.time):
         self.config = config
-        self.mailer = mailer
-        self.store = store
-        self.api = Api(config, mailer, store)
-        self.notifier = SystemdNotifier(config.systemd, mailer.spool)
+        self.clock = clock
+        self._store = store
+        self.public_url = config.public_url
         self.server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"App(listen={self.config.listen}, store={self.store!r})"
+        return f"App(listen={self.config.listen}, spool={str(self.config.spool_dir)!r})"
+
+    @functools.cached_property
+    def metrics(self) -> Metrics:
+        """This process's counters."""
+        return Metrics()
+
+    @functools.cached_property
+    def spool(self) -> Spool:
+        """The spool at SYSMAIL_SPOOL."""
+        return Spool(self.config.spool_dir, self.clock)
+
+    @functools.cached_property
+    def fallback(self) -> RedisQueue | None:
+        """The Redis fallback queue, when REDIS_URL is set."""
+        return RedisQueue(self.config.redis_url, self.clock) if self.config.redis_url else None
+
+    @property
+    def queues(self) -> tuple[Queue, ...]:
+        """Every queue mail may wait in: the spool, then the Redis fallback."""
+        return (self.spool, self.fallback) if self.fallback else (self.spool,)
+
+    @functools.cached_property
+    def enqueuer(self) -> Enqueuer:
+        """Renders and queues mail into the spool, or Redis."""
+        return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock)
+
+    @functools.cached_property
+    def signer(self) -> DkimSigner | None:
+        """The DKIM signer, or None when no key is configured."""
+        return DkimSigner.from_config(self.config)
+
+    def transport(self) -> Transport:
+        """A new connection to the relay (or the outbox folder when SMTP_URL is unset)."""
+        return transport_from_config(self.config)
+
+    def sender(self) -> Sender:
+        """A new Sender draining the queues through the relay, with the startup warnings."""
+        transport = self.transport()
+        if isinstance(transport, OutboxTransport):
+            log_event(logging.WARNING, "outbox_mode", outbox=str(transport.folder),
+                      note="no SMTP_URL: delivered mail is written as .eml files")
+        if self.signer is None:
+            log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
+        for warning in self.fallback.check_durability() if self.fallback else ():
+            log_event(logging.WARNING, "redis_durability", warning=warning)
+        return Sender(self.spool, transport, self.signer, clock=self.clock, metrics=self.metrics,
+                      fallback=self.fallback, connections=self.config.smtp_connections,
+                      transport_factory=self.transport)
+
+    @functools.cached_property
+    def sending(self) -> SenderThread:
+        """The sender thread of this process."""
+        return SenderThread(self.sender)
+
+    @functools.cached_property
+    def store(self) -> TokenStore:
+        """The token store: the one given, SYSMAIL_STORE's, or SQLite at SYSMAIL_DB."""
+        return self._store or store_from_config(self.config)
+
+    @functools.cached_property
+    def limiter(self) -> RateLimiter | RedisRateLimiter:
+        """Request rate limits: shared through Redis when REDIS_URL is set."""
+        local = RateLimiter(self.clock)
+        if self.config.redis_url:
+            return RedisRateLimiter(self.config.redis_url, local)
+        return local
+
+    @functools.cached_property
+    def idempotency(self) -> IdempotencyKeys:
+        """Idempotency-Key records, in the spool folder."""
+        return IdempotencyKeys(self.config.spool_dir / "idempotency", self.clock)
+
+    @functools.cached_property
+    def notifier(self) -> SystemdNotifier:
+        """sd_notify, when systemd runs the process."""
+        return SystemdNotifier(self.config.systemd, self.spool)
+
+    @functools.cached_property
+    def forgot(self) -> ForgotWorker:
+        """The forgot-password worker; its links start with the URL published at start."""
+        return ForgotWorker(self.config, self.store, self.enqueuer, lambda: self.public_url,
+                            self.clock)
+
+    @functools.cached_property
+    def api(self) -> Api:
+        """The HTTP API's logic."""
+        return Api(self.config, self.enqueuer, self.store, limiter=self.limiter,
+                   idempotency=self.idempotency, forgot=self.forgot.submit, clock=self.clock)
 
     @property
     def url(self) -> str:
@@ -4274,20 +4582,17 @@ class App:
         return f"http://{_url_host(str(host))}:{port}"
 
     def start(self) -> None:
-        """Recover the spool, start the sender and the worker, then listen."""
+        """Recover the spool, bind, publish the public URL, then start the threads."""
         with contextlib.suppress(SpoolError):  # a broken spool: the Redis fallback serves
-            self.mailer.spool.recover()
-        self.mailer.start(on_cycle=self.notifier.heartbeat)
-        self.api.start()
+            self.spool.recover()
         try:
             self.server = _HttpServer(self.config.listen, self.api)
         except OSError as exc:
-            self.api.stop()
-            self.mailer.stop()
             host, port = self.config.listen
             raise SysmailError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        if not self.config.public_url_set:
-            self.api.public_url = self.url
+        self.public_url = self.config.public_url if self.config.public_url_set else self.url
+        self.sending.start(on_cycle=self.notifier.heartbeat)
+        self.forgot.start()
         self._thread = threading.Thread(target=self.server.serve_forever, name="sysmail-http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
@@ -4302,17 +4607,155 @@ class App:
             self.server.close_idle()
             self.server.server_close()
             self.server = None
-        self.api.stop()
-        self.mailer.stop()
+        self.forgot.stop()
+        self.sending.stop()
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+class ForgotWorker:
+    """Serves forgot-password requests off the request path: the answer is the same, and as
+    fast, for every address; the lookup, the token and the enqueue happen here."""
+
+    def __init__(self, config: Config, store: TokenStore, enqueuer: Enqueuer,
+                 link_base: Callable[[], str], clock: Clock = time.time):
+        self.config = config
+        self.store = store
+        self.enqueuer = enqueuer
+        self.link_base = link_base
+        self.clock = clock
+        self._requests: queue.Queue[tuple[str, str] | None] = queue.Queue(FORGOT_QUEUE_SIZE)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, email: str, client: str) -> None:
+        """Hand a request over; when the backlog is full it is dropped (the user asks again)."""
+        try:
+            self._requests.put_nowait((email, client))
+        except queue.Full:
+            log_event(logging.ERROR, "forgot_queue_full", size=FORGOT_QUEUE_SIZE)
+
+    def process(self, email: str, client: str) -> None:
+        """For a known address: create a token, keep its hash, queue the reset mail."""
+        user = self.store.find_user(email)
+        if user is None:
+            return
+        token, now = secrets.token_urlsafe(32), self.clock()
+        ttl = self.config.reset_token_seconds
+        self.store.save_token(token_hash(token), user, RESET_PURPOSE, now, now + ttl)
+        link = f"{self.config.dashboard_url or self.link_base()}/reset-password?" + \
+            urllib.parse.urlencode({"token": token})
+        variables = {"reset_url": link, "expires_minutes": str(max(ttl // 60, 1))}
+        if user.name:
+            variables["name"] = user.name
+        self.enqueuer.enqueue_template("password-reset", user.email, variables)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._work, name="sysmail-forgot", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the queued requests, then stop the worker."""
+        if self._thread is not None:
+            self._requests.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _work(self) -> None:
+        while (item := self._requests.get()) is not None:
+            try:
+                self.process(*item)
+            except SysmailError as exc:
+                log_event(logging.ERROR, "forgot_failed", reason=str(exc))
+            except Exception:  # noqa: BLE001 - the worker must outlive any one request
+                _log.exception("forgot_internal_error", extra={"fields": {}})
 
 
-def build_app(config: Config, store: TokenStore | None = None) -> App:
-    """Wire the service from a configuration; the SQLite store at SYSMAIL_DB by default."""
-    return App(config, Mailer(config), store or SqliteStore(config.db_path))
+def store_from_config(config: Config) -> TokenStore:
+    """SYSMAIL_STORE's store (module:attribute, called with the Config when it takes an
+    argument), or the SQLite store at SYSMAIL_DB."""
+    if not config.store:
+        return SqliteStore(config.db_path)
+    module_name, _, attribute = config.store.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
+        problem = f"SYSMAIL_STORE={config.store} cannot be imported ({type(exc).__name__}: {exc})"
+        raise ConfigError([problem]) from None
+    try:
+        takes_config = any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                              p.POSITIONAL_OR_KEYWORD)
+                           for p in inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        takes_config = False
+    return factory(config) if takes_config else factory()
+
+
+def build_app(config: Config, store: TokenStore | None = None, *,
+              clock: Clock = time.time) -> App:
+    """The one place sysmail is assembled: queues, transports, signer, token store (the one
+    given, else SYSMAIL_STORE's, else SQLite), rate limits, idempotency keys, metrics and the
+    systemd notifier, each built on first use."""
+    return App(config, store, clock=clock)
+
+
+class Mailer:
+    """The embedding API: enqueue system emails, and optionally run the sender in a thread.
+
+        mailer = sysmail.Mailer.from_env()
+        mailer.start()                                   # background sender (optional)
+        mailer.enqueue("password-reset", to="ada@example.com", reset_url=url)
+        mailer.stop()
+    """
+
+    def __init__(self, config: Config, *, clock: Clock = time.time, app: App | None = None):
+        self.app = app or build_app(config, clock=clock)
+        self.config = config
+        self.spool, self.fallback = self.app.spool, self.app.fallback
+        self.metrics = self.app.metrics
+
+    def __repr__(self) -> str:
+        return f"Mailer(spool={str(self.config.spool_dir)!r}, relay={self.config.smtp})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Mailer:
+        """A Mailer configured from env (os.environ by default); raise ConfigError when invalid."""
+        return cls(Config.from_env(with_credentials(os.environ if env is None else env)))
+
+    def enqueue(self, template: str, /, to: str | list[str], **variables: object) -> str:
+        """Queue a system email from a template; return its Message-ID."""
+        return self.app.enqueuer.enqueue_template(template, to, variables)
+
+    def enqueue_template(self, template: str, to: str | list[str],
+                         variables: Mapping[str, object]) -> str:
+        """enqueue, with the variables as a mapping (any names, even "to")."""
+        return self.app.enqueuer.enqueue_template(template, to, variables)
+
+    def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
+                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
+        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+        return self.app.enqueuer.enqueue_message(to, subject, text, html, priority=priority,
+                                                 ttl_seconds=ttl_seconds)
+
+    def check_queue(self) -> None:
+        """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
+        self.app.enqueuer.check_queue()
+
+    def sender(self) -> Sender:
+        """A Sender for this mailer's queues, relay and keys."""
+        return self.app.sender()
+
+    def start(self, on_cycle: Callable[[], None] | None = None) -> None:
+        """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
+        self.app.sending.start(on_cycle)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
+        self.app.sending.stop(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 # ---- CLI ---- #
@@ -4329,7 +4772,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="sysmail", description="Queue and send system emails.")
+    parser = _ArgumentParser(prog="sysmail", description="Queue and send system emails.",
+                             epilog="environment:\n" + environment_help(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-file", metavar="FILE",
                         help="read variables from a systemd EnvironmentFile (the environment wins)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -4396,11 +4841,11 @@ def _parse_vars(pairs: list[str]) -> dict[str, str]:
 
 def cmd_send(args: argparse.Namespace, config: Config) -> int:
     """Queue one mail (template or ad hoc) and print its Message-ID."""
-    mailer = Mailer(config)
+    mailer = build_app(config).enqueuer
     if args.template:
         if args.subject or args.text or args.html:
             raise UsageError("--template cannot be combined with --subject, --text or --html")
-        message_id = mailer.enqueue(args.template, args.to, **_parse_vars(args.var))
+        message_id = mailer.enqueue_template(args.template, args.to, _parse_vars(args.var))
     elif args.subject is None or args.text is None:
         raise UsageError("send needs --template NAME, or --subject and --text")
     else:
@@ -4415,7 +4860,8 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     """Deliver queued mail: until a signal, or with --once until nothing is due."""
     if not args.once:
         _block_stop_signals()
-    sender = Mailer(config).sender()
+    app = build_app(config)
+    sender = app.sender()
     if args.once:
         with contextlib.suppress(SpoolError):
             sender.spool.clean_tmp()
@@ -4426,7 +4872,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise RelayUnavailable(f"the relay could not be reached; {counts.released} "
                                    "message(s) stay queued")
         return EX_OK
-    notifier = SystemdNotifier(config.systemd, sender.spool)
+    notifier = app.notifier
     with contextlib.suppress(SpoolError):
         sender.spool.recover()
     sender.on_cycle = notifier.heartbeat
@@ -4460,15 +4906,16 @@ def _wait_for_stop_signal() -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     """Print the queue counts, the oldest message's age and the last successful send."""
-    spool = Spool(config.spool_dir)
+    app = build_app(config)
+    spool = app.spool
     try:
         status: dict[str, object] = spool.counts()
     except SpoolError as exc:
         _say(f"{exc}; counting the other queues only")
         status = {"new": 0, "deferred": 0, "cur": 0, "failed": 0, "oldest_age_seconds": 0,
                   "spool": "unavailable"}
-    if config.redis_url:
-        status["redis"] = _redis_counts(RedisQueue(config.redis_url), status)
+    if app.fallback is not None:
+        status["redis"] = _redis_counts(app.fallback, status)
     last = spool.last_sent()
     status["last_sent_at"] = _iso_time(last) if last else None
     if args.json:
@@ -4490,15 +4937,7 @@ def _redis_counts(fallback: RedisQueue, totals: dict) -> dict | str:
     return counts
 
 
-def _queues(config: Config) -> list[Spool | RedisQueue]:
-    """The spool, and the Redis fallback when configured."""
-    queues: list[Spool | RedisQueue] = [Spool(config.spool_dir)]
-    if config.redis_url:
-        queues.append(RedisQueue(config.redis_url))
-    return queues
-
-
-def _failed_of(source: Spool | RedisQueue) -> list[dict]:
+def _failed_of(source: Queue) -> list[dict]:
     """A queue's dead letters; a queue that cannot be read is reported and skipped."""
     try:
         return source.failed()
@@ -4509,7 +4948,8 @@ def _failed_of(source: Spool | RedisQueue) -> list[dict]:
 
 def cmd_failed(args: argparse.Namespace, config: Config) -> int:
     """List the dead letters with their reasons."""
-    letters = [letter for source in _queues(config) for letter in _failed_of(source)]
+    letters = [letter for source in build_app(config).queues
+               for letter in _failed_of(source)]
     if args.json:
         print(json.dumps(letters))
         return EX_OK
@@ -4527,7 +4967,8 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     """Put dead letters back in the queue."""
     if args.all == bool(args.ids):
         raise UsageError("retry takes message ids or --all (not both)")
-    moved = [i for source in _queues(config) for i in source.retry(None if args.all else args.ids)]
+    ids = None if args.all else args.ids
+    moved = [i for source in build_app(config).queues for i in source.retry(ids)]
     missing = sorted(set(args.ids) - set(moved))
     print(f"requeued {len(moved)} message(s)")
     if missing:
@@ -4537,7 +4978,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_preview(args: argparse.Namespace, config: Config) -> int:
     """Print a template rendered with the given variables and samples for the rest."""
-    templates = load_templates(config.templates_dir)
+    templates = build_app(config).enqueuer.templates
     if args.template not in templates:
         raise MessageError(f"there is no template {args.template!r} "
                            f"(templates: {', '.join(templates)})")
@@ -4573,14 +5014,15 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
     if password and not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
         raise MessageError(f"the password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
                            "characters long")
-    user = SqliteStore(config.db_path).add_user(args.email, args.name, password or None)
+    store = _user_store(config, "add_user")
+    user = store.add_user(args.email, args.name, password or None)
     print(f"added user {user.id}: {user.email}" + (" with a password" if password else ""))
     return EX_OK
 
 
 def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
     """List the SQLite store's users."""
-    users = SqliteStore(config.db_path).users()
+    users = _user_store(config, "users").users()
     if args.json:
         print(json.dumps(users))
         return EX_OK
@@ -4588,6 +5030,16 @@ def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
         password = "password set" if user["has_password"] else "no password"
         print(f"{user['id']}  {user['email']}  {user['name'] or '-'}  {password}")
     return EX_OK
+
+
+def _user_store(config: Config, method: str) -> SqliteStore:
+    """The configured token store, when it can do what a user command asks of it."""
+    store = build_app(config).store
+    if not callable(getattr(store, method, None)):
+        problem = (f"the token store {type(store).__name__} (SYSMAIL_STORE) has no {method}(): "
+                   "manage its users in the application that owns them")
+        raise ConfigError([problem])
+    return store
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
@@ -4602,7 +5054,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
     if not config.signing:
         print("DKIM: no key configured, mail goes out unsigned")
     try:
-        steps = transport_from_config(config).probe()
+        steps = build_app(config).transport().probe()
     except RelayUnavailable as exc:
         if exc.smtp_code and 500 <= exc.smtp_code < 600:
             raise ConfigError([f"SMTP_URL: {exc}"]) from None
@@ -4662,41 +5114,6 @@ def _openssl(args: list[str]) -> str:
     except (OSError, subprocess.SubprocessError) as exc:
         raise SysmailError("keygen needs the openssl command, which failed or is missing") from exc
     return result.stdout
-
-
-def _txt_record(name: str, value: str) -> str:
-    """A zone-file TXT record, split into 255-character strings as DNS requires."""
-    chunks = [value[i:i + 255] for i in range(0, len(value), 255)]
-    return f"{name}. IN TXT ( " + " ".join(f'"{c}"' for c in chunks) + " )"
-
-
-def _der(tag: int, body: bytes) -> bytes:
-    size = len(body)
-    length = bytes([size]) if size < 128 else (
-        bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes((size.bit_length() + 7) // 8, "big"))
-    return bytes([tag]) + length + body
-
-
-def _der_int(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def _rsa_public_key_b64(pem: bytes) -> str:
-    """The base64 DER SubjectPublicKeyInfo of an RSA private key, for the DKIM p= tag."""
-    from dkim.crypto import parse_pem_private_key
-
-    key = parse_pem_private_key(pem)
-    rsa_public = _der(0x30, _der_int(key["modulus"]) + _der_int(key["publicExponent"]))
-    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + _der(0x05, b""))
-    return base64.b64encode(_der(0x30, algorithm + _der(0x03, b"\0" + rsa_public))).decode()
-
-
-def _ed25519_public_key_b64(seed_b64: bytes) -> str:
-    """The base64 raw public key of an ed25519 seed, for the DKIM p= tag."""
-    import nacl.signing
-
-    seed = base64.b64decode(seed_b64)
-    return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
 
 
 def _setup_logging(level: int) -> None:

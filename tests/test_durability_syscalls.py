@@ -420,9 +420,6 @@ def test_claim_is_a_single_rename(spool: Path) -> None:
 # --------------------------------------------------------------------------- 3. retries
 
 
-@pytest.mark.xfail(strict=True, reason="Spool.defer (Spool._return) renames cur/N.OWNER -> "
-                   "new/N' but never fsyncs new/ afterwards: no openat(new/, O_DIRECTORY) + "
-                   "fsync before it returns")
 def test_defer_is_durable_before_it_returns(spool: Path) -> None:
     """Spool.defer renames the claim into new/ under its later name, then fsyncs new/, before
     it returns: else a power loss can undo the move after the worker moved on."""
@@ -437,9 +434,6 @@ def test_defer_is_durable_before_it_returns(spool: Path) -> None:
                                 marker(STORED)])
 
 
-@pytest.mark.xfail(strict=True, reason="Spool.retry renames failed/N -> new/N'' but never "
-                   "fsyncs new/ afterwards: no openat(new/, O_DIRECTORY) + fsync before it "
-                   "returns")
 def test_retry_of_a_dead_letter_is_durable_before_it_returns(spool: Path) -> None:
     """Spool.retry renames failed/N into new/ (attempt 0, due now), then fsyncs new/, before
     it returns."""
@@ -453,8 +447,6 @@ def test_retry_of_a_dead_letter_is_durable_before_it_returns(spool: Path) -> Non
                                 *dir_synced(spool / "new"), marker(STORED)])
 
 
-@pytest.mark.xfail(strict=True, reason="`sysmail.py retry --all` (Spool.retry) renames "
-                   "failed/N -> new/N'' but never fsyncs new/ before printing 'requeued'")
 def test_cli_retry_is_durable_before_it_reports(spool: Path) -> None:
     """`sysmail.py retry --all` prints "requeued 1 message(s)" only after the dead letter was
     renamed into new/ and new/ fsynced."""
@@ -490,9 +482,6 @@ def test_dead_letter_reason_is_durable_before_the_entry_moves(spool: Path) -> No
                                 moved(claimed, entry), marker(STORED)])
 
 
-@pytest.mark.xfail(strict=True, reason="Spool.fail renames cur/N.OWNER -> failed/N but never "
-                   "fsyncs failed/ after that rename (its only failed/ fsync is the reason "
-                   "file's, before it)")
 def test_dead_letter_move_is_durable_before_fail_returns(spool: Path) -> None:
     """Spool.fail fsyncs failed/ after renaming the claim into it, before it returns."""
     trace = _fail_one(spool)

@@ -30,12 +30,6 @@ EMPTY = dict.fromkeys(STATES, 0)
 REJECTED = {"reason": "rejected", "code": 550, "reply": "550 5.1.1 No such user"}
 AnyQueue = sysmail.Spool | sysmail.RedisQueue  # sysmail.Queue once the refactor lands
 
-NEXT_DUE_BUG = (
-    "RedisQueue.claim breaks 'also the next due time of what is left': the _REDIS_CLAIM script "
-    "looks for the next due time only among scores after now ('(' .. ARGV[1]), so when the "
-    "limit leaves due messages behind it reports None (or a later time) instead of their due "
-    "time; Spool.claim reports the earliest due time left in its index")
-
 # Run in its own process: claim up to LIMIT messages at NOW, print their ids, and die
 # without settling them (os._exit skips every cleanup a normal exit would run).
 CLAIM_AND_DIE = """
@@ -199,9 +193,6 @@ def test_claim_reports_the_earliest_due_time_across_priorities(queue: AnyQueue) 
     assert (ids(claims), next_due) == ([now], T0 + 10)
 
 
-@pytest.mark.parametrize("backend", [
-    "spool", pytest.param("redis", marks=pytest.mark.xfail(strict=True, reason=NEXT_DUE_BUG)),
-], indirect=True)
 def test_claim_reports_the_due_time_of_due_messages_the_limit_left(queue: AnyQueue) -> None:
     """claim: also the next due time of what is left, when the limit left due messages."""
     first = put(queue, "First", due=T0 - 2)

@@ -301,11 +301,9 @@ def test_idempotency_prune_runs_at_most_once_an_hour_of_the_injected_clock(
 
 
 def make_api(config: sysmail.Config, store: sysmail.TokenStore,
-             clock: FakeClock) -> sysmail.Api:
-    """An Api whose clock, mailer and rate limiter all run on the injected clock."""
-    mailer = sysmail.Mailer(config, clock=clock)
-    return sysmail.Api(config, mailer, store, limiter=sysmail.RateLimiter(clock=clock),
-                       clock=clock)
+             clock: FakeClock) -> sysmail.App:
+    """sysmail built on the injected clock: its Api, queues and rate limiter all run on it."""
+    return sysmail.build_app(config, store=store, clock=clock)
 
 
 def test_forgot_password_client_limit_lifts_when_its_window_ends(tmp_path: Path) -> None:
@@ -314,7 +312,8 @@ def test_forgot_password_client_limit_lifts_when_its_window_ends(tmp_path: Path)
     api = make_api(sysmail.Config.from_env(service_env(tmp_path)), sysmail.MemoryStore(), clock)
 
     def forgot(number: int) -> sysmail.Response:
-        return api.handle(json_request("POST", FORGOT, {"email": f"user{number}@example.com"}))
+        return api.api.handle(json_request("POST", FORGOT,
+                                           {"email": f"user{number}@example.com"}))
 
     assert [forgot(n).status for n in range(10)] == [202] * 10
     refused = forgot(10)
@@ -394,9 +393,9 @@ def stored_password(store: sysmail.TokenStore, user: sysmail.User) -> str | None
     return store.passwords.get(user.id)
 
 
-def reset_token_from_spool(api: sysmail.Api) -> str:
+def reset_token_from_spool(app: sysmail.App) -> str:
     """Claim the one queued mail and return the token in its reset link."""
-    spool = api.mailer.spool
+    spool = app.spool
     claims, _ = spool.claim(10)
     assert len(claims) == 1, claims
     message = BytesParser(policy=DEFAULT_POLICY).parsebytes(spool.read(claims[0]).data)
@@ -408,14 +407,14 @@ def reset_token_from_spool(api: sysmail.Api) -> str:
     return match["token"]
 
 
-def request_token(api: sysmail.Api, address: str) -> str:
+def request_token(app: sysmail.App, address: str) -> str:
     """Ask for a reset through the route and its worker; return the mailed token."""
-    api.start()
+    app.forgot.start()
     try:
-        assert api.handle(json_request("POST", FORGOT, {"email": address})).status == 202
+        assert app.api.handle(json_request("POST", FORGOT, {"email": address})).status == 202
     finally:
-        api.stop()  # the worker finishes the queued request before it stops
-    return reset_token_from_spool(api)
+        app.forgot.stop()  # the worker finishes the queued request before it stops
+    return reset_token_from_spool(app)
 
 
 @pytest.mark.parametrize("store_name", sorted(STORES))
@@ -433,7 +432,7 @@ def test_reset_token_expires_at_its_lifetime_by_the_injected_clock(
     api = make_api(sysmail.Config.from_env(env), store, clock)
     token = request_token(api, ADA)
     clock.advance(TOKEN_SECONDS + offset)
-    reply = api.handle(json_request("POST", RESET, {"token": token, "password": PASSWORD}))
+    reply = api.api.handle(json_request("POST", RESET, {"token": token, "password": PASSWORD}))
     if works:
         assert (reply.status, json.loads(reply.body)) == (200, {"status": "password changed"})
         assert sysmail.verify_password(PASSWORD, stored_password(store, ada) or "")
