@@ -3521,15 +3521,18 @@ class MemoryStore:
         self._on_password_changed = on_password_changed
         self._next_id = 0
 
-    def add_user(self, email: str, name: str = "") -> User:
-        """Create a user and return it."""
+    def add_user(self, email: str, name: str = "", password: str | None = None) -> User:
+        """Create a user (optionally with a password) and return it."""
         address = validate_address(email)
+        hashed = hash_password(password) if password else None
         with self._lock:
             if address.lower() in self.users:
                 raise MessageError(f"a user with the address {address} exists already")
             self._next_id += 1
             user = User(str(self._next_id), address, name)
             self.users[address.lower()] = user
+            if hashed:
+                self.passwords[user.id] = hashed
             return user
 
     def find_user(self, email: str) -> User | None:
