@@ -919,6 +919,8 @@ class Metrics:
         "sysmail_enqueued_total": "Messages queued, by storage backend.",
         "sysmail_http_requests_total": "HTTP requests by route and status.",
         "sysmail_rate_limited_total": "Requests refused by a rate limit, by limit.",
+        "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
+                                    "record at once (kept in memory, retried).",
     }
 
     def __init__(self) -> None:
@@ -2096,6 +2098,9 @@ def _write_synced(path: Path | str, payload: bytes) -> None:
     try:
         _write_all(fd, payload)
         os.fsync(fd)
+    except BaseException:
+        _unlink_quietly(path)  # a full disk leaves no half-written file behind
+        raise
     finally:
         os.close(fd)
 
@@ -2919,6 +2924,7 @@ def transport_from_config(config: Config) -> Transport:
 # ---- Sender ---- #
 
 SENDER_IDLE_POLL_SECONDS = 1.0
+RECIPIENT_LIMIT = "recipient limit"
 SENDER_BATCH_SIZE = 50
 LAST_SENT_RESOLUTION_SECONDS = 1.0
 TMP_CLEAN_INTERVAL_SECONDS = 3600
@@ -3085,6 +3091,7 @@ class _Settler:
         self.rand = rand
         self._lock = threading.Lock()
         self._unreleased: list[Claim] = []
+        self._unrecorded: list[tuple[Claim, SpooledMessage, list[Verdict]]] = []
         self._last_mark = float("-inf")
 
     def release(self, claim: Claim, counts: DeliveryCounts) -> None:
@@ -3110,7 +3117,7 @@ class _Settler:
                     self._unreleased.append(claim)
 
     def verdicts(self, message: SpooledMessage,
-                  result: SendResult | DeliveryError) -> tuple[Verdict, ...]:
+                 result: SendResult | DeliveryError) -> tuple[Verdict, ...]:
         """What to do with each group of recipients after the relay answered."""
         if isinstance(result, DeliveryError):
             refusals = {r: (result.smtp_code, result.reply) for r in message.rcpts}
@@ -3119,25 +3126,29 @@ class _Settler:
             refusals = dict(result.refused)
             verdicts = [Verdict("sent", result.accepted, {"code": result.code,
                                                           "reply": result.reply})]
-        for permanent in (True, False):
+        served = bool(verdicts and verdicts[0].rcpts)
+        for kind in ("permanent", "limit", "temporary"):
             group = tuple(r for r, (code, _) in refusals.items()
-                          if (classify_reply(code or 451) == "permanent") == permanent)
+                          if _refusal_kind(code, served) == kind)
             if group:
-                verdicts.append(self._refused(message, group, *refusals[group[0]], permanent))
+                verdicts.append(self._refused(message, group, *refusals[group[0]], kind))
         return tuple(v for v in verdicts if v.rcpts)
 
     def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
-                 reply: str, permanent: bool) -> Verdict:
-        """A refused group's verdict: failed when permanent or out of attempts, else retry."""
-        if permanent:
+                 reply: str, kind: str) -> Verdict:
+        """A refused group's verdict: failed when permanent or out of attempts, a new
+        transaction at once past the relay's recipient limit, else a retry later."""
+        if kind == "permanent":
             return Verdict("failed", rcpts, _refusal("rejected", code, reply))
+        if kind == "limit":
+            return Verdict("deferred", rcpts, _refusal(RECIPIENT_LIMIT, code, reply))
         if message.attempt + 1 >= self.retry.attempts:
             return Verdict("failed", rcpts, _refusal("attempts exhausted", code, reply))
         return Verdict("deferred", rcpts, _refusal("deferred", code, reply))
 
     def apply(self, claim: Claim, message: SpooledMessage | None,
-               verdicts: tuple[Verdict, ...], counts: DeliveryCounts,
-               duration: float = 0.0) -> None:
+              verdicts: tuple[Verdict, ...], counts: DeliveryCounts,
+              duration: float = 0.0) -> None:
         """Settle a claim by its verdicts: when one unserved group is all there is, the claim
         itself moves; otherwise each unserved group is written apart and the claim forgotten."""
         served = [v for v in verdicts if v.action == "sent"]
@@ -3145,11 +3156,37 @@ class _Settler:
         if served and message is not None:
             self._log_sent(message, served[0], duration)
             counts.add("sent")
-        whole = not served and len(unserved) == 1
-        for verdict in unserved:
-            self._settle(claim, message, verdict, counts, whole)
-        if not whole:
+        if not served and len(unserved) == 1:
+            self._settle(claim, message, unserved[0], counts, whole=True)
+        else:
+            self._record_rest(claim, message, unserved, counts)
+
+    def _record_rest(self, claim: Claim, message: SpooledMessage, unserved: list[Verdict],
+                     counts: DeliveryCounts) -> None:
+        """Write a copy of the message per unserved group, then forget the claim. When the
+        queue cannot take them (a full disk), the claim stays ours and the rest is kept here
+        to record later: whoever accepted the message must never get it again."""
+        try:
+            while unserved:
+                self._settle(claim, message, unserved[0], counts, whole=False)
+                unserved = unserved[1:]
             claim.queue.ack(claim)
+        except (QueueUnavailable, SpoolError, OSError) as exc:
+            with self._lock:
+                self._unrecorded.append((claim, message, unserved))
+            self.metrics.inc("sysmail_unrecorded_total")
+            log_event(logging.ERROR, "unrecorded", id=claim.name.id, reason=str(exc),
+                      rfcMessageId=message.message_id,
+                      to=[r for v in unserved for r in v.rcpts],
+                      note="delivered to the others; kept in memory and recorded again later")
+
+    def record_leftovers(self, counts: DeliveryCounts) -> None:
+        """Try again to record what a failing queue could not take; then to put back claims."""
+        with self._lock:
+            unrecorded, self._unrecorded = self._unrecorded, []
+        for claim, message, unserved in unrecorded:
+            self._record_rest(claim, message, unserved, counts)
+        self.release_leftovers()
 
     def _settle(self, claim: Claim, message: SpooledMessage | None, verdict: Verdict,
                 counts: DeliveryCounts, whole: bool) -> None:
@@ -3159,14 +3196,16 @@ class _Settler:
             reason.update(rfcMessageId=message.message_id, to=list(verdict.rcpts),
                           template=message.template, attempts=message.attempt + 1)
         if verdict.action == "deferred":
-            due = self.clock() + self.retry.delay(message.attempt + 1, self.rand())
+            split = verdict.reason.get("reason") == RECIPIENT_LIMIT  # a new transaction now
+            attempt = message.attempt + (0 if split else 1)
+            due = self.clock() + (0 if split else self.retry.delay(attempt, self.rand()))
             if whole:
                 claim.queue.defer(claim, due)
             else:
                 claim.queue.enqueue(message.header(verdict.rcpts), message.data,
-                                    message.priority, due=due, attempt=message.attempt + 1)
+                                    message.priority, due=due, attempt=attempt)
             log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
-                      to=list(verdict.rcpts), attempt=message.attempt + 1,
+                      to=list(verdict.rcpts), attempt=attempt,
                       next_try=_iso_time(due), code=reason.get("code"),
                       reason=f"{reason.get('code')} {reason.get('reply')}")
         elif whole:
@@ -3252,6 +3291,7 @@ class Sender:
         finally:
             if listener:
                 listener.close()
+            self._settler.record_leftovers(DeliveryCounts())  # a last try before we go
             self.close()
             log_event(logging.INFO, "sender_stopped")
 
@@ -3290,7 +3330,7 @@ class Sender:
         """Deliver every message due now; stop early (releasing claims) if the relay is down."""
         counts = DeliveryCounts()
         next_due: list[float] = []
-        self._settler.release_leftovers()
+        self._settler.record_leftovers(counts)
         for source in self.queues:
             try:
                 if not self._drain(source, counts, next_due):
@@ -3399,6 +3439,14 @@ class Sender:
             raise
         except DeliveryError as exc:
             return exc
+
+def _refusal_kind(code: int | None, served: bool) -> str:
+    """permanent (5xx), limit (452 for some while others were accepted: RFC 5321 4.5.3.1.10
+    asks the client to send those in a new transaction), or temporary."""
+    if classify_reply(code or 451) == "permanent":
+        return "permanent"
+    return "limit" if code == 452 and served else "temporary"
+
 
 def _refusal(reason: str, code: int | None, reply: str) -> dict:
     return {"reason": reason, "code": code, "reply": reply}

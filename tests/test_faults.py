@@ -1,0 +1,125 @@
+"""Promises under faults nobody planned for: a full disk mid-send, a relay's recipient limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from conftest import FakeClock, SmtpServer, SmtpSink
+
+import sysmail
+
+DOMAIN = "example.com"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of its own: a real file system that a test can fill to the brim."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                             str(mount)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a filler file until the file system is full; return it (delete it to free)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return filler
+
+
+def rig(spool: Path, server: SmtpServer, clock: FakeClock) -> tuple[sysmail.Mailer,
+                                                                     sysmail.Sender]:
+    config = sysmail.Config.from_env({"SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": server.url,
+                                      "SYSMAIL_ALLOW_UNSIGNED": "1", "SYSMAIL_SPOOL": str(spool),
+                                      "SYSMAIL_SMTP_CONNECTIONS": "1"})
+    mailer = sysmail.Mailer(config, clock=clock)
+    return mailer, mailer.sender()
+
+
+def test_a_full_disk_never_resends_to_recipients_who_accepted(
+        small_disk: Path, smtp_server: SmtpServer) -> None:
+    """Some recipients accept, one is refused for now, and the copy for the refused one cannot
+    be written (disk full): the accepted ones get the message once, however many cycles pass;
+    the rest is recorded once the disk has room, and delivered then."""
+    clock = FakeClock()
+    mailer, sender = rig(small_disk / "spool", smtp_server, clock)
+    smtp_server.sink.refuse_rcpt({"busy@example.org": "450 4.2.1 mailbox busy"})
+    mailer.enqueue_message(["ada@example.org", "busy@example.org"], "Invoice", "Your invoice.")
+    filler = fill(small_disk)
+    try:
+        for _ in range(12):
+            sender.run_once()
+            clock.advance(1)
+        assert [m.rcpt_tos for m in smtp_server.messages] == [["ada@example.org"]]
+        assert "sysmail_unrecorded_total 1" in mailer.metrics.render({})
+        assert os.listdir(small_disk / "spool" / "tmp") == []  # no half-written copy
+        filler.unlink()
+        smtp_server.sink.refuse_rcpt({})
+        for _ in range(3):
+            clock.advance(30)
+            sender.run_once()
+    finally:
+        sender.close()
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["ada@example.org"],
+                                                           ["busy@example.org"]]
+    assert mailer.spool.counts()["cur"] == 0
+
+
+class LimitedSink(SmtpSink):
+    """A relay that takes at most two recipients a transaction: 452 past that (RFC 5321)."""
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= 2:
+            return "452 4.5.3 Too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+@pytest.fixture
+def limited_relay() -> Iterator[SmtpServer]:
+    server = SmtpServer("smtp+plain")
+    server.sink = LimitedSink()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_relay_recipient_limit_splits_the_transaction(limited_relay: SmtpServer,
+                                                        tmp_path: Path) -> None:
+    """A relay answering 452 past its recipient limit gets the rest in new transactions at
+    once, costing no attempt; nobody becomes a dead letter and nobody gets two copies."""
+    clock = FakeClock()
+    mailer, sender = rig(tmp_path / "spool", limited_relay, clock)
+    rcpts = [f"user{i}@example.org" for i in range(5)]
+    mailer.enqueue_message(rcpts, "Notice", "A notice.")
+    try:
+        counts = sender.run_once()  # no clock advance: the rest goes in the same pass
+    finally:
+        sender.close()
+    assert [m.rcpt_tos for m in limited_relay.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert counts.sent == 3
+    assert counts.failed == 0 and mailer.spool.failed() == []
+    assert mailer.spool.counts() == {**mailer.spool.counts(), "new": 0, "deferred": 0,
+                                     "cur": 0, "failed": 0}
