@@ -123,6 +123,7 @@ __all__ = [
     "TemporaryDeliveryError",
     "TokenStore",
     "Transport",
+    "UnauthenticatedEntry",
     "UsageError",
     "User",
     "Verdict",
@@ -176,6 +177,10 @@ class MessageError(SysmailError):
 
 class SpoolError(SysmailError):
     """The spool could not be read or written."""
+
+
+class UnauthenticatedEntry(SpoolError):
+    """A queue entry whose MAC does not match: forged, truncated or under another key."""
 
 
 class QueueUnavailable(SysmailError):
@@ -382,6 +387,7 @@ def _ed25519_public_key_b64(seed_b64: bytes) -> str:
 SMTP_DEFAULT_PORTS = {"smtp": 587, "smtps": 465, "smtp+plain": 25}
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
+UNKEYED_QUEUE_KEY = hashlib.sha256(b"sysmail: no queue key configured").digest()
 _TRUE_WORDS = {"1", "true", "yes", "on"}
 _FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -463,6 +469,7 @@ class Config:
     forgot_address_limit: tuple[int, float] = (3, 3600.0)
     reset_client_limit: tuple[int, float] = (10, 60.0)
     redis_url: str = field(default="", repr=False)
+    queue_secret: str = field(default="", repr=False)
     systemd: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -478,6 +485,17 @@ class Config:
     def signing(self) -> bool:
         """True when outgoing mail is DKIM-signed."""
         return self.dkim_key is not None or self.ed25519_key is not None
+
+    @property
+    def queue_key(self) -> bytes:
+        """The key that authenticates queue entries: SYSMAIL_QUEUE_KEY's, else one derived
+        from the DKIM key (so every host of a fleet shares it), else a fixed one (nothing
+        is signed then: a forged entry could not pass for the brand)."""
+        secret = (self.queue_secret.encode() if self.queue_secret
+                  else self.dkim_key or self.ed25519_key)
+        if not secret:
+            return UNKEYED_QUEUE_KEY
+        return hmac.new(b"sysmail queue key v1", secret, hashlib.sha256).digest()
 
 
 DEFAULTS = Config()  # each default is written once, as its Config field's
@@ -643,12 +661,21 @@ class _EnvReader(_EnvValues):
             reset_client_limit=self._rate("SYSMAIL_RESET_LIMIT_PER_CLIENT",
                                           DEFAULTS.reset_client_limit),
             redis_url=self._redis_url(),
+            queue_secret=self._queue_secret(),
             systemd={k: v for k, v in self.env.items() if k in SYSTEMD_VARIABLES},
         )
         if smtp and not config.signing and not config.allow_unsigned:
             self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is required with a real SMTP_URL "
                                  "(or set SYSMAIL_ALLOW_UNSIGNED=1 to send unsigned mail)")
         return config
+
+    def _queue_secret(self) -> str:
+        value = self.env.get("SYSMAIL_QUEUE_KEY", "").strip()
+        if value and len(value) < 32:
+            self.problems.append("SYSMAIL_QUEUE_KEY must be at least 32 characters "
+                                 "(openssl rand -base64 32)")
+            return ""
+        return value
 
     def _api_key(self) -> str:
         api_key = self.env.get("SYSMAIL_API_KEY", "").strip()
@@ -773,6 +800,8 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SYSMAIL_DB", "db_path", "the SQLite token store"),
     ("SYSMAIL_STORE", "", "module:attribute of another token store (class or factory)"),
     ("SYSMAIL_API_KEY", "", "bearer key of POST /v1/emails (the route is off when unset)"),
+    ("SYSMAIL_QUEUE_KEY", "", ("authenticates queue entries (derived from the DKIM key when "
+                               "unset); 32 characters or more")),
     ("SYSMAIL_TRUSTED_PROXIES", "", "proxies whose X-Forwarded-For is believed (IPs, CIDRs)"),
     ("SYSMAIL_RESET_TOKEN_SECONDS", "reset_token_seconds", "reset link lifetime"),
     ("SYSMAIL_FORGOT_LIMIT_PER_CLIENT", "forgot_client_limit", "COUNT/SECONDS"),
@@ -811,7 +840,8 @@ __doc__ = __doc__.replace("@ENVIRONMENT@", environment_help())
 
 CREDENTIAL_FILES = {"dkim.pem": "SYSTEM_DKIM_PRIVATE_KEY",
                     "dkim-ed25519.pem": "SYSTEM_DKIM_ED25519_PRIVATE_KEY",
-                    "smtp-url": "SMTP_URL", "api-key": "SYSMAIL_API_KEY"}
+                    "smtp-url": "SMTP_URL", "api-key": "SYSMAIL_API_KEY",
+                    "queue-key": "SYSMAIL_QUEUE_KEY"}
 
 
 def with_credentials(env: Mapping[str, str]) -> dict[str, str]:
@@ -1538,7 +1568,7 @@ def _ed25519_signer(seed_b64: bytes, backend: str) -> Callable[[bytes], bytes]:
 
 # ---- Spool ---- #
 
-SPOOL_FORMAT = b"sysmail-spool/1 "
+SPOOL_FORMAT = b"sysmail-spool/2 "  # then the entry's MAC in hex, a space, the JSON header
 TMP_MAX_AGE_SECONDS = 36 * 3600
 SPOOL_MIN_FREE_BYTES = 1024 * 1024
 SPOOL_DIR_MODE = 0o700
@@ -1730,9 +1760,11 @@ class Spool:
     """
 
     def __init__(self, root: Path | str, clock: Clock = time.time, *,
-                 index: _DueIndex | None = None, wakeups: _Wakeups | None = None):
+                 key: bytes = UNKEYED_QUEUE_KEY, index: _DueIndex | None = None,
+                 wakeups: _Wakeups | None = None):
         self.root = Path(root)
         self.clock = clock
+        self._mac_key = key
         self._counter = 0
         self._lock = threading.Lock()
         self._index = index or _DueIndex()
@@ -1754,7 +1786,7 @@ class Spool:
         name = SpoolName(priority, int((self.clock() if due is None else due) * 1000), attempt,
                          self._new_id())
         try:
-            self._write_new(str(name), _entry_bytes(header, data))
+            self._write_new(str(name), _entry_bytes(header, data, self._mac_key))
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool {self.root}: {exc.strerror}") from exc
         self._index.add(str(name))
@@ -1829,7 +1861,7 @@ class Spool:
             raw = claim.path.read_bytes() if claim.path else b""
         except OSError as exc:
             raise SpoolError(f"spool entry {claim.name.id} is unreadable") from exc
-        return _parse_entry(raw, claim.name)
+        return _parse_entry(raw, claim.name, self._mac_key)
 
     # -- settling a claim -- #
 
@@ -1863,7 +1895,8 @@ class Spool:
         name = SpoolName(message.priority, 0, message.attempt, self._new_id())
         self._write_reason(str(name), reason)
         _write_file_atomically(self.root / "failed" / str(name),
-                               _entry_bytes(message.header(rcpts), message.data), self.root / "tmp")
+                               _entry_bytes(message.header(rcpts), message.data, self._mac_key),
+                               self.root / "tmp")
 
     def _write_reason(self, name: str, reason: dict) -> None:
         body = json.dumps({**reason, "failed_at": self.clock()}).encode()
@@ -2061,18 +2094,25 @@ class _WakeListener:
         self._socket.close()
 
 
-def _entry_bytes(header: dict, data: bytes) -> bytes:
-    """A queue entry: the format tag, the JSON header on one line, then the message."""
-    return SPOOL_FORMAT + json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
+def _entry_bytes(header: dict, data: bytes, key: bytes) -> bytes:
+    """A queue entry: the format tag, its MAC, the JSON header on one line, then the message."""
+    body = json.dumps(header, separators=(",", ":")).encode() + b"\n" + data
+    return SPOOL_FORMAT + _entry_mac(key, body) + b" " + body
 
 
-def _parse_entry(raw: bytes, name: SpoolName) -> SpooledMessage:
-    """Parse a queue entry; raise SpoolError when it is not one."""
+def _entry_mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+
+
+def _parse_entry(raw: bytes, name: SpoolName, key: bytes) -> SpooledMessage:
+    """Parse a queue entry; UnauthenticatedEntry when its MAC is wrong (forged, truncated,
+    or written under another key), SpoolError when it is not an entry at all."""
+    tag, mac, body = raw[:len(SPOOL_FORMAT)], raw[len(SPOOL_FORMAT):][:64], raw[81:]
+    if tag != SPOOL_FORMAT or not hmac.compare_digest(mac, _entry_mac(key, body)):
+        raise UnauthenticatedEntry(f"queue entry {name.id} fails its authentication")
     try:
-        head, _, data = raw.partition(b"\n")
-        if not head.startswith(SPOOL_FORMAT):
-            raise ValueError("no spool format tag")
-        meta = json.loads(head.removeprefix(SPOOL_FORMAT))
+        head, _, data = body.partition(b"\n")
+        meta = json.loads(head)
         if not meta["to"] or not all(isinstance(r, str) for r in meta["to"]):
             raise ValueError("no recipients")
         return SpooledMessage(name.id, meta["message_id"], meta["from"], tuple(meta["to"]),
@@ -2266,10 +2306,12 @@ class RedisQueue:
     (appendfsync everysec or always) and maxmemory-policy noeviction is assumed.
     """
 
-    def __init__(self, url: str, clock: Clock = time.time, prefix: str = REDIS_PREFIX):
+    def __init__(self, url: str, clock: Clock = time.time, prefix: str = REDIS_PREFIX, *,
+                 key: bytes = UNKEYED_QUEUE_KEY):
         import redis
 
         self.clock = clock
+        self._mac_key = key
         self.prefix = prefix
         self._errors = (redis.exceptions.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS,
@@ -2303,7 +2345,8 @@ class RedisQueue:
         def write() -> None:
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(self._key("msg", ident), mapping={
-                "entry": _entry_bytes(header, data), "priority": priority, "attempt": attempt})
+                "entry": _entry_bytes(header, data, self._mac_key), "priority": priority,
+                "attempt": attempt})
             pipe.zadd(self._key("queue", str(priority)), {ident: due_ms})
             pipe.execute()
         self._call(write)
@@ -2323,7 +2366,7 @@ class RedisQueue:
 
     def read(self, claim: Claim) -> SpooledMessage:
         """Parse a claimed message (its bytes came with the claim)."""
-        return _parse_entry(claim.entry, claim.name)
+        return _parse_entry(claim.entry, claim.name, self._mac_key)
 
     # -- settling a claim -- #
 
@@ -2368,7 +2411,7 @@ class RedisQueue:
         def bury() -> None:
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(self._key("msg", ident), mapping={
-                "entry": _entry_bytes(message.header(rcpts), message.data),
+                "entry": _entry_bytes(message.header(rcpts), message.data, self._mac_key),
                 "priority": message.priority, "attempt": message.attempt,
                 "reason": json.dumps({**reason, "failed_at": self.clock()})})
             pipe.zadd(self._key("failed"), {ident: self.clock()})
@@ -3246,8 +3289,10 @@ class Sender:
                  rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
                  fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
                  connections: int = 1,
-                 transport_factory: Callable[[], Transport] | None = None):
+                 transport_factory: Callable[[], Transport] | None = None,
+                 sender_address: str = ""):
         self.spool = spool
+        self.sender_address = sender_address
         self.fallback = fallback
         self.queues: tuple[Queue, ...] = (spool, fallback) if fallback else (spool,)
         self.on_cycle = on_cycle
@@ -3400,9 +3445,11 @@ class Sender:
         message per process to send again, however many connections there are."""
         try:
             message = claim.queue.read(claim)
+            self._check_sendable(message)
         except SpoolError as exc:
-            unreadable = Verdict("failed", (), {"reason": "unreadable", "error": str(exc)})
-            self._settler.apply(claim, None, (unreadable,), counts)
+            reason = "unauthenticated" if isinstance(exc, UnauthenticatedEntry) else "unreadable"
+            refused = Verdict("failed", (), {"reason": reason, "error": str(exc)})
+            self._settler.apply(claim, None, (refused,), counts)
             return
         if self.clock() >= message.expires_at:
             self._settler.apply(claim, message, (Verdict("expired", message.rcpts,
@@ -3424,6 +3471,18 @@ class Sender:
             result = self._content(transport, answer, data)
             self._settler.apply(claim, message, self._settler.verdicts(message, result), counts,
                         time.monotonic() - started)
+
+    def _check_sendable(self, message: SpooledMessage) -> None:
+        """UnauthenticatedEntry unless the envelope is ours: From the configured sender, and
+        every recipient one plain address (an entry passed its MAC, but keys do leak)."""
+        if self.sender_address and message.mail_from != self.sender_address:
+            raise UnauthenticatedEntry(f"queue entry {message.id} is from {message.mail_from!r}, "
+                                       "not the configured sender")
+        try:
+            if any(validate_address(r) != r for r in message.rcpts):
+                raise MessageError("a recipient is not in its normal form")
+        except MessageError as exc:
+            raise UnauthenticatedEntry(f"queue entry {message.id}: {exc}") from None
 
     @staticmethod
     def _content(transport: Transport, answer: Envelope | DeliveryError,
@@ -4369,6 +4428,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         """http.server's parser, after skipping empty lines before the request line (RFC 9112
         section 2.2); an empty request gets a 400 instead of a silent close."""
+        self.server.mark_busy(self.connection)  # a request began: stopping lets it finish
         for _ in range(4):
             if self.raw_requestline.strip() or not self.raw_requestline.endswith(b"\n"):
                 break
@@ -4380,8 +4440,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parsed = super().parse_request()
         if self.request_version < "HTTP/1.0":  # answer 0.9 requests with a status line too
             self.request_version = self.default_request_version
-        if parsed:
-            self.server.mark_busy(self.connection)
         return parsed
 
     def _serve(self) -> None:
@@ -4545,12 +4603,14 @@ class App:
     @functools.cached_property
     def spool(self) -> Spool:
         """The spool at SYSMAIL_SPOOL."""
-        return Spool(self.config.spool_dir, self.clock)
+        return Spool(self.config.spool_dir, self.clock, key=self.config.queue_key)
 
     @functools.cached_property
     def fallback(self) -> RedisQueue | None:
         """The Redis fallback queue, when REDIS_URL is set."""
-        return RedisQueue(self.config.redis_url, self.clock) if self.config.redis_url else None
+        if not self.config.redis_url:
+            return None
+        return RedisQueue(self.config.redis_url, self.clock, key=self.config.queue_key)
 
     @property
     def queues(self) -> tuple[Queue, ...]:
@@ -4581,9 +4641,12 @@ class App:
             log_event(logging.WARNING, "unsigned", note="no DKIM key: mail goes out unsigned")
         for warning in self.fallback.check_durability() if self.fallback else ():
             log_event(logging.WARNING, "redis_durability", warning=warning)
+        if self.fallback and self.config.queue_key == UNKEYED_QUEUE_KEY:
+            log_event(logging.WARNING, "queue_key_unset", note="Redis entries are authenticated "
+                      "under a fixed key: set SYSMAIL_QUEUE_KEY (or a DKIM key)")
         return Sender(self.spool, transport, self.signer, clock=self.clock, metrics=self.metrics,
                       fallback=self.fallback, connections=self.config.smtp_connections,
-                      transport_factory=self.transport)
+                      transport_factory=self.transport, sender_address=self.config.from_addr)
 
     @functools.cached_property
     def sending(self) -> SenderThread:

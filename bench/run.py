@@ -161,7 +161,7 @@ def mailer(env: dict[str, str]) -> sysmail.Mailer:
 def bulk_fill(env: dict[str, str], count: int) -> None:
     """Queue count messages fast, for set-up only: real spool entries, written without fsync."""
     config = sysmail.Config.from_env(env)
-    spool = sysmail.Spool(config.spool_dir)
+    spool, key = sysmail.Spool(config.spool_dir), config.queue_key
     template = sysmail.TEMPLATES["password-reset"]
     rendered = sysmail.render(template, {"reset_url": "https://example.com/r?token=abc"},
                               {"brand": DOMAIN, "domain": DOMAIN})
@@ -173,7 +173,7 @@ def bulk_fill(env: dict[str, str], count: int) -> None:
         header = {"message_id": message_id, "from": config.from_addr, "to": to,
                   "template": template.name, "queued_at": now, "expires_at": now + 86400}
         name = sysmail.SpoolName(sysmail.URGENT, int(now * 1000), 0, f"b{number:08d}")
-        (spool.root / "new" / str(name)).write_bytes(sysmail._entry_bytes(header, data))
+        (spool.root / "new" / str(name)).write_bytes(sysmail._entry_bytes(header, data, key))
 
 
 def run_workers(env: dict[str, str], count: int, *args: str) -> list[subprocess.Popen]:

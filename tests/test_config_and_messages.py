@@ -73,8 +73,9 @@ def spooled(spool: Path) -> list[Spooled]:
     for path in sorted(folder.iterdir()):
         head, newline, data = path.read_bytes().partition(b"\n")
         assert newline
-        assert head.startswith(sysmail.SPOOL_FORMAT)
-        entries.append(Spooled(path.name, json.loads(head[len(sysmail.SPOOL_FORMAT):]), data))
+        tag, mac, header = head.split(b" ", 2)  # sysmail-spool/2 MAC JSON
+        assert tag == b"sysmail-spool/2" and len(mac) == 64
+        entries.append(Spooled(path.name, json.loads(header), data))
     return entries
 
 

@@ -160,7 +160,7 @@ def spool_header(spool: Path, state: str) -> dict:
     """The JSON header of the only message in a spool folder."""
     (path,) = [p for p in (spool / state).iterdir() if not p.name.endswith(".json")]
     head = path.read_bytes().partition(b"\n")[0]
-    return json.loads(head.removeprefix(b"sysmail-spool/1 "))
+    return json.loads(head.split(b" ", 2)[2])  # sysmail-spool/2 MAC JSON
 
 
 def parse(data: bytes) -> email.message.Message:
@@ -522,7 +522,7 @@ def test_cli_worker_once_with_relay_stopped_exits_75_and_keeps_mail(rig: Rig) ->
     env = {
         "SMTP_URL": rig.server.url,
         "SYSTEM_DOMAIN": DOMAIN,
-        "SYSMAIL_ALLOW_UNSIGNED": "1",
+        "SYSTEM_DKIM_PRIVATE_KEY": rig.mailer.config.dkim_key.decode(),  # the same queue key
         "SYSMAIL_SPOOL": str(rig.spool),
     }
     rig.server.stop()
@@ -1207,7 +1207,7 @@ def test_sender_thread_delivers_survives_poison_and_stops_promptly(
         mailer.spool.notify()
         wait_until(lambda: any(d["id"] == "poisoned0001" for d in mailer.spool.failed()))
         (letter,) = mailer.spool.failed()
-        assert letter["reason"] == "unreadable"
+        assert letter["reason"] == "unauthenticated"  # garbage cannot carry the queue's MAC
         assert (tmp_path / "spool" / "failed" / name).is_file()
 
         second = mailer.enqueue("two-factor-code", to="bob@example.org", code="654321")
@@ -1228,9 +1228,9 @@ def test_entry_without_recipients_is_kept_as_a_dead_letter(rig: Rig) -> None:
     rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
     (path,) = list((rig.spool / "new").iterdir())
     head, _, data = path.read_bytes().partition(b"\n")
-    header = json.loads(head.removeprefix(b"sysmail-spool/1 "))
-    header["to"] = []
-    path.write_bytes(b"sysmail-spool/1 " + json.dumps(header).encode() + b"\n" + data)
+    header = json.loads(head.split(b" ", 2)[2])
+    header["to"] = []  # written under the right key: authentic, but with nobody to send to
+    path.write_bytes(sysmail._entry_bytes(header, data, rig.mailer.config.queue_key))
 
     counts = rig.sender.run_once()
 

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from conftest import FakeClock, SmtpServer, SmtpSink
+from conftest import FakeClock, RedisServer, SmtpServer, SmtpSink
 
 import sysmail
 
@@ -123,3 +124,84 @@ def test_a_relay_recipient_limit_splits_the_transaction(limited_relay: SmtpServe
     assert counts.failed == 0 and mailer.spool.failed() == []
     assert mailer.spool.counts() == {**mailer.spool.counts(), "new": 0, "deferred": 0,
                                      "cur": 0, "failed": 0}
+
+
+# --------------------------------------------------------------------------- forged entries
+
+FORGED_DATA = b"From: ceo@example.com\r\nTo: victim@example.org\r\nSubject: wire the money\r\n\r\nNow.\r\n"
+
+
+def forged_header(rcpts: list[str], sender: str = f"noreply@{DOMAIN}") -> dict:
+    return {"message_id": "<forged@example.com>", "from": sender, "to": rcpts,
+            "template": "", "queued_at": 1e9, "expires_at": 9e12}
+
+
+def plant_in_redis(url: str, ident: str, entry: bytes) -> None:
+    """Write an entry straight into the fallback queue, as anyone who can reach Redis could."""
+    client = redis.Redis.from_url(url)
+    client.hset(f"sysmail:msg:{ident}", mapping={"entry": entry, "priority": 0, "attempt": 0})
+    client.zadd("sysmail:queue:0", {ident: 0})
+
+
+def redis_rig(redis_server: RedisServer, server: SmtpServer, tmp_path: Path,
+              key: str) -> tuple[sysmail.Config, sysmail.Sender]:
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": server.url, "SYSMAIL_ALLOW_UNSIGNED": "1",
+        "SYSMAIL_SPOOL": str(tmp_path / "spool"), "REDIS_URL": redis_server.url,
+        "SYSMAIL_QUEUE_KEY": key})
+    return config, sysmail.build_app(config).sender()
+
+
+def test_entries_planted_in_redis_are_dead_letters_not_mail(
+        redis_server: RedisServer, smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """An entry written into Redis without the queue key (any From, any body, a CR LF in the
+    recipients) is never sent; it becomes an `unauthenticated` dead letter. The same entry
+    under the right key is sent: the check is the key, nothing else."""
+    config, sender = redis_rig(redis_server, smtp_server, tmp_path, "k" * 40)
+    wrong = sysmail._entry_bytes(forged_header(["victim@example.org\r\nRCPT TO:<x@evil.test>"]),
+                                 FORGED_DATA, b"a guess at the key")
+    plant_in_redis(redis_server.url, "forged1", wrong)
+    right = sysmail._entry_bytes(forged_header(["ok@example.org"]), FORGED_DATA,
+                                 config.queue_key)
+    plant_in_redis(redis_server.url, "genuine1", right)
+    try:
+        sender.run_once()
+    finally:
+        sender.close()
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["ok@example.org"]]
+    letters = sender.fallback.failed()
+    assert [(d["id"], d["reason"]) for d in letters] == [("forged1", "unauthenticated")]
+
+
+def test_an_authentic_entry_must_still_be_from_the_brand_to_plain_addresses(
+        redis_server: RedisServer, smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """Even under the right key (a leaked one), From must be SYSTEM_FROM and every recipient
+    one plain address: such an entry is refused, not sent."""
+    config, sender = redis_rig(redis_server, smtp_server, tmp_path, "k" * 40)
+    for ident, header in (("othersender", forged_header(["a@example.org"], "ceo@example.com")),
+                          ("crlf", forged_header(["a@example.org\r\nRCPT TO:<x@evil.test>"]))):
+        plant_in_redis(redis_server.url, ident,
+                       sysmail._entry_bytes(header, FORGED_DATA, config.queue_key))
+    try:
+        sender.run_once()
+    finally:
+        sender.close()
+    assert smtp_server.messages == []
+    assert sorted((d["id"], d["reason"]) for d in sender.fallback.failed()) == [
+        ("crlf", "unauthenticated"), ("othersender", "unauthenticated")]
+
+
+def test_a_truncated_spool_entry_is_never_sent(smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """A spool file cut short (a disk that filled under an older writer, a bad copy) fails its
+    MAC: a dead letter, never a message with half a body."""
+    clock = FakeClock()
+    mailer, sender = rig(tmp_path / "spool", smtp_server, clock)
+    mailer.enqueue_message("ada@example.org", "Invoice", "Line one.\n" * 200)
+    (path,) = (tmp_path / "spool" / "new").iterdir()
+    path.write_bytes(path.read_bytes()[:-700])
+    try:
+        sender.run_once()
+    finally:
+        sender.close()
+    assert smtp_server.messages == []
+    assert [d["reason"] for d in mailer.spool.failed()] == ["unauthenticated"]

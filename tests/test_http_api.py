@@ -994,6 +994,7 @@ def test_metrics_in_prometheus_text_format(make_service: Callable[..., Service])
         "sysmail_enqueued": "counter",
         "sysmail_http_requests": "counter",
         "sysmail_rate_limited": "counter",
+        "sysmail_unrecorded": "counter",
         "sysmail_delivery_latency_seconds": "histogram",
     }
     assert {state: page.value("sysmail_queue_messages", state=state)

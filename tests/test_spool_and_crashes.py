@@ -43,7 +43,7 @@ SYSMAIL = REPO / "sysmail.py"
 T0 = 1_800_000_000.0  # fake-clock epoch: 13 hex digits of microseconds, like real spool ids
 HOUR = 3600.0
 STATES = ("new", "deferred", "cur", "failed")
-SPOOL_FORMAT = b"sysmail-spool/1 "  # the first line of a spool file: this, then JSON
+SPOOL_FORMAT = b"sysmail-spool/2 "  # the first line of a spool file: this, a MAC, then JSON
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -77,11 +77,14 @@ def _enqueue(spool: sysmail.Spool, subject: str, priority: int = sysmail.BULK,
 
 
 def _split_spool_file(raw: bytes) -> tuple[dict, bytes]:
-    """The (header, message bytes) of a spool file: one 'sysmail-spool/1 JSON' line, then data."""
+    """The (header, message bytes) of a spool file: one 'sysmail-spool/2 MAC JSON' line, then
+    the data."""
     head, newline, data = raw.partition(b"\n")
     assert newline, "a spool file starts with a header line"
     assert head.startswith(SPOOL_FORMAT), head[:40]
-    return json.loads(head[len(SPOOL_FORMAT):]), data
+    mac, _, header = head[len(SPOOL_FORMAT):].partition(b" ")
+    assert len(mac) == 64, mac
+    return json.loads(header), data
 
 
 def _ls(folder: Path) -> list[str]:
@@ -597,7 +600,7 @@ def test_worker_moves_an_unreadable_spool_file_to_failed_and_sends_the_rest(
     assert result.stdout.strip() == "sent 1, deferred 0, failed 1, expired 0, released 0"
     assert _received_ids(smtp_server) == [good]
     letters = json.loads(run_cli(["failed", "--json"], env).stdout)
-    assert [(x["id"], x["reason"]) for x in letters] == [("0badc0ffee", "unreadable")]
+    assert [(x["id"], x["reason"]) for x in letters] == [("0badc0ffee", "unauthenticated")]
     assert _counts(_status(env)) == {"new": 0, "deferred": 0, "cur": 0, "failed": 1}
 
 
