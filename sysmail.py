@@ -458,6 +458,7 @@ class Config:
     allow_unsigned: bool = False
     log_level: int = logging.INFO
     listen: tuple[str, int] = ("127.0.0.1", 8025)
+    ops_listen: tuple[str, int] | None = ("127.0.0.1", 9025)
     public_url: str = "http://127.0.0.1:8025"
     public_url_set: bool = False
     db_path: Path = Path("sysmail.db")
@@ -623,7 +624,8 @@ class _EnvReader(_EnvValues):
         smtp = self._smtp_url()
         domain = self._domain(required=smtp is not None)
         from_addr = self._address("SYSTEM_FROM", f"noreply@{domain}")
-        listen, public = self._listen(), self._url("SYSMAIL_PUBLIC_URL")
+        listen = self._listen("SYSMAIL_LISTEN", DEFAULTS.listen)
+        public = self._url("SYSMAIL_PUBLIC_URL")
         config = Config(
             domain=domain,
             from_addr=from_addr,
@@ -646,6 +648,7 @@ class _EnvReader(_EnvValues):
             allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", DEFAULTS.allow_unsigned),
             log_level=self._log_level(),
             listen=listen,
+            ops_listen=self._ops_listen(),
             public_url=public or f"http://{_url_host(listen[0])}:{listen[1]}",
             public_url_set=bool(public),
             db_path=self._path("SYSMAIL_DB", DEFAULTS.db_path),
@@ -697,16 +700,21 @@ class _EnvReader(_EnvValues):
             return ""
         return value
 
-    def _listen(self) -> tuple[str, int]:
-        value = self.env.get("SYSMAIL_LISTEN", "").strip()
+    def _listen(self, name: str, default: tuple[str, int]) -> tuple[str, int]:
+        value = self.env.get(name, "").strip()
         if not value:
-            return DEFAULTS.listen
+            return default
         host, _, port = value.rpartition(":")
         host = host.strip("[]")
         if not host or not port.isdigit() or int(port) > 65535:
-            self.problems.append("SYSMAIL_LISTEN must be HOST:PORT, like 127.0.0.1:8025")
-            return DEFAULTS.listen
+            self.problems.append(f"{name} must be HOST:PORT, like 127.0.0.1:8025")
+            return default
         return (host, int(port))
+
+    def _ops_listen(self) -> tuple[str, int] | None:
+        if self.env.get("SYSMAIL_METRICS_LISTEN", "").strip().lower() == "off":
+            return None
+        return self._listen("SYSMAIL_METRICS_LISTEN", DEFAULTS.ops_listen)
 
     def _smtp_url(self) -> SmtpUrl | None:
         text = self.env.get("SMTP_URL", "").strip()
@@ -796,6 +804,8 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
     ("REDIS_URL", "", "fallback queue (and shared rate limits) in Redis"),
     ("SYSMAIL_LISTEN", "listen", "the HTTP service's address"),
+    ("SYSMAIL_METRICS_LISTEN", "ops_listen", ("/metrics and detailed health checks, apart from "
+                                               "the public API (off: none)")),
     ("SYSMAIL_PUBLIC_URL", "", "public base URL of the reset page (the listen address)"),
     ("SYSMAIL_DB", "db_path", "the SQLite token store"),
     ("SYSMAIL_STORE", "", "module:attribute of another token store (class or factory)"),
@@ -2012,8 +2022,11 @@ class Spool:
     def listen(self, on_wake: Callable[[], None]) -> _WakeListener | None:
         """Index what other processes enqueue, and call on_wake for every new entry."""
         def arrived(entry: str) -> None:
-            self._index.add(entry)
-            on_wake()
+            if entry == "!":  # look now (mail went to Redis, or the listener is closing)
+                on_wake()
+            elif _NEW_ENTRY.fullmatch(entry) and os.path.exists(f"{self.root}/new/{entry}"):
+                self._index.add(entry)  # a name costs one lookup, never a claim attempt
+                on_wake()
         return self._wakeups.listen(arrived, on_wake)
 
 
@@ -2070,6 +2083,7 @@ class _WakeListener:
         self.name = self._marker.name
         self._address = _WAKE_PREFIX + self._marker.name
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sent it
         self._socket.bind(self._address)
         self._marker.touch(mode=SPOOL_FILE_MODE)
         self._on_wake = on_wake
@@ -2078,11 +2092,13 @@ class _WakeListener:
         self._thread.start()
 
     def _run(self) -> None:
+        uid = os.getuid()
         while True:
-            entry = self._socket.recv(256).decode("ascii", "replace")
+            data, ancillary, _, _ = self._socket.recvmsg(256, socket.CMSG_SPACE(12))
             if self._closing:
                 return
-            self._on_wake(entry)
+            if _sender_uid(ancillary) == uid:  # an abstract socket has no permissions of its own
+                self._on_wake(data.decode("ascii", "replace"))
 
     def close(self) -> None:
         """Stop listening and unregister."""
@@ -2092,6 +2108,14 @@ class _WakeListener:
             poke.sendto(b"!", self._address)
         self._thread.join(timeout=2)
         self._socket.close()
+
+
+def _sender_uid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The user id in a datagram's SCM_CREDENTIALS (the kernel vouches for it), or None."""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            return int.from_bytes(payload[4:8], sys.byteorder)
+    return None
 
 
 def _entry_bytes(header: dict, data: bytes, key: bytes) -> bytes:
@@ -3857,6 +3881,7 @@ MAX_BODY_BYTES = 16 * 1024
 REQUEST_DEADLINE_SECONDS = 10.0
 MAX_CONNECTIONS = 128
 IDEMPOTENCY_SECONDS = 24 * 3600
+IDEMPOTENCY_TAKEN_SECONDS = 3 * REQUEST_DEADLINE_SECONDS  # longer than any request may take
 FORGOT_QUEUE_SIZE = 10_000
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _PAGE_HEADERS = {**_JSON_HEADERS, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
@@ -3885,6 +3910,9 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: Mapping[str, str] = field(default_factory=lambda: dict(_JSON_HEADERS))
+
+
+Routes = dict[tuple[str, str], Callable[[Request], Response]]
 
 
 class HttpError(SysmailError):
@@ -3970,7 +3998,8 @@ class IdempotencyKeys:
         self._last_prune = 0.0
 
     def remember(self, key: str, make_id: Callable[[], str]) -> tuple[str, bool]:
-        """Return (message id, True) after calling make_id for a new key, or the stored id."""
+        """Return (message id, True) after calling make_id for a new key, or the stored id.
+        A key ends bound to its message or released, never taken for nothing."""
         _make_private_dir(self.folder)
         self._prune()
         path = self.folder / hashlib.sha256(key.encode()).hexdigest()
@@ -3979,30 +4008,45 @@ class IdempotencyKeys:
         except FileExistsError:
             return self._stored(path, key, make_id)
         try:
+            self._stamp(fd)  # a taker that crashes leaves an empty key this old
             message_id = make_id()
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
             raise
         try:
-            _write_all(fd, message_id.encode())
-            now = self.clock()
-            os.utime(fd, (now, now))  # its age is read from the same clock that prunes it
-            os.fsync(fd)
+            bound = self._bind(fd, message_id)
         finally:
             os.close(fd)
-        _fsync_dir(self.folder)
+        if not bound:  # the mail is queued; a key that cannot be kept is released, not wedged
+            _unlink_quietly(path)
+            log_event(logging.WARNING, "idempotency_key_released", messageId=message_id)
         return message_id, True
+
+    def _stamp(self, fd: int) -> None:
+        now = self.clock()
+        os.utime(fd, (now, now))  # ages are read from the same clock that prunes them
+
+    def _bind(self, fd: int, message_id: str) -> bool:
+        """Write the message id into a taken key, durably; False when the disk refuses."""
+        try:
+            _write_all(fd, message_id.encode())
+            self._stamp(fd)
+            os.fsync(fd)
+            _fsync_dir(self.folder)
+        except OSError:
+            return False
+        return True
 
     def _stored(self, path: Path, key: str, make_id: Callable[[], str]) -> tuple[str, bool]:
         for _ in range(50):  # a concurrent first request may still be writing the id
             try:
-                stat = path.stat()
-                if stat.st_mtime < self.clock() - IDEMPOTENCY_SECONDS:
-                    _unlink_quietly(path)
-                    return self.remember(key, make_id)
+                age = self.clock() - path.stat().st_mtime
                 text = path.read_text()
             except FileNotFoundError:
+                return self.remember(key, make_id)
+            if age > IDEMPOTENCY_SECONDS or (not text and age > IDEMPOTENCY_TAKEN_SECONDS):
+                _unlink_quietly(path)  # expired, or taken by a request that died
                 return self.remember(key, make_id)
             if text:
                 return text, False
@@ -4040,12 +4084,18 @@ class Api:
         self.idempotency = idempotency
         self.forgot = forgot
         self.clock = clock
-        self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
+        self.routes: Routes = {
             ("POST", "/v1/auth/forgot-password"): self.forgot_password,
             ("POST", "/v1/auth/reset-password"): self.reset_password,
             ("GET", "/reset-password"): self.reset_page,
             ("POST", "/reset-password"): self.reset_form,
             ("POST", "/v1/emails"): self.send_email,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.ready,
+        }
+        # the operators' listener (SYSMAIL_METRICS_LISTEN): counters and check details would
+        # tell an outsider which addresses have accounts, so the public one has neither
+        self.ops_routes: Routes = {
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
             ("GET", "/metrics"): self.metrics_page,
@@ -4053,11 +4103,13 @@ class Api:
 
     # -- dispatch: the one error boundary -- #
 
-    def handle(self, request: Request) -> Response:
-        """Route a request; map every error to a JSON 4xx/503, or a generic 500 (logged)."""
-        route = self.route_name(request.path)
+    def handle(self, request: Request, routes: Routes | None = None) -> Response:
+        """Route a request (through the public routes by default); map every error to a JSON
+        4xx/503, or a generic 500 (logged)."""
+        routes = self.routes if routes is None else routes
+        route = self.route_name(request.path, routes)
         try:
-            response = self._dispatch(request)
+            response = self._dispatch(request, routes)
         except HttpError as exc:
             response = json_response(exc.status, {"error": str(exc)}, **exc.headers)
         except MessageError as exc:
@@ -4071,15 +4123,16 @@ class Api:
             response = json_response(500, {"error": "internal error"})
         return response
 
-    def route_name(self, path: str) -> str:
+    def route_name(self, path: str, routes: Routes | None = None) -> str:
         """The route's path when it is known, else "unmatched" (raw paths may carry secrets)."""
-        return path if any(p == path for _, p in self.routes) else "unmatched"
+        routes = self.routes if routes is None else routes
+        return path if any(p == path for _, p in routes) else "unmatched"
 
-    def _dispatch(self, request: Request) -> Response:
-        handler = self.routes.get((request.method, request.path))
+    def _dispatch(self, request: Request, routes: Routes) -> Response:
+        handler = routes.get((request.method, request.path))
         if handler is not None:
             return handler(request)
-        allowed = sorted(m for m, p in self.routes if p == request.path)
+        allowed = sorted(m for m, p in routes if p == request.path)
         if allowed:
             raise HttpError(405, f"use {' or '.join(allowed)} for {request.path}",
                             {"Allow": ", ".join(allowed)})
@@ -4194,6 +4247,11 @@ class Api:
     def healthz(self, request: Request) -> Response:
         """The process is alive and answering."""
         return json_response(200, {"status": "ok"})
+
+    def ready(self, request: Request) -> Response:
+        """The public readiness answer: 200 or 503, without the details."""
+        response = self.readyz(request)
+        return json_response(response.status, {"status": json.loads(response.body)["status"]})
 
     def readyz(self, request: Request) -> Response:
         """200 when the spool is writable and the store reachable, else 503 naming what is not."""
@@ -4339,8 +4397,9 @@ class _HttpServer(http.server.ThreadingHTTPServer):
     block_on_close = True
     request_queue_size = MAX_CONNECTIONS
 
-    def __init__(self, address: tuple[str, int], api: Api):
+    def __init__(self, address: tuple[str, int], api: Api, routes: Routes):
         self.api = api
+        self.routes = routes
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._deadlines: dict[socket.socket, float] = {}
         self._busy: set[socket.socket] = set()
@@ -4368,6 +4427,12 @@ class _HttpServer(http.server.ThreadingHTTPServer):
                 self._deadlines.pop(request, None)
                 self._busy.discard(request)
             self._slots.release()
+
+    @property
+    def url(self) -> str:
+        """http://HOST:PORT this server listens on (the real port when 0 was asked for)."""
+        host, port = self.server_address[:2]
+        return f"http://{_url_host(str(host))}:{port}"
 
     def mark_busy(self, request: socket.socket) -> None:
         """A request line arrived on this connection: stopping must let it finish."""
@@ -4445,8 +4510,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self) -> None:
         started = time.monotonic()
         request = self._read_request()
-        route = self.server.api.route_name(self.path.partition("?")[0])
-        response = request if isinstance(request, Response) else self.server.api.handle(request)
+        route = self.server.api.route_name(self.path.partition("?")[0], self.server.routes)
+        response = (request if isinstance(request, Response)
+                    else self.server.api.handle(request, self.server.routes))
         self._write(response, route)
         log_event(logging.INFO, "http", method=self.command[:16], route=route,
                   status=response.status, client=self._client(),
@@ -4590,7 +4656,7 @@ class App:
         self._store = store
         self.public_url = config.public_url
         self.server: _HttpServer | None = None
-        self._thread: threading.Thread | None = None
+        self.ops_server: _HttpServer | None = None
 
     def __repr__(self) -> str:
         return f"App(listen={self.config.listen}, spool={str(self.config.spool_dir)!r})"
@@ -4692,37 +4758,59 @@ class App:
     def url(self) -> str:
         """The base URL the server listens on (with the real port when port 0 was asked for)."""
         assert self.server is not None
-        host, port = self.server.server_address[:2]
-        return f"http://{_url_host(str(host))}:{port}"
+        return self.server.url
+
+    @property
+    def ops_url(self) -> str:
+        """The base URL of the operators' listener (/metrics, detailed health)."""
+        assert self.ops_server is not None, "SYSMAIL_METRICS_LISTEN is off"
+        return self.ops_server.url
 
     def start(self) -> None:
         """Recover the spool, bind, publish the public URL, then start the threads."""
         with contextlib.suppress(SpoolError):  # a broken spool: the Redis fallback serves
             self.spool.recover()
-        try:
-            self.server = _HttpServer(self.config.listen, self.api)
-        except OSError as exc:
-            host, port = self.config.listen
-            raise SysmailError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self.server = self._bind(self.config.listen, self.api.routes)
+        if self.config.ops_listen is not None:
+            try:
+                self.ops_server = self._bind(self.config.ops_listen, self.api.ops_routes)
+            except SysmailError:
+                self._close_servers()
+                raise
         self.public_url = self.config.public_url if self.config.public_url_set else self.url
         self.sending.start(on_cycle=self.notifier.heartbeat)
         self.forgot.start()
-        self._thread = threading.Thread(target=self.server.serve_forever, name="sysmail-http",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
-        self._thread.start()
-        log_event(logging.INFO, "listening", url=self.url, store=repr(self.store))
+        for server in self._servers():
+            threading.Thread(target=server.serve_forever, name="sysmail-http", daemon=True,
+                             kwargs={"poll_interval": 0.2}).start()
+        log_event(logging.INFO, "listening", url=self.url, store=repr(self.store),
+                  metrics=self.ops_server.url + "/metrics" if self.ops_server else "off")
         self.notifier.ready()
 
     def stop(self) -> None:
         """Stop accepting, finish requests in flight, then the worker and the sender."""
         self.notifier.stopping()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.close_idle()
-            self.server.server_close()
-            self.server = None
+        for server in self._servers():
+            server.shutdown()
+        self._close_servers()
         self.forgot.stop()
         self.sending.stop()
+
+    def _bind(self, address: tuple[str, int], routes: Routes) -> _HttpServer:
+        try:
+            return _HttpServer(address, self.api, routes)
+        except OSError as exc:
+            host, port = address
+            raise SysmailError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+    def _servers(self) -> list[_HttpServer]:
+        return [server for server in (self.server, self.ops_server) if server is not None]
+
+    def _close_servers(self) -> None:
+        for server in self._servers():
+            server.close_idle()
+            server.server_close()
+        self.server = self.ops_server = None
 
 
 class ForgotWorker:

@@ -145,7 +145,8 @@ class Bench:
                "SYSMAIL_SPOOL": str(self.folder / f"spool-{self._count}"),
                "SYSMAIL_OUTBOX": str(self.folder / f"outbox-{self._count}"),
                "SYSMAIL_DB": str(self.folder / f"db-{self._count}.sqlite"),
-               "SYSMAIL_SMTP_CONNECTIONS": str(self.connections)}
+               "SYSMAIL_SMTP_CONNECTIONS": str(self.connections),
+               "SYSMAIL_METRICS_LISTEN": "off"}
         if sink is not None:
             env["SMTP_URL"] = sink.url
         return {**env, **extra}

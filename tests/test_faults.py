@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,3 +209,111 @@ def test_a_truncated_spool_entry_is_never_sent(smtp_server: SmtpServer, tmp_path
         sender.close()
     assert smtp_server.messages == []
     assert [d["reason"] for d in mailer.spool.failed()] == ["unauthenticated"]
+
+
+# --------------------------------------------------------------------------- wake-ups
+
+SEND_DATAGRAMS = """
+import os, socket, sys
+if len(sys.argv) > 3:
+    os.setgid(65534); os.setuid(65534)  # nobody: another local user
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    for _ in range(int(sys.argv[2])):
+        sock.sendto(sys.argv[1].encode(), "\\0sysmail-wake-" + os.environ["LISTENER"])
+"""
+
+
+def send_wakeups(tmp_path: Path, listener: str, entry: str, count: int, as_nobody: bool) -> None:
+    script = tmp_path / "wake.py"
+    script.write_text(SEND_DATAGRAMS, encoding="utf-8")
+    args = [sys.executable, str(script), entry, str(count)] + (["nobody"] if as_nobody else [])
+    subprocess.run(args, env={"LISTENER": listener}, check=True, timeout=30)
+
+
+def test_wake_ups_come_only_from_the_same_user_and_cost_a_lookup(tmp_path: Path) -> None:
+    """Another local user's datagrams are dropped; names that are not in new/ are dropped
+    after one lookup; a real entry from the service's own user wakes the sender."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to send as another user")
+    spool = sysmail.Spool(tmp_path / "spool")
+    woken = threading.Semaphore(0)
+    listener = spool.listen(woken.release)
+    assert listener is not None
+    try:
+        (tmp_path / "spool").chmod(0o755)  # let nobody's interpreter start; the socket is abstract
+        ident = spool.enqueue({"message_id": "<w@example.com>", "from": "a@example.com",
+                               "to": ["b@example.org"], "template": "", "queued_at": 0,
+                               "expires_at": 9e12}, b"Subject: x\r\n\r\nx\r\n", sysmail.BULK)
+        (entry,) = os.listdir(tmp_path / "spool" / "new")
+        assert ident in entry
+        while woken.acquire(blocking=False):
+            pass  # the enqueue's own wake-up, called in this thread
+        send_wakeups(tmp_path, listener.name, entry, 200, as_nobody=True)
+        send_wakeups(tmp_path, listener.name, "1.00000000000001.0.doesnotexist", 200,
+                     as_nobody=False)
+        send_wakeups(tmp_path, listener.name, entry, 1, as_nobody=False)  # the one that counts
+        assert woken.acquire(timeout=5)
+        # datagrams are received in order: the foreign and fake ones came before this one
+        assert not woken.acquire(blocking=False), "a foreign or fake datagram woke the sender"
+    finally:
+        listener.close()
+
+
+# --------------------------------------------------------------------------- idempotency
+
+API_KEY = "k" * 32
+
+
+def send_request(key: str) -> sysmail.Request:
+    body = json.dumps({"template": "two-factor-code", "to": "ada@example.org",
+                       "vars": {"code": "123456"}}).encode()
+    return sysmail.Request("POST", "/v1/emails", {}, {
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+        "Idempotency-Key": key}, body, "127.0.0.1")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_key_that_cannot_be_kept_is_released_not_wedged(
+        small_disk: Path, redis_server: RedisServer) -> None:
+    """The spool's disk is full, Redis takes the mail: the answer is 202 with the Message-ID,
+    the key is released (a retry queues again rather than answering 409 for a day), and no
+    file descriptor leaks."""
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_SPOOL": str(small_disk / "spool"),
+        "REDIS_URL": redis_server.url, "SYSMAIL_API_KEY": API_KEY})
+    app = sysmail.build_app(config, store=sysmail.MemoryStore())
+    assert app.spool.writable()  # its folders exist before the disk fills
+    (small_disk / "spool" / "idempotency").mkdir()
+    filler = fill(small_disk)
+    replies = [app.api.handle(send_request("order-42"))]  # opens Redis and the wake-up socket
+    before = open_fds()
+    replies += [app.api.handle(send_request("order-42")) for _ in range(2)]
+    assert [r.status for r in replies] == [202, 202, 202]
+    ids = [json.loads(r.body)["messageId"] for r in replies]
+    assert len(set(ids)) == 3  # released each time: never a 409, never a 500
+    assert app.fallback.counts()["new"] == 3
+    assert open_fds() == before
+    filler.unlink()
+    first = app.api.handle(send_request("order-43"))
+    again = app.api.handle(send_request("order-43"))
+    assert json.loads(again.body) == {**json.loads(first.body), "duplicate": True}
+
+
+def test_a_key_taken_by_a_request_that_died_is_taken_over(tmp_path: Path) -> None:
+    """An empty key file (its request died between taking the key and binding it) blocks the
+    key only while that request could still be running, then a retry takes it over."""
+    clock = FakeClock()
+    keys = sysmail.IdempotencyKeys(tmp_path / "keys", clock)
+    (tmp_path / "keys").mkdir()
+    taken = tmp_path / "keys" / hashlib.sha256(b"order-7").hexdigest()
+    taken.touch()
+    os.utime(taken, (clock(), clock()))
+    with pytest.raises(sysmail.HttpError) as busy:
+        keys.remember("order-7", lambda: "<new@example.com>")
+    assert busy.value.status == 409
+    clock.advance(31)
+    assert keys.remember("order-7", lambda: "<new@example.com>") == ("<new@example.com>", True)
+    assert keys.remember("order-7", lambda: "<other@example.com>") == ("<new@example.com>", False)

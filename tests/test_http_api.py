@@ -205,6 +205,10 @@ class Service:
         """One request to the service."""
         return http_call(self.url, method, path, body, headers)
 
+    def ops(self, path: str) -> Reply:
+        """GET from the operators' listener (SYSMAIL_METRICS_LISTEN)."""
+        return http_call(self.app.ops_url, "GET", path)
+
     def forgot(self, address: str, headers: Mapping[str, str] | None = None) -> Reply:
         """POST /v1/auth/forgot-password."""
         return self.call("POST", "/v1/auth/forgot-password", {"email": address}, headers)
@@ -231,6 +235,7 @@ def base_env(smtp: SmtpServer, folder: Path) -> dict[str, str]:
     """The house configuration: a free port, the sink as relay, files in folder."""
     return {
         "SYSMAIL_LISTEN": "127.0.0.1:0",
+        "SYSMAIL_METRICS_LISTEN": "127.0.0.1:0",
         "SMTP_URL": smtp.url,
         "SYSTEM_DOMAIN": "example.com",
         "SYSMAIL_ALLOW_UNSIGNED": "1",
@@ -271,10 +276,10 @@ def service(make_service: Callable[..., Service]) -> Service:
 def fresh_window(window: float, needed: float = 3.0) -> None:
     """Sleep into the next fixed rate-limit window when this one has less than `needed` left.
 
-    RateLimiter counts in windows aligned to time.monotonic(); a burst that straddles two
-    windows would be counted in both halves.
+    RateLimiter counts in windows aligned to the app's clock (wall time); a burst that
+    straddles two windows would be counted in both halves.
     """
-    left = window - time.monotonic() % window
+    left = window - time.time() % window
     if left < needed:
         time.sleep(left + 0.05)
 
@@ -729,7 +734,6 @@ def test_unknown_route_404_and_wrong_method_405(service: Service) -> None:
         ("PATCH", "/v1/emails", "POST"),
         ("POST", "/healthz", "GET"),
         ("POST", "/readyz", "GET"),
-        ("DELETE", "/metrics", "GET"),
         ("BREW", "/healthz", "GET"),
     ):
         reply = service.call(method, path, b"{}" if method != "GET" else None, JSON_TYPE)
@@ -860,10 +864,15 @@ def test_send_api_unencodable_vars_are_400(service: Service) -> None:
 
 
 def test_healthz_and_readyz(service: Service) -> None:
-    """Alive and ready with a writable spool and a reachable store."""
+    """Alive and ready with a writable spool and a reachable store: the details on the
+    operators' listener only, and no /metrics on the public one."""
     assert json_reply(service.call("GET", "/healthz"), 200) == {"status": "ok"}
-    assert json_reply(service.call("GET", "/readyz"), 200) == {
+    assert json_reply(service.call("GET", "/readyz"), 200) == {"status": "ready"}
+    assert json_reply(service.ops("/readyz"), 200) == {
         "status": "ready", "checks": {"spool": True, "store": True}}
+    assert json_reply(service.ops("/healthz"), 200) == {"status": "ok"}
+    assert error_reply(service.call("GET", "/metrics"), 404) == "no such endpoint"
+    assert error_reply(http_call(service.app.ops_url, "POST", "/v1/emails", {}), 404)
 
 
 def test_store_down_forgot_and_reset_503_while_mail_keeps_flowing(
@@ -874,8 +883,9 @@ def test_store_down_forgot_and_reset_503_while_mail_keeps_flowing(
     broken.mkdir()
     svc = make_service({"SYSMAIL_DB": str(broken)})
     assert json_reply(svc.call("GET", "/healthz"), 200) == {"status": "ok"}
-    assert json_reply(svc.call("GET", "/readyz"), 503) == {
+    assert json_reply(svc.ops("/readyz"), 503) == {
         "status": "not ready", "checks": {"spool": True, "store": False}}
+    assert json_reply(svc.call("GET", "/readyz"), 503) == {"status": "not ready"}
     for reply in (svc.forgot(ADA), svc.forgot("nobody@example.com"),
                   svc.reset(secrets.token_urlsafe(32))):
         assert json_reply(reply, 503) == UNAVAILABLE
@@ -914,7 +924,7 @@ def test_unwritable_spool_is_not_ready(service: Service) -> None:
     tmp.rmdir()
     tmp.write_bytes(b"")
     try:
-        assert json_reply(service.call("GET", "/readyz"), 503) == {
+        assert json_reply(service.ops("/readyz"), 503) == {
             "status": "not ready", "checks": {"spool": False, "store": True}}
         reply = service.send({"template": "security-alert", "to": ADA, "vars": {"event": "x"}})
         assert json_reply(reply, 503) == UNAVAILABLE
@@ -942,7 +952,7 @@ class Scrape:
 
 def scrape(svc: Service) -> Scrape:
     """GET /metrics and parse it with prometheus_client's parser."""
-    reply = svc.call("GET", "/metrics")
+    reply = svc.ops("/metrics")
     assert reply.status == 200
     assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert reply.headers["Cache-Control"] == "no-store"
@@ -1028,7 +1038,7 @@ def test_metrics_labels_never_carry_a_token(service: Service) -> None:
     token = secrets.token_urlsafe(32)
     service.call("GET", f"/reset-password?token={token}")
     service.call("GET", f"/reset-password/{token}")
-    text = service.call("GET", "/metrics").body.decode()
+    text = service.ops("/metrics").body.decode()
     assert token not in text
     assert 'sysmail_http_requests_total{route="/reset-password",status="200"} 1' in text
     assert 'sysmail_http_requests_total{route="unmatched",status="404"} 1' in text

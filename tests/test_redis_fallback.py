@@ -713,14 +713,14 @@ def test_http_answers_503_when_neither_spool_nor_redis_can_store(
 ) -> None:
     spool = _spool_new_is_a_file(tmp_path)
     config = _config(redis_server.url, smtp_server.url, spool,
-                     SYSMAIL_LISTEN=f"{LOCALHOST}:0", SYSMAIL_API_KEY=API_KEY)
+                     SYSMAIL_LISTEN=f"{LOCALHOST}:0", SYSMAIL_METRICS_LISTEN=f"{LOCALHOST}:0", SYSMAIL_API_KEY=API_KEY)
     store = sysmail.MemoryStore()
     store.add_user("ada@example.org", "Ada")
     app = sysmail.build_app(config, store=store)
     app.start()
     try:
         # Redis up: the spool is broken but mail is stored, so requests succeed
-        status, _, body = _request(app.url, "GET", "/readyz")
+        status, _, body = _request(app.ops_url, "GET", "/readyz")
         assert (status, body) == (200, {"status": "ready", "checks": {
             "spool": False, "store": True, "redis": True}})
         status, _, body = _send(app)
@@ -738,7 +738,7 @@ def test_http_answers_503_when_neither_spool_nor_redis_can_store(
             assert (status, body) == (503, unavailable)
         status, _, body = _forgot(app, "ada@example.org")
         assert (status, body) == (503, unavailable)
-        status, _, body = _request(app.url, "GET", "/readyz")
+        status, _, body = _request(app.ops_url, "GET", "/readyz")
         assert (status, body) == (503, {"status": "not ready", "checks": {
             "spool": False, "store": True, "redis": False}})
     finally:
@@ -750,7 +750,7 @@ def test_the_service_starts_and_queues_to_redis_when_the_spool_folder_is_unusabl
     redis_server: RedisServer, smtp_server: SmtpServer, tmp_path: Path,
 ) -> None:
     config = _config(redis_server.url, smtp_server.url, _spool_is_a_file(tmp_path),
-                     SYSMAIL_LISTEN=f"{LOCALHOST}:0", SYSMAIL_API_KEY=API_KEY)
+                     SYSMAIL_LISTEN=f"{LOCALHOST}:0", SYSMAIL_METRICS_LISTEN=f"{LOCALHOST}:0", SYSMAIL_API_KEY=API_KEY)
     app = sysmail.build_app(config, store=sysmail.MemoryStore())
     app.start()
     try:
@@ -936,7 +936,7 @@ def test_rate_limits_are_shared_through_redis_and_local_when_it_is_down(
 ) -> None:
     apps = [sysmail.build_app(_config(redis_server.url, smtp_server.url,
                                       tmp_path / f"spool-{i}",
-                                      SYSMAIL_LISTEN=f"{LOCALHOST}:0",
+                                      SYSMAIL_LISTEN=f"{LOCALHOST}:0", SYSMAIL_METRICS_LISTEN=f"{LOCALHOST}:0",
                                       SYSMAIL_FORGOT_LIMIT_PER_CLIENT="3/3600"),
                               store=sysmail.MemoryStore()) for i in range(2)]
     for app in apps:

@@ -187,7 +187,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The service with no DASHBOARD_URL, so reset links point at its own page."""
     tmp = tmp_path_factory.mktemp("reset-page")
     config = sysmail.Config.from_env({
-        "SYSMAIL_LISTEN": "127.0.0.1:0",
+        "SYSMAIL_LISTEN": "127.0.0.1:0", "SYSMAIL_METRICS_LISTEN": "off",
         "SYSTEM_DOMAIN": "example.com",
         "SYSMAIL_SPOOL": str(tmp / "spool"),
         "SYSMAIL_OUTBOX": str(tmp / "outbox"),

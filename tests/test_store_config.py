@@ -51,7 +51,7 @@ def _wait_for(condition: object, timeout: float = 20) -> None:
 def test_serve_uses_the_configured_store(tmp_path: Path) -> None:
     """A class named by SYSMAIL_STORE (given the Config) serves forgot-password, not SQLite."""
     port = free_port()
-    env = {**_env(tmp_path, "userstore:Store"), "SYSMAIL_LISTEN": f"127.0.0.1:{port}",
+    env = {**_env(tmp_path, "userstore:Store"), "SYSMAIL_LISTEN": f"127.0.0.1:{port}", "SYSMAIL_METRICS_LISTEN": "off",
            "PATH": "/usr/bin:/bin"}
     service = subprocess.Popen([sys.executable, str(REPO / "sysmail.py"), "serve"], env=env,
                                stderr=subprocess.PIPE, text=True)

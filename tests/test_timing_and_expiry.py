@@ -44,7 +44,7 @@ GATE_SECONDS = 30.0  # a blocked store call gives up after this, so a failing te
 def service_env(folder: Path, **extra: str) -> dict[str, str]:
     """A service on a free loopback port, no relay (outbox mode), files in folder."""
     return {
-        "SYSMAIL_LISTEN": "127.0.0.1:0",
+        "SYSMAIL_LISTEN": "127.0.0.1:0", "SYSMAIL_METRICS_LISTEN": "127.0.0.1:0",
         "SYSTEM_DOMAIN": "example.com",
         "SYSMAIL_SPOOL": str(folder / "spool"),
         "SYSMAIL_OUTBOX": str(folder / "outbox"),

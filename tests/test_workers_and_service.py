@@ -441,7 +441,7 @@ def notify_abstract() -> Iterator[NotifySocket]:
 
 
 def _serve_env(smtp_url: str, tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
-    return _env(smtp_url, tmp_path / "spool", SYSMAIL_LISTEN=f"127.0.0.1:{port}",
+    return _env(smtp_url, tmp_path / "spool", SYSMAIL_LISTEN=f"127.0.0.1:{port}", SYSMAIL_METRICS_LISTEN="off",
                 SYSMAIL_DB=str(tmp_path / "sysmail.db"), **extra)
 
 
