@@ -57,6 +57,7 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import stat
 import string
 import subprocess
 import sys
@@ -228,6 +229,15 @@ def _has_control_chars(value: str) -> bool:
     """True when a value holds CR, LF or NUL, which would let it forge headers."""
     return "\r" in value or "\n" in value or "\0" in value
 
+
+
+def _is_text(value: str) -> bool:
+    """True unless the string holds lone surrogates (invalid UTF-8 from a command line)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _unsafe_in_header(value: str) -> bool:
@@ -471,6 +481,7 @@ class Config:
     reset_client_limit: tuple[int, float] = (10, 60.0)
     redis_url: str = field(default="", repr=False)
     queue_secret: str = field(default="", repr=False)
+    dead_letter_days: float = 14.0
     systemd: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -580,7 +591,7 @@ class _EnvValues:
         self.problems.append(f"{name} must be 1 or 0")
         return default
 
-    def _positive(self, name: str, default: float) -> float:
+    def _positive(self, name: str, default: float, unit: str = "seconds") -> float:
         value = self.env.get(name, "").strip()
         if not value:
             return default
@@ -589,7 +600,7 @@ class _EnvValues:
         except ValueError:
             number = -1.0
         if number <= 0:
-            self.problems.append(f"{name} must be a positive number of seconds")
+            self.problems.append(f"{name} must be a positive number of {unit}")
             return default
         return number
 
@@ -665,6 +676,8 @@ class _EnvReader(_EnvValues):
                                           DEFAULTS.reset_client_limit),
             redis_url=self._redis_url(),
             queue_secret=self._queue_secret(),
+            dead_letter_days=self._positive("SYSMAIL_DEAD_LETTER_DAYS",
+                                            DEFAULTS.dead_letter_days, "days"),
             systemd={k: v for k, v in self.env.items() if k in SYSTEMD_VARIABLES},
         )
         if smtp and not config.signing and not config.allow_unsigned:
@@ -799,6 +812,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SYSMAIL_SMTP_CONNECTIONS", "smtp_connections", "SMTP connections a sender uses at once"),
     ("SYSMAIL_SPOOL", "spool_dir", "the spool folder"),
     ("SYSMAIL_OUTBOX", "outbox_dir", "where .eml files go without SMTP_URL"),
+    ("SYSMAIL_DEAD_LETTER_DAYS", "dead_letter_days", "how long dead letters are kept"),
     ("SYSMAIL_TEMPLATES", "", "folder of NAME.subject / NAME.txt / NAME.html overrides"),
     ("SYSMAIL_ALLOW_UNSIGNED", "allow_unsigned", "1 allows a real relay without a DKIM key"),
     ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
@@ -1031,6 +1045,8 @@ URGENT, BULK = 0, 1
 PRIORITY_NAMES = {URGENT: "urgent", BULK: "bulk"}
 DAY_SECONDS = 86400
 ADHOC_TTL_SECONDS = 3 * DAY_SECONDS
+MAX_LINE_CHARS = 998
+MAX_RECIPIENTS = 50
 
 _HTML_LAYOUT = """<!DOCTYPE html>
 <html lang="en">
@@ -1088,6 +1104,7 @@ class Template:
     priority: int = URGENT
     ttl_seconds: int = DAY_SECONDS
     ttl_minutes_var: str = ""
+    secrets: tuple[str, ...] = ()  # variables that work as a credential: never kept after use
 
     @property
     def variables(self) -> tuple[str, ...]:
@@ -1119,6 +1136,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
         samples={"reset_url": "https://dashboard.example.com/reset-password?token=SAMPLE",
                  "name": "Ada"},
         ttl_minutes_var="expires_minutes",
+        secrets=("reset_url",),
     ),
     Template(
         name="email-verification",
@@ -1134,6 +1152,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
         defaults={"name": "there"},
         samples={"verify_url": "https://dashboard.example.com/verify?token=SAMPLE", "name": "Ada"},
         ttl_seconds=DAY_SECONDS,
+        secrets=("verify_url",),
     ),
     Template(
         name="two-factor-code",
@@ -1149,6 +1168,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
         defaults={"expires_minutes": "10"},
         samples={"code": "482913"},
         ttl_minutes_var="expires_minutes",
+        secrets=("code",),
     ),
     Template(
         name="security-alert",
@@ -1277,6 +1297,8 @@ def _template_values(template: Template, variables: Mapping[str, object]) -> dic
 
 
 def _check_value(template: str, key: str, value: str) -> None:
+    if not _is_text(value):
+        raise MessageError(f"variable {key!r} of {template} is not valid UTF-8 text")
     if "\0" in value:
         raise MessageError(f"variable {key!r} of {template} contains a NUL character")
     if key.endswith("_url") and value and not _is_web_url(value):
@@ -1383,6 +1405,9 @@ def build_message(config: Config, to: list[str], rendered: Rendered, message_id:
     else:
         body = _mime_part("plain", rendered.text)
     head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    if max(map(len, head.split("\r\n"))) > MAX_LINE_CHARS:  # RFC 5322 2.1.1; a word too
+        raise MessageError(f"a header line would be longer than {MAX_LINE_CHARS} characters "
+                           "(a subject word too long to fold?)")
     return (head + body).encode("ascii")
 
 
@@ -1397,7 +1422,7 @@ def _encoded_header(name: str, value: str) -> str:
 def _mime_part(subtype: str, text: str) -> str:
     """Content headers, a blank line and the body: 7bit when it can be, else quoted-printable."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if text.isascii() and all(len(line) <= 998 for line in text.split("\n")):
+    if text.isascii() and all(len(line) <= MAX_LINE_CHARS for line in text.split("\n")):
         encoding, body = "7bit", text
     else:
         encoding = "quoted-printable"
@@ -1582,6 +1607,7 @@ SPOOL_FORMAT = b"sysmail-spool/2 "  # then the entry's MAC in hex, a space, the 
 TMP_MAX_AGE_SECONDS = 36 * 3600
 SPOOL_MIN_FREE_BYTES = 1024 * 1024
 SPOOL_DIR_MODE = 0o700
+SPOOL_FOLDERS = ("tmp", "new", "cur", "failed", "wake", "idempotency")
 SPOOL_FILE_MODE = 0o600
 _WAKE_PREFIX = "\0sysmail-wake-"
 
@@ -1780,7 +1806,7 @@ class Spool:
         self._index = index or _DueIndex()
         self._wakeups = wakeups or _Wakeups(self.root / "wake")
         try:
-            for sub in ("", "tmp", "new", "cur", "failed", "wake"):
+            for sub in ("", *SPOOL_FOLDERS):
                 _make_private_dir(self.root / sub)
         except OSError:
             pass  # an unwritable spool fails at enqueue, where a fallback can take over
@@ -1819,6 +1845,20 @@ class Spool:
             _unlink_quietly(tmp)  # nothing half-done stays behind
             raise
         _fsync_dir(f"{root}/new")  # the new name survives a power loss
+
+    def check_private(self) -> None:
+        """ConfigError when others could tamper with the spool: a folder writable by other
+        users, or a subfolder that is a symbolic link (it could lead anywhere)."""
+        try:
+            if os.stat(self.root).st_mode & 0o022:
+                raise ConfigError([(f"the spool {self.root} is writable by other users "
+                                    f"(chmod 700 {self.root})")])
+        except FileNotFoundError:
+            return
+        links = [sub for sub in SPOOL_FOLDERS if os.path.islink(self.root / sub)]
+        if links:
+            raise ConfigError([(f"the spool folder {self.root / links[0]} is a symbolic link; "
+                                "a spool keeps its folders inside it")])
 
     def writable(self) -> bool:
         """True when tmp/ and new/ are writable folders on a file system with room left.
@@ -1868,7 +1908,7 @@ class Spool:
     def read(self, claim: Claim) -> SpooledMessage:
         """Read a claimed message; raise SpoolError when the file is not a spool entry."""
         try:
-            raw = claim.path.read_bytes() if claim.path else b""
+            raw = _read_regular(claim.path) if claim.path else b""
         except OSError as exc:
             raise SpoolError(f"spool entry {claim.name.id} is unreadable") from exc
         return _parse_entry(raw, claim.name, self._mac_key)
@@ -1931,16 +1971,26 @@ class Spool:
 
     def clean_tmp(self) -> int:
         """Remove tmp/ files older than 36 hours (left by crashed writers); return the count."""
-        limit, removed = self.clock() - TMP_MAX_AGE_SECONDS, 0
-        for entry in _scan(self.root / "tmp"):
-            path = self.root / "tmp" / entry
-            try:
-                if path.stat().st_mtime < limit:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
+        old = self._older_than(self.root / "tmp", TMP_MAX_AGE_SECONDS)
+        for entry in old:
+            _unlink_quietly(self.root / "tmp" / entry)
+        return len(old)
+
+    def clean_failed(self, max_age: float) -> int:
+        """Remove dead letters that failed more than max_age seconds ago; return the count."""
+        reasons = self._older_than(self.root / "failed", max_age)
+        for reason in (entry for entry in reasons if entry.endswith(".json")):
+            _unlink_quietly(self.root / "failed" / reason.removesuffix(".json"))
+            _unlink_quietly(self.root / "failed" / reason)
+        return sum(entry.endswith(".json") for entry in reasons)
+
+    def _older_than(self, folder: Path, max_age: float) -> list[str]:
+        limit, old = self.clock() - max_age, []
+        for entry in _scan(folder):
+            with contextlib.suppress(FileNotFoundError):
+                if (folder / entry).stat().st_mtime < limit:
+                    old.append(entry)
+        return old
 
     # -- dead letters -- #
 
@@ -1956,7 +2006,7 @@ class Spool:
 
     def _reason(self, entry: str) -> dict:
         try:
-            return json.loads((self.root / "failed" / f"{entry}.json").read_bytes())
+            return json.loads(_read_regular(self.root / "failed" / f"{entry}.json"))
         except (OSError, ValueError):
             return {"reason": "unknown"}
 
@@ -1967,6 +2017,8 @@ class Spool:
             name = _parse_name(entry)
             if name is None or entry.endswith(".json") or (ids is not None and name.id not in ids):
                 continue
+            if self._reason(entry).get("redacted"):
+                continue  # its link or code is gone: the user asks again instead
             fresh = str(dataclasses.replace(name, due_ms=int(self.clock() * 1000), attempt=0))
             os.rename(self.root / "failed" / entry, self.root / "new" / fresh)
             _fsync_dir(self.root / "new")
@@ -2150,6 +2202,26 @@ def _make_private_dir(path: Path) -> None:
     path.mkdir(mode=SPOOL_DIR_MODE, parents=True, exist_ok=True)
 
 
+def _read_regular(path: Path | str) -> bytes:
+    """A regular file's bytes; OSError for anything else (a FIFO, a socket or a device that
+    someone put in the spool must never block the sender)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
+def _create_private(path: Path | str) -> None:
+    """Create an empty file readable by its owner only, whatever the umask (if it is new)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE))
+        os.chmod(path, SPOOL_FILE_MODE)  # the mode given to open() is masked by the umask
+
+
 def _write_all(fd: int, payload: bytes) -> None:
     view = memoryview(payload)
     while view:
@@ -2331,10 +2403,11 @@ class RedisQueue:
     """
 
     def __init__(self, url: str, clock: Clock = time.time, prefix: str = REDIS_PREFIX, *,
-                 key: bytes = UNKEYED_QUEUE_KEY):
+                 key: bytes = UNKEYED_QUEUE_KEY, dead_letter_seconds: float = 14 * DAY_SECONDS):
         import redis
 
         self.clock = clock
+        self.dead_letter_seconds = dead_letter_seconds
         self._mac_key = key
         self.prefix = prefix
         self._errors = (redis.exceptions.RedisError, OSError)
@@ -2425,6 +2498,7 @@ class RedisQueue:
                       json.dumps({**reason, "failed_at": self.clock()}))
             pipe.zrem(self._key("claimed"), claim.name.id)
             pipe.zadd(self._key("failed"), {claim.name.id: self.clock()})
+            pipe.expire(self._key("msg", claim.name.id), int(self.dead_letter_seconds))
             pipe.execute()
         self._call(bury)
 
@@ -2439,6 +2513,7 @@ class RedisQueue:
                 "priority": message.priority, "attempt": message.attempt,
                 "reason": json.dumps({**reason, "failed_at": self.clock()})})
             pipe.zadd(self._key("failed"), {ident: self.clock()})
+            pipe.expire(self._key("msg", ident), int(self.dead_letter_seconds))
             pipe.execute()
         self._call(bury)
 
@@ -2446,6 +2521,7 @@ class RedisQueue:
 
     def recover(self) -> int:
         """Return claims past their lease, or held by a dead process of this host; return count."""
+        self._forget_expired_dead_letters()
         now = self.clock()
         claimed = self._call(lambda: self._redis.zrange(self._key("claimed"), 0, 999,
                                                         withscores=True))
@@ -2461,7 +2537,8 @@ class RedisQueue:
         return taken
 
     def failed(self) -> list[dict]:
-        """The dead letters with their reasons, oldest first."""
+        """The dead letters with their reasons, oldest first (expired ones forgotten)."""
+        self._forget_expired_dead_letters()
         ids = self._call(lambda: self._redis.zrange(self._key("failed"), 0, -1))
         letters = []
         for ident in ids:
@@ -2470,12 +2547,17 @@ class RedisQueue:
             letters.append({"id": ident.decode(), **json.loads(raw or b"{}"), "queue": "redis"})
         return letters
 
+    def _forget_expired_dead_letters(self) -> None:
+        """Dead letters expire with their message hash; drop their ids from the list too."""
+        limit = self.clock() - self.dead_letter_seconds
+        self._call(lambda: self._redis.zremrangebyscore(self._key("failed"), "-inf", limit))
+
     def retry(self, ids: list[str] | None = None) -> list[str]:
         """Put dead letters (all when ids is None) back in their queue, due now."""
         moved = []
-        for raw in self._call(lambda: self._redis.zrange(self._key("failed"), 0, -1)):
-            ident = raw.decode()
-            if ids is not None and ident not in ids:
+        for letter in self.failed():
+            ident = letter["id"]
+            if (ids is not None and ident not in ids) or letter.get("redacted"):
                 continue
             priority = self._call(lambda i=ident: self._redis.hget(self._key("msg", i),
                                                                    "priority")) or b"1"
@@ -2563,6 +2645,8 @@ class Enqueuer:
     def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
                         priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
         """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+        if not all(isinstance(v, str) and _is_text(v) for v in (subject, text, html)):
+            raise MessageError("the subject, text and HTML must be valid UTF-8 text")
         if _unsafe_in_header(subject) or "\0" in text + html:
             raise MessageError("the subject contains a line break or a control character")
         if not subject.strip() or not text.strip():
@@ -2571,9 +2655,11 @@ class Enqueuer:
 
     def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
                ttl: int) -> str:
+        if not isinstance(to, str | list | tuple):
+            raise MessageError("to must be an address or a list of addresses")
         rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
-        if not rcpts:
-            raise MessageError("a message needs at least one recipient")
+        if not 0 < len(rcpts) <= MAX_RECIPIENTS:
+            raise MessageError(f"a message needs 1 to {MAX_RECIPIENTS} recipients")
         now = self.clock()
         message_id = make_message_id(self.config.domain, now)
         data = build_message(self.config, rcpts, rendered, message_id, now)
@@ -2657,6 +2743,9 @@ class Transport(Protocol):
 
     def abort(self) -> None:
         """Give up the open transaction without sending its content."""
+
+    def interrupt(self) -> None:
+        """From another thread: cut the connection, so a call waiting on the relay ends."""
 
     def probe(self) -> list[str]:
         """Connect and log in without sending; return what was checked."""
@@ -2781,6 +2870,13 @@ class SmtpTransport:
         """Give up the transaction begin() opened: only dropping the connection cancels DATA."""
         self._envelope = None
         self._abort()
+
+    def interrupt(self) -> None:
+        """Shut the socket down from another thread: a blocked read returns at once."""
+        sock = getattr(self._smtp, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _negotiate(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
         smtp = self._smtp
@@ -2962,6 +3058,9 @@ class OutboxTransport:
     def abort(self) -> None:
         """Nothing was written."""
 
+    def interrupt(self) -> None:
+        """Nothing waits on a folder."""
+
     def probe(self) -> list[str]:
         """Check the outbox can be written."""
         self.open()
@@ -2991,6 +3090,7 @@ def transport_from_config(config: Config) -> Transport:
 # ---- Sender ---- #
 
 SENDER_IDLE_POLL_SECONDS = 1.0
+STOP_GRACE_SECONDS = 3.0
 RECIPIENT_LIMIT = "recipient limit"
 SENDER_BATCH_SIZE = 50
 LAST_SENT_RESOLUTION_SECONDS = 1.0
@@ -3275,6 +3375,10 @@ class _Settler:
                       to=list(verdict.rcpts), attempt=attempt,
                       next_try=_iso_time(due), code=reason.get("code"),
                       reason=f"{reason.get('code')} {reason.get('reply')}")
+        elif message is not None and _carries_secret(message):
+            claim.queue.add_failed(_redacted(message), verdict.rcpts, {**reason, "redacted": True})
+            if whole:
+                claim.queue.ack(claim)
         elif whole:
             claim.queue.fail(claim, reason)
         else:
@@ -3314,9 +3418,10 @@ class Sender:
                  fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
                  connections: int = 1,
                  transport_factory: Callable[[], Transport] | None = None,
-                 sender_address: str = ""):
+                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS):
         self.spool = spool
         self.sender_address = sender_address
+        self.dead_letter_seconds = dead_letter_seconds
         self.fallback = fallback
         self.queues: tuple[Queue, ...] = (spool, fallback) if fallback else (spool,)
         self.on_cycle = on_cycle
@@ -3340,6 +3445,12 @@ class Sender:
     def close(self) -> None:
         """Close every SMTP connection and the connection threads."""
         self._connections.close()
+
+    def interrupt(self) -> None:
+        """Cut every connection from another thread: a transaction waiting on a stalled relay
+        ends at once, and its message is released (sent again later, at most once)."""
+        for transport in self._connections.all:
+            transport.interrupt()
 
     def wake(self) -> None:
         """Make a waiting run() look at the spool now."""
@@ -3380,6 +3491,7 @@ class Sender:
                 self._last_clean = now
                 with contextlib.suppress(SpoolError):  # a broken spool: Redis may still serve
                     self.spool.clean_tmp()
+                    self.spool.clean_failed(self.dead_letter_seconds)
             self.run_once()
         except Exception:  # noqa: BLE001 - the thread must survive anything: log, slow down
             _log.exception("sender_error", extra={"fields": {}})
@@ -3523,6 +3635,29 @@ class Sender:
         except DeliveryError as exc:
             return exc
 
+def _carries_secret(message: SpooledMessage) -> bool:
+    """True for a message of a template whose variables work as credentials (a reset link,
+    a verification link, a sign-in code)."""
+    template = TEMPLATES.get(message.template)
+    return template is not None and bool(template.secrets)
+
+
+def _redacted(message: SpooledMessage) -> SpooledMessage:
+    """The message as a dead letter keeps it: who, when and which, and neither subject nor
+    body (they hold the link or code, which works until it expires)."""
+    head = message.data.partition(b"\r\n\r\n")[0]
+    kept = [field for field in re.split(rb"\r\n(?![ \t])", head)
+            if field.split(b":", 1)[0].lower() in _REDACTED_KEEPS]
+    note = (f"Subject: [redacted {message.template} mail]\r\n"
+            "Content-Type: text/plain; charset=\"us-ascii\"\r\n\r\n"
+            "sysmail removed the subject and body of this dead letter: they carried a one-time "
+            "link or code. The recipient can ask for a new one.\r\n").encode()
+    return dataclasses.replace(message, data=b"\r\n".join(kept) + b"\r\n" + note)
+
+
+_REDACTED_KEEPS = {b"from", b"to", b"date", b"message-id", b"reply-to", b"mime-version"}
+
+
 def _refusal_kind(code: int | None, served: bool) -> str:
     """permanent (5xx), limit (452 for some while others were accepted: RFC 5321 4.5.3.1.10
     asks the client to send those in a new transaction), or temporary."""
@@ -3556,12 +3691,17 @@ class SenderThread:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current SMTP transaction; queued mail stays queued."""
+        """Stop after the current SMTP transaction; one that a stalled relay holds longer than
+        STOP_GRACE_SECONDS is cut, and its message stays queued."""
         if self._thread is None or self.sender is None:
             return
         self._stop.set()
         self.sender.wake()
-        self._thread.join(timeout)
+        self._thread.join(min(timeout, STOP_GRACE_SECONDS))
+        if self._thread.is_alive():
+            log_event(logging.WARNING, "stop_interrupts_relay", grace=STOP_GRACE_SECONDS)
+            self.sender.interrupt()
+            self._thread.join(timeout)
         self._thread = self.sender = None
 
 
@@ -3759,6 +3899,7 @@ class SqliteStore:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
+            _create_private(self.path)  # SQLite gives its -wal and -shm files the same mode
             db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
                                  isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
@@ -3781,7 +3922,7 @@ class SqliteStore:
                 raise
             db.execute("COMMIT")
             return result
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._local.db = None
             raise StoreError(f"the token store is unavailable ({exc.__class__.__name__})") from exc
 
@@ -3883,6 +4024,7 @@ MAX_CONNECTIONS = 128
 IDEMPOTENCY_SECONDS = 24 * 3600
 IDEMPOTENCY_TAKEN_SECONDS = 3 * REQUEST_DEADLINE_SECONDS  # longer than any request may take
 FORGOT_QUEUE_SIZE = 10_000
+FORGOT_TICK_SECONDS = 0.5
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _PAGE_HEADERS = {**_JSON_HEADERS, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
                  "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
@@ -4042,7 +4184,7 @@ class IdempotencyKeys:
         for _ in range(50):  # a concurrent first request may still be writing the id
             try:
                 age = self.clock() - path.stat().st_mtime
-                text = path.read_text()
+                text = _read_regular(path).decode("utf-8", "replace")
             except FileNotFoundError:
                 return self.remember(key, make_id)
             if age > IDEMPOTENCY_SECONDS or (not text and age > IDEMPOTENCY_TAKEN_SECONDS):
@@ -4359,7 +4501,8 @@ def _form_fields(body: bytes) -> dict[str, str]:
 
 
 def _is_recipients(value: object) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and 0 < len(value) <= 50
+    return isinstance(value, str) or (isinstance(value, list)
+                                      and 0 < len(value) <= MAX_RECIPIENTS
                                       and all(isinstance(v, str) for v in value))
 
 
@@ -4676,7 +4819,8 @@ class App:
         """The Redis fallback queue, when REDIS_URL is set."""
         if not self.config.redis_url:
             return None
-        return RedisQueue(self.config.redis_url, self.clock, key=self.config.queue_key)
+        return RedisQueue(self.config.redis_url, self.clock, key=self.config.queue_key,
+                          dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS)
 
     @property
     def queues(self) -> tuple[Queue, ...]:
@@ -4699,6 +4843,7 @@ class App:
 
     def sender(self) -> Sender:
         """A new Sender draining the queues through the relay, with the startup warnings."""
+        self.spool.check_private()
         transport = self.transport()
         if isinstance(transport, OutboxTransport):
             log_event(logging.WARNING, "outbox_mode", outbox=str(transport.folder),
@@ -4712,7 +4857,8 @@ class App:
                       "under a fixed key: set SYSMAIL_QUEUE_KEY (or a DKIM key)")
         return Sender(self.spool, transport, self.signer, clock=self.clock, metrics=self.metrics,
                       fallback=self.fallback, connections=self.config.smtp_connections,
-                      transport_factory=self.transport, sender_address=self.config.from_addr)
+                      transport_factory=self.transport, sender_address=self.config.from_addr,
+                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS)
 
     @functools.cached_property
     def sending(self) -> SenderThread:
@@ -4768,6 +4914,7 @@ class App:
 
     def start(self) -> None:
         """Recover the spool, bind, publish the public URL, then start the threads."""
+        self.spool.check_private()
         with contextlib.suppress(SpoolError):  # a broken spool: the Redis fallback serves
             self.spool.recover()
         self.server = self._bind(self.config.listen, self.api.routes)
@@ -4815,7 +4962,9 @@ class App:
 
 class ForgotWorker:
     """Serves forgot-password requests off the request path: the answer is the same, and as
-    fast, for every address; the lookup, the token and the enqueue happen here."""
+    fast, for every address; the lookup, the token and the enqueue happen here, in batches on
+    a fixed cadence (FORGOT_TICK_SECONDS): the work a known address causes then falls at a
+    moment that has nothing to do with its request, and slows no request that follows it."""
 
     def __init__(self, config: Config, store: TokenStore, enqueuer: Enqueuer,
                  link_base: Callable[[], str], clock: Clock = time.time):
@@ -4824,7 +4973,8 @@ class ForgotWorker:
         self.enqueuer = enqueuer
         self.link_base = link_base
         self.clock = clock
-        self._requests: queue.Queue[tuple[str, str] | None] = queue.Queue(FORGOT_QUEUE_SIZE)
+        self._requests: queue.Queue[tuple[str, str]] = queue.Queue(FORGOT_QUEUE_SIZE)
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def submit(self, email: str, client: str) -> None:
@@ -4851,18 +5001,30 @@ class ForgotWorker:
 
     def start(self) -> None:
         """Start the worker thread."""
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._work, name="sysmail-forgot", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the queued requests, then stop the worker."""
         if self._thread is not None:
-            self._requests.put(None)
+            self._stopping.set()
             self._thread.join(timeout)
             self._thread = None
 
     def _work(self) -> None:
-        while (item := self._requests.get()) is not None:
+        while not self._stopping.is_set():
+            self._stopping.wait(FORGOT_TICK_SECONDS - time.monotonic() % FORGOT_TICK_SECONDS)
+            self._work_off()
+        self._work_off()
+
+    def _work_off(self) -> None:
+        """Serve every request waiting now."""
+        while True:
+            try:
+                item = self._requests.get_nowait()
+            except queue.Empty:
+                return
             try:
                 self.process(*item)
             except SysmailError as exc:
@@ -5063,8 +5225,8 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     if not args.once:
         _block_stop_signals()
     app = build_app(config)
-    sender = app.sender()
     if args.once:
+        sender = app.sender()
         with contextlib.suppress(SpoolError):
             sender.spool.clean_tmp()
         counts = sender.run_once()
@@ -5074,21 +5236,16 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise RelayUnavailable(f"the relay could not be reached; {counts.released} "
                                    "message(s) stay queued")
         return EX_OK
-    notifier = app.notifier
+    app.spool.check_private()  # before READY: a refused spool is exit 78, not a dead thread
     with contextlib.suppress(SpoolError):
-        sender.spool.recover()
-    sender.on_cycle = notifier.heartbeat
-    stop = threading.Event()
-    thread = threading.Thread(target=sender.run, args=(stop,), name="sysmail-sender")
-    thread.start()
-    notifier.ready()
+        app.spool.recover()
+    app.sending.start(on_cycle=app.notifier.heartbeat)
+    app.notifier.ready()
     try:
         _wait_for_stop_signal()
     finally:
-        notifier.stopping()
-        stop.set()
-        sender.wake()
-        thread.join()
+        app.notifier.stopping()
+        app.sending.stop(timeout=STOP_GRACE_SECONDS + 60)
     return EX_OK
 
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from conftest import FakeClock, RedisServer, SmtpServer, SmtpSink
+from conftest import REPO, FakeClock, RedisServer, RsaKey, SmtpServer, SmtpSink, dkim_dns, run_cli
 
 import sysmail
 
@@ -286,7 +290,6 @@ def test_a_key_that_cannot_be_kept_is_released_not_wedged(
         "REDIS_URL": redis_server.url, "SYSMAIL_API_KEY": API_KEY})
     app = sysmail.build_app(config, store=sysmail.MemoryStore())
     assert app.spool.writable()  # its folders exist before the disk fills
-    (small_disk / "spool" / "idempotency").mkdir()
     filler = fill(small_disk)
     replies = [app.api.handle(send_request("order-42"))]  # opens Redis and the wake-up socket
     before = open_fds()
@@ -317,3 +320,228 @@ def test_a_key_taken_by_a_request_that_died_is_taken_over(tmp_path: Path) -> Non
     clock.advance(31)
     assert keys.remember("order-7", lambda: "<new@example.com>") == ("<new@example.com>", True)
     assert keys.remember("order-7", lambda: "<other@example.com>") == ("<new@example.com>", False)
+
+
+# --------------------------------------------------------------------------- live credentials
+
+RESET_LINK = "https://dashboard.example.com/reset-password?token=" + "S3cr3tT0ken" * 4
+
+
+def every_byte(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_rejected_reset_mail_leaves_no_working_link_behind(
+        smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """A reset mail refused with 550 becomes a dead letter that keeps enough to diagnose (who,
+    which template, the relay's reply) and not the link; it cannot be retried into a mail
+    without its link, and it is removed once its retention has passed."""
+    clock = FakeClock(time.time())
+    mailer, sender = rig(tmp_path / "spool", smtp_server, clock)
+    smtp_server.sink.refuse_rcpt({"ada@example.org": "550 5.1.1 no such user"})
+    mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_LINK)
+    mailer.enqueue("two-factor-code", to="ada@example.org", code="913377")
+    try:
+        sender.run_once()
+    finally:
+        sender.close()
+    spool = tmp_path / "spool"
+    assert b"S3cr3tT0ken" not in every_byte(spool) and b"913377" not in every_byte(spool)
+    letters = mailer.spool.failed()
+    assert sorted((d["template"], d["code"], d["redacted"]) for d in letters) == [
+        ("password-reset", 550, True), ("two-factor-code", 550, True)]
+    assert mailer.spool.retry() == []
+    clock.advance(15 * 86400)
+    assert mailer.spool.clean_failed(14 * 86400) == 2
+    assert mailer.spool.failed() == []
+
+
+def test_redis_dead_letters_are_redacted_and_expire(
+        redis_server: RedisServer, smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """In Redis too: no link in the dead letter, and the dead letter has an expiry."""
+    spool = tmp_path / "spool"
+    spool.write_bytes(b"not a folder\n")  # the spool cannot be written: Redis takes the mail
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": smtp_server.url, "SYSMAIL_ALLOW_UNSIGNED": "1",
+        "SYSMAIL_SPOOL": str(spool), "REDIS_URL": redis_server.url,
+        "SYSMAIL_DEAD_LETTER_DAYS": "2"})
+    app = sysmail.build_app(config)
+    smtp_server.sink.refuse_rcpt({"ada@example.org": "550 5.1.1 no such user"})
+    app.enqueuer.enqueue_template("password-reset", "ada@example.org",
+                                  {"reset_url": RESET_LINK})
+    sender = app.sender()
+    try:
+        sender.run_once()
+    finally:
+        sender.close()
+    client = redis.Redis.from_url(redis_server.url)
+    keys = client.keys("sysmail:msg:*")
+    assert keys and all(b"S3cr3tT0ken" not in b"".join(client.hvals(k)) for k in keys)
+    assert all(0 < client.ttl(k) <= 2 * 86400 for k in keys)
+    assert [d["redacted"] for d in app.fallback.failed()] == [True]
+
+
+# --------------------------------------------------------------------------- smaller promises
+
+def long_values(template: sysmail.Template) -> dict[str, str]:
+    """Each variable at a length a careless caller might send: URLs of 1,500 characters,
+    texts of 300 words, one 1,200-character word in every text."""
+    values = {}
+    for name in template.variables:
+        if name.endswith("_url"):
+            values[name] = "https://dashboard.example.com/" + "a" * 1500
+        elif name in ("code", "expires_minutes"):
+            values[name] = template.samples.get(name) or template.defaults[name]
+        else:
+            values[name] = " ".join(["word"] * 300) + " " + "x" * 1200
+    return values
+
+
+@pytest.mark.parametrize("name", sorted(sysmail.TEMPLATES))
+def test_no_header_line_is_longer_than_998_characters(
+        name: str, smtp_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey) -> None:
+    """Each template with its longest variables either is refused at enqueue (MessageError,
+    so exit 65 or 400) or reaches the relay with every line within 998 characters and a DKIM
+    signature that verifies."""
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": smtp_server.url, "SYSMAIL_SPOOL": str(tmp_path),
+        "SYSTEM_DKIM_PRIVATE_KEY": rsa_key.pem})
+    app = sysmail.build_app(config)
+    try:
+        app.enqueuer.enqueue_template(name, "ada@example.org", long_values(
+            sysmail.TEMPLATES[name]))
+    except sysmail.MessageError as refused:
+        assert "998" in str(refused)
+        return
+    sender = app.sender()
+    try:
+        sender.run_once()
+    finally:
+        sender.close()
+    (received,) = smtp_server.messages
+    assert max(len(line) for line in received.data.split(b"\r\n")) <= 998
+    assert dkim.verify(received.data, dnsfunc=dkim_dns({
+        f"default._domainkey.{DOMAIN}": rsa_key.dns_record}))
+
+
+def test_a_subject_word_too_long_to_fold_is_refused(tmp_path: Path) -> None:
+    mailer = sysmail.Mailer(sysmail.Config.from_env({"SYSMAIL_SPOOL": str(tmp_path)}))
+    with pytest.raises(sysmail.MessageError, match="998"):
+        mailer.enqueue_message("ada@example.org", "x" * 1200, "text")
+    assert os.listdir(tmp_path / "new") == [] and os.listdir(tmp_path / "tmp") == []
+
+
+def test_recipients_are_capped_for_the_cli_and_mailer_like_http(tmp_path: Path) -> None:
+    env = {"SYSMAIL_SPOOL": str(tmp_path / "spool")}
+    mailer = sysmail.Mailer(sysmail.Config.from_env(env))
+    many = [f"user{i}@example.org" for i in range(51)]
+    with pytest.raises(sysmail.MessageError, match="1 to 50 recipients"):
+        mailer.enqueue_message(many, "Hello", "Text.")
+    assert mailer.enqueue_message(many[:50], "Hello", "Text.")
+    result = run_cli(["send", *[f"--to={a}" for a in many], "--subject", "S", "--text", "T"],
+                     env)
+    assert result.returncode == 65 and "Traceback" not in result.stderr
+
+
+def test_bad_text_from_the_command_line_or_mailer_is_a_data_error(tmp_path: Path) -> None:
+    env = {"SYSMAIL_SPOOL": str(tmp_path / "spool")}
+    mailer = sysmail.Mailer(sysmail.Config.from_env(env))
+    for bad in ({"to": None, "subject": "S", "text": "T"},
+                {"to": 42, "subject": "S", "text": "T"},
+                {"to": "ada@example.org", "subject": "caf\udce9", "text": "T"},
+                {"to": "ada@example.org", "subject": "S", "text": b"bytes"}):
+        with pytest.raises(sysmail.MessageError):
+            mailer.enqueue_message(**bad)
+    with pytest.raises(sysmail.MessageError):
+        mailer.enqueue("two-factor-code", to="ada@example.org", code="12\udcff34")
+    script = tmp_path / "argv.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                      "import sysmail\nsys.exit(sysmail.main(['send', '--to', "
+                      "'ada@example.org', '--subject', os.fsdecode(b'caf\\xe9'), "
+                      "'--text', 'T']))\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], env={**env, "PATH": "/usr/bin"},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 65, result.stderr
+    assert "Traceback" not in result.stderr and "valid UTF-8" in result.stderr
+
+
+def test_a_fifo_in_the_spool_never_blocks_the_worker(smtp_server: SmtpServer,
+                                                     tmp_path: Path) -> None:
+    """A FIFO (or socket, or device) with an entry's name is set aside as a dead letter;
+    `worker --once` finishes and the real mail goes out."""
+    env = {"SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": smtp_server.url, "SYSMAIL_ALLOW_UNSIGNED": "1",
+           "SYSMAIL_SPOOL": str(tmp_path / "spool")}
+    mailer = sysmail.Mailer(sysmail.Config.from_env(env))
+    os.mkfifo(tmp_path / "spool" / "new" / "0.00000000000001.0.fifo0001")
+    mailer.enqueue_message("ada@example.org", "Hello", "Text.")
+    result = run_cli(["worker", "--once"], env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["ada@example.org"]]
+    assert [d["id"] for d in mailer.spool.failed()] == ["fifo0001"]
+
+
+def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    script = tmp_path / "store.py"
+    script.write_text(
+        f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nos.umask(0)\nimport sysmail\n"
+        "store = sysmail.SqliteStore(sys.argv[1])\nstore.add_user('ada@example.org')\n"
+        "print(sorted(oct(os.stat(p).st_mode & 0o777) for p in "
+        "(sys.argv[1], sys.argv[1] + '-wal', sys.argv[1] + '-shm')))\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "users.db")],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == str(["0o600"] * 3)
+
+
+@pytest.mark.parametrize("flaw", ["writable-by-others", "symlinked-subfolder"])
+def test_a_spool_others_could_tamper_with_is_refused_at_start(flaw: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    sysmail.Spool(spool)
+    if flaw == "writable-by-others":
+        spool.chmod(0o777)
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        os.rmdir(spool / "new")
+        os.symlink(tmp_path / "elsewhere", spool / "new")
+    result = run_cli(["worker"], {"SYSMAIL_SPOOL": str(spool)}, timeout=30)
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("writable by other users" if flaw == "writable-by-others"
+            else "symbolic link") in result.stderr
+
+
+class StallingSink(SmtpSink):
+    """A relay that takes the content and then never answers it."""
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_attempts += 1
+        await asyncio.sleep(120)
+        return "250 OK"
+
+
+def test_sigterm_stops_a_worker_whose_relay_stalls(tmp_path: Path) -> None:
+    """SIGTERM while the relay sits on the final reply: the worker exits within seconds, not
+    after the SMTP timeout, and the message stays queued."""
+    relay = SmtpServer("smtp+plain")
+    relay.sink = StallingSink()
+    relay.start()
+    env = {"SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": relay.url, "SYSMAIL_ALLOW_UNSIGNED": "1",
+           "SYSMAIL_SPOOL": str(tmp_path / "spool"), "SMTP_TIMEOUT_SECONDS": "60",
+           "PATH": "/usr/bin:/bin"}
+    sysmail.Mailer(sysmail.Config.from_env(env)).enqueue_message("ada@example.org", "S", "T")
+    worker = subprocess.Popen([sys.executable, str(REPO / "sysmail.py"), "worker"], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while relay.sink.data_attempts == 0:
+            assert time.monotonic() < deadline, "the content never reached the relay"
+            time.sleep(0.05)
+        started = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=20) == 0
+        assert time.monotonic() - started < 20  # the SMTP timeout is 60 s
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        relay.stop()
+    counts = sysmail.Spool(tmp_path / "spool").counts()
+    assert (counts["new"], counts["cur"], counts["failed"]) == (1, 0, 0)
