@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import concurrent.futures
 import contextlib
 import ctypes
@@ -1743,6 +1744,19 @@ class Queue(Protocol):
 
 
 @dataclass(frozen=True)
+class _Census:
+    """What one spool folder held when it was last read: due times, sorted, and the oldest
+    message's enqueue time."""
+
+    changed_ns: int
+    due_ms: list[int]
+    oldest: float
+
+
+CENSUS_SETTLED_NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
 class Claim:
     """A message this process has claimed: it alone may send it until it settles the claim.
 
@@ -1804,6 +1818,7 @@ class Spool:
         self._counter = 0
         self._lock = threading.Lock()
         self._index = index or _DueIndex()
+        self._censuses: dict[str, _Census] = {}
         self._wakeups = wakeups or _Wakeups(self.root / "wake")
         try:
             for sub in ("", *SPOOL_FOLDERS):
@@ -2031,21 +2046,35 @@ class Spool:
     # -- status -- #
 
     def counts(self) -> dict:
-        """Messages per state (new = due now, deferred = due later), and the oldest one's age."""
+        """Messages per state (new = due now, deferred = due later), and the oldest one's age.
+
+        A folder unchanged for a second is not read again (its census is kept): /metrics then
+        costs the same with 50,000 messages waiting as with 10."""
         now = self.clock()
-        counts = {"new": 0, "deferred": 0, "cur": 0, "failed": 0}
-        oldest: float | None = None
-        for state in ("new", "cur", "failed"):
-            for entry in _scan(self.root / state):
-                name = _parse_name(entry)
-                if name is None or entry.endswith(".json"):
-                    continue
-                key = "deferred" if state == "new" and name.due_ms > now * 1000 else state
-                counts[key] += 1
-                if state != "failed":
-                    oldest = min(oldest or now, _id_time(name.id))
-        counts["oldest_age_seconds"] = round(now - oldest, 3) if oldest else 0
-        return counts
+        new, cur, failed = (self._census(state) for state in ("new", "cur", "failed"))
+        due = bisect.bisect_right(new.due_ms, now * 1000)
+        oldest = min(new.oldest, cur.oldest)
+        return {"new": due, "deferred": len(new.due_ms) - due, "cur": len(cur.due_ms),
+                "failed": len(failed.due_ms),
+                "oldest_age_seconds": round(max(now - oldest, 0), 3) if oldest < math.inf else 0}
+
+    def _census(self, state: str) -> _Census:
+        folder = self.root / state
+        try:
+            changed = os.stat(folder).st_mtime_ns
+        except FileNotFoundError:
+            return _Census(0, [], math.inf)
+        except OSError as exc:
+            raise SpoolError(f"cannot read the spool folder {folder}: {exc.strerror}") from exc
+        kept = self._censuses.get(state)
+        settled = time.time_ns() - changed > CENSUS_SETTLED_NS  # coarse mtimes: wait a second
+        if kept is not None and kept.changed_ns == changed and settled:
+            return kept
+        names = [n for e in _scan(folder) if not e.endswith(".json") and (n := _parse_name(e))]
+        census = _Census(changed, sorted(n.due_ms for n in names),
+                         min((_id_time(n.id) for n in names), default=math.inf))
+        self._censuses[state] = census
+        return census
 
     def mark_sent(self) -> None:
         """Record that a message was just delivered (for status and health checks)."""

@@ -545,3 +545,38 @@ def test_sigterm_stops_a_worker_whose_relay_stalls(tmp_path: Path) -> None:
         relay.stop()
     counts = sysmail.Spool(tmp_path / "spool").counts()
     assert (counts["new"], counts["cur"], counts["failed"]) == (1, 0, 0)
+
+
+COUNT_WITH_AUDIT = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import sysmail
+root = sys.argv[1]
+spool = sysmail.Spool(root)
+for number in range(50_000):  # names only: counting never opens an entry
+    open(f"{root}/new/1.{9999999999999 - number:014d}.0.id{number}", "w").close()
+states = ("new", "deferred", "cur", "failed")
+first = {k: v for k, v in spool.counts().items() if k in states}
+settle = sysmail.CENSUS_SETTLED_NS / 1e9 + 0.1
+time.sleep(settle)  # a precondition, not a proof: the folders' mtimes settle
+listings = []
+sys.addaudithook(lambda event, args: event in ("os.listdir", "os.scandir")
+                 and listings.append(event))
+again = {k: v for k, v in spool.counts().items() if k in states}
+print(first, again, len(listings))
+open(f"{root}/new/0.00000000000001.0.idextra", "w").close()
+time.sleep(settle)
+print(spool.counts()["new"], len(listings))
+"""
+
+
+def test_counting_a_large_settled_queue_reads_no_folder(tmp_path: Path) -> None:
+    """/metrics and status count from a census of each spool folder, read again only when the
+    folder changed: with 50,000 messages waiting, a second count lists no folder at all, and a
+    change is seen once it has settled."""
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_WITH_AUDIT, encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "spool"), str(REPO)],
+                            capture_output=True, text=True, timeout=120, check=True)
+    counts = "{'new': 0, 'deferred': 50000, 'cur': 0, 'failed': 0}"
+    assert result.stdout.splitlines() == [f"{counts} {counts} 0", "1 1"]
