@@ -399,6 +399,8 @@ SMTP_DEFAULT_PORTS = {"smtp": 587, "smtps": 465, "smtp+plain": 25}
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
 UNKEYED_QUEUE_KEY = hashlib.sha256(b"sysmail: no queue key configured").digest()
+# quick at first (a greylisting relay wants a retry within minutes), then every 15 minutes
+DEFAULT_RETRY_SCHEDULE = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 900.0)
 _TRUE_WORDS = {"1", "true", "yes", "on"}
 _FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -483,6 +485,8 @@ class Config:
     redis_url: str = field(default="", repr=False)
     queue_secret: str = field(default="", repr=False)
     dead_letter_days: float = 14.0
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    retry_schedules: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     systemd: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -605,6 +609,22 @@ class _EnvValues:
             return default
         return number
 
+    def _schedule(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        """A retry schedule: comma-separated delays in seconds, or with m or h."""
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        units = {"s": 1, "m": 60, "h": 3600}
+        try:
+            steps = tuple(float(step[:-1]) * units[step[-1]] if step[-1] in units
+                          else float(step) for step in (v.strip() for v in value.split(",")))
+        except (ValueError, IndexError):
+            steps = ()
+        if not steps or not all(0 < step <= 86400 for step in steps):
+            self.problems.append(f"{name} must be delays like 1,2,4,8,15m (each up to 24h)")
+            return default
+        return steps
+
     def _count(self, name: str, default: int, maximum: int) -> int:
         value = self.env.get(name, "").strip()
         if not value:
@@ -679,12 +699,23 @@ class _EnvReader(_EnvValues):
             queue_secret=self._queue_secret(),
             dead_letter_days=self._positive("SYSMAIL_DEAD_LETTER_DAYS",
                                             DEFAULTS.dead_letter_days, "days"),
+            retry_schedule=self._schedule("SYSMAIL_RETRY_SCHEDULE", DEFAULTS.retry_schedule),
+            retry_schedules=self._kind_schedules(),
             systemd={k: v for k, v in self.env.items() if k in SYSTEMD_VARIABLES},
         )
         if smtp and not config.signing and not config.allow_unsigned:
             self.problems.append("SYSTEM_DKIM_PRIVATE_KEY is required with a real SMTP_URL "
                                  "(or set SYSMAIL_ALLOW_UNSIGNED=1 to send unsigned mail)")
         return config
+
+    def _kind_schedules(self) -> dict[str, tuple[float, ...]]:
+        """SYSMAIL_RETRY_SCHEDULE_<KIND> for a kind of mail: PASSWORD_RESET, ADHOC..."""
+        schedules = {}
+        for name in self.env:
+            if name.startswith("SYSMAIL_RETRY_SCHEDULE_"):
+                kind = name.removeprefix("SYSMAIL_RETRY_SCHEDULE_").lower().replace("_", "-")
+                schedules["" if kind == "adhoc" else kind] = self._schedule(name, ())
+        return schedules
 
     def _queue_secret(self) -> str:
         value = self.env.get("SYSMAIL_QUEUE_KEY", "").strip()
@@ -814,6 +845,10 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SYSMAIL_SPOOL", "spool_dir", "the spool folder"),
     ("SYSMAIL_OUTBOX", "outbox_dir", "where .eml files go without SMTP_URL"),
     ("SYSMAIL_DEAD_LETTER_DAYS", "dead_letter_days", "how long dead letters are kept"),
+    ("SYSMAIL_RETRY_SCHEDULE", "retry_schedule", ("delays after each temporary failure; the "
+                                                  "last repeats until the deliver-by time "
+                                                  "(SYSMAIL_RETRY_SCHEDULE_<KIND> for one "
+                                                  "kind)")),
     ("SYSMAIL_TEMPLATES", "", "folder of NAME.subject / NAME.txt / NAME.html overrides"),
     ("SYSMAIL_ALLOW_UNSIGNED", "allow_unsigned", "1 allows a real relay without a DKIM key"),
     ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
@@ -851,6 +886,8 @@ def environment_help() -> str:
 def _shown_default(name: str, value: object) -> str:
     if name == "log_level":
         return logging.getLevelName(value).lower()
+    if name == "retry_schedule":
+        return ",".join(f"{step:g}" for step in value)
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, tuple) and isinstance(value[0], str):
@@ -2054,9 +2091,11 @@ class Spool:
         new, cur, failed = (self._census(state) for state in ("new", "cur", "failed"))
         due = bisect.bisect_right(new.due_ms, now * 1000)
         oldest = min(new.oldest, cur.oldest)
+        retry_in = new.due_ms[due] / 1000 - now if due < len(new.due_ms) else None
         return {"new": due, "deferred": len(new.due_ms) - due, "cur": len(cur.due_ms),
                 "failed": len(failed.due_ms),
-                "oldest_age_seconds": round(max(now - oldest, 0), 3) if oldest < math.inf else 0}
+                "oldest_age_seconds": round(max(now - oldest, 0), 3) if oldest < math.inf else 0,
+                "next_retry_in_seconds": round(retry_in, 3) if retry_in is not None else None}
 
     def _census(self, state: str) -> _Census:
         folder = self.root / state
@@ -3128,17 +3167,21 @@ TMP_CLEAN_INTERVAL_SECONDS = 3600
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """5 attempts with exponential backoff and jitter; relay outages back off as a whole."""
+    """A temporary failure is retried on a schedule (its last step repeats) until the
+    message's deliver-by time; relay outages back off as a whole, costing no attempt."""
 
-    attempts: int = 5
-    base_seconds: float = 1.0
+    schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    per_kind: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     jitter: float = 0.2
     relay_base_seconds: float = 1.0
     relay_cap_seconds: float = 60.0
 
-    def delay(self, attempts_made: int, rand: float) -> float:
-        """Seconds before the next attempt, after attempts_made failed ones (1, 2, 4, 8 s...)."""
-        return self.base_seconds * 2 ** (attempts_made - 1) * (1 + self.jitter * (2 * rand - 1))
+    def delay(self, attempts_made: int, rand: float, kind: str = "") -> float:
+        """Seconds before the next attempt, after attempts_made failed ones (1, 2, 4, 8 s...,
+        then up to 15 minutes by default), for a kind of mail (its template name)."""
+        schedule = self.per_kind.get(kind) or self.schedule
+        step = schedule[min(attempts_made, len(schedule)) - 1]
+        return step * (1 + self.jitter * (2 * rand - 1))
 
     def relay_delay(self, failures: int, rand: float) -> float:
         """Seconds before trying an unreachable relay again, capped."""
@@ -3338,9 +3381,10 @@ class _Settler:
             return Verdict("failed", rcpts, _refusal("rejected", code, reply))
         if kind == "limit":
             return Verdict("deferred", rcpts, _refusal(RECIPIENT_LIMIT, code, reply))
-        if message.attempt + 1 >= self.retry.attempts:
-            return Verdict("failed", rcpts, _refusal("attempts exhausted", code, reply))
-        return Verdict("deferred", rcpts, _refusal("deferred", code, reply))
+        due = self.clock() + self.retry.delay(message.attempt + 1, self.rand(), message.template)
+        if due >= message.expires_at:  # no retry could make it in time: expire with the reply
+            return Verdict("expired", rcpts, _refusal("expired", code, reply))
+        return Verdict("deferred", rcpts, {**_refusal("deferred", code, reply), "due": due})
 
     def apply(self, claim: Claim, message: SpooledMessage | None,
               verdicts: tuple[Verdict, ...], counts: DeliveryCounts,
@@ -3394,7 +3438,7 @@ class _Settler:
         if verdict.action == "deferred":
             split = verdict.reason.get("reason") == RECIPIENT_LIMIT  # a new transaction now
             attempt = message.attempt + (0 if split else 1)
-            due = self.clock() + (0 if split else self.retry.delay(attempt, self.rand()))
+            due = self.clock() if split else verdict.reason["due"]
             if whole:
                 claim.queue.defer(claim, due)
             else:
@@ -4884,7 +4928,13 @@ class App:
         if self.fallback and self.config.queue_key == UNKEYED_QUEUE_KEY:
             log_event(logging.WARNING, "queue_key_unset", note="Redis entries are authenticated "
                       "under a fixed key: set SYSMAIL_QUEUE_KEY (or a DKIM key)")
+        unknown = sorted(set(self.config.retry_schedules) - set(TEMPLATES) - {""})
+        if unknown:
+            variable = "SYSMAIL_RETRY_SCHEDULE_" + unknown[0].upper().replace("-", "_")
+            raise ConfigError([f"{variable} names no kind of mail (a template, or ADHOC)"])
+        retry = RetryPolicy(self.config.retry_schedule, self.config.retry_schedules)
         return Sender(self.spool, transport, self.signer, clock=self.clock, metrics=self.metrics,
+                      retry=retry,
                       fallback=self.fallback, connections=self.config.smtp_connections,
                       transport_factory=self.transport, sender_address=self.config.from_addr,
                       dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS)

@@ -434,29 +434,70 @@ def test_550_fails_with_reply_and_cli_retry_brings_it_back(
 
 
 @both_paths
-def test_five_temporary_failures_exhaust_attempts(rig: Rig) -> None:
-    """5 x 451 with backoff 1, 2, 4, 8 s -> failed/ 'attempts exhausted' after 5 tries."""
+def test_temporary_failures_are_retried_until_the_deliver_by_time(rig: Rig) -> None:
+    """451 after 451: retried 1, 2, 4, 8, 16 ... s apart, then every 15 minutes, until the
+    next try would fall after the message's deliver-by time (a reset link's 60 minutes); then
+    it expires into failed/ with the relay's last reply. No fixed number of attempts."""
     rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
-    rig.server.sink.script_data(["451 4.3.0 later"] * 5)
-
-    for attempt, delay in enumerate([1, 2, 4, 8], start=1):
-        assert rig.sender.run_once() == DeliveryCounts(deferred=1)
-        ((_, due, made, _),) = entries(rig.spool, "new")
-        assert made == attempt
-        assert abs(due - (rig.clock() + delay) * 1000) <= 1  # rand 0.5: no jitter
-        rig.clock.advance(delay + 0.01)
-    assert rig.sender.run_once() == DeliveryCounts(failed=1)
-
-    assert rig.server.sink.data_attempts == 5
+    rig.server.sink.script_data(["451 4.3.0 later"] * 100)
+    deadline = rig.clock() + 3600
+    delays = []
+    while rig.sender.run_once() == DeliveryCounts(deferred=1):
+        ((_, due, _, _),) = entries(rig.spool, "new")
+        delays.append(round(due / 1000 - rig.clock()))
+        rig.clock.advance(due / 1000 - rig.clock() + 0.01)
+    assert delays == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900]
+    assert rig.clock() + 900 >= deadline  # one more try would come too late
+    assert rig.server.sink.data_attempts == len(delays) + 1
     assert rig.server.messages == []
-    assert entries(rig.spool, "new") == []
     (letter,) = rig.mailer.spool.failed()
-    assert letter["reason"] == "attempts exhausted"
-    assert letter["code"] == 451
-    assert letter["attempts"] == 5
+    assert (letter["reason"], letter["code"]) == ("expired", 451)
+    assert "4.3.0 later" in letter["reply"]
     rig.clock.advance(3600)
     assert rig.sender.run_once() == DeliveryCounts()
-    assert rig.server.sink.data_attempts == 5
+
+
+@both_paths
+def test_a_relay_answering_451_for_ten_minutes_delivers_when_it_recovers(rig: Rig) -> None:
+    """A billing notice (deliver-by: 3 days) refused for ten minutes goes out after that."""
+    rig.mailer.enqueue("billing-notification", to="ada@example.org", summary="Invoice")
+    rig.server.sink.script_data(["451 4.7.0 greylisted, try later"] * 9)  # 1+2+...+256 = 511 s
+    started = rig.clock()
+    while not rig.server.messages:
+        counts = rig.sender.run_once()
+        assert counts.failed == counts.expired == 0
+        if not rig.server.messages:
+            ((_, due, _, _),) = entries(rig.spool, "new")
+            rig.clock.advance(due / 1000 - rig.clock() + 0.01)
+    assert 500 < rig.clock() - started < 1200
+    assert rig.server.sink.data_attempts == 10
+    assert rig.mailer.spool.failed() == []
+
+
+def test_a_retry_schedule_is_set_per_kind_from_the_environment(tmp_path: Path) -> None:
+    config = sysmail.Config.from_env({"SYSMAIL_SPOOL": str(tmp_path),
+                                      "SYSMAIL_RETRY_SCHEDULE": "5,1m,1h",
+                                      "SYSMAIL_RETRY_SCHEDULE_TWO_FACTOR_CODE": "1,2"})
+    policy = sysmail.RetryPolicy(config.retry_schedule, config.retry_schedules)
+    assert [policy.delay(n, 0.5) for n in (1, 2, 3, 9)] == [5, 60, 3600, 3600]
+    assert [policy.delay(n, 0.5, "two-factor-code") for n in (1, 2, 5)] == [1, 2, 2]
+    for bad in ({"SYSMAIL_RETRY_SCHEDULE": "soon"}, {"SYSMAIL_RETRY_SCHEDULE": "0,5"}):
+        with pytest.raises(sysmail.ConfigError, match="SYSMAIL_RETRY_SCHEDULE"):
+            sysmail.Config.from_env(bad)
+    typo = sysmail.Config.from_env({"SYSMAIL_SPOOL": str(tmp_path),
+                                    "SYSMAIL_RETRY_SCHEDULE_TWO_FACTOR": "1"})
+    with pytest.raises(sysmail.ConfigError, match="names no kind of mail"):
+        sysmail.build_app(typo).sender()
+
+
+def test_status_shows_the_waiting_retries_and_the_soonest(rig: Rig) -> None:
+    rig.mailer.enqueue("security-alert", to="ada@example.org", event="x")
+    rig.server.sink.script_data(["451 4.3.0 later"])
+    assert rig.sender.run_once() == DeliveryCounts(deferred=1)
+    counts = rig.mailer.spool.counts()  # on the fake clock: the retry is due in 1 s
+    assert (counts["deferred"], counts["next_retry_in_seconds"]) == (1, 1.0)
+    result = run_cli(["status", "--json"], {"SYSMAIL_SPOOL": str(rig.spool)})
+    assert "next_retry_in_seconds" in json.loads(result.stdout)  # the CLI runs on real time
 
 
 # --------------------------------------------------------------------------- relay outages

@@ -476,7 +476,8 @@ def test_a_fifo_in_the_spool_never_blocks_the_worker(smtp_server: SmtpServer,
     mailer.enqueue_message("ada@example.org", "Hello", "Text.")
     result = run_cli(["worker", "--once"], env, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert [m.rcpt_tos for m in smtp_server.messages] == [["ada@example.org"]]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["ada@example.org"]], (
+        result.stdout, result.stderr)
     assert [d["id"] for d in mailer.spool.failed()] == ["fifo0001"]
 
 

@@ -551,7 +551,7 @@ def test_counts_tell_due_from_deferred_with_a_fake_clock(tmp_path: Path) -> None
         return {k: spool.counts()[k] for k in STATES}
 
     assert spool.counts() == {"new": 0, "deferred": 0, "cur": 0, "failed": 0,
-                              "oldest_age_seconds": 0}
+                              "oldest_age_seconds": 0, "next_retry_in_seconds": None}
     urgent, _, _ = _enqueue(spool, "urgent", priority=sysmail.URGENT)
     _enqueue(spool, "bulk")
     _enqueue(spool, "later", due=T0 + 60)
