@@ -213,7 +213,11 @@ class PermanentDeliveryError(DeliveryError):
 
 
 class RelayUnavailable(TemporaryDeliveryError):
-    """The relay cannot be reached or is shutting down (refused, timeout, 421): no message's fault."""
+    """The relay cannot be reached or is shutting down (refused, timeout, 421): no message's fault.
+
+    retry_in, when set, is when a relay may be tried again (each relay keeps its backoff)."""
+
+    retry_in: float | None = None
 
 
 # ---- Text and address checks ---- #
@@ -461,6 +465,7 @@ class Config:
     ed25519_key: bytes | None = field(default=None, repr=False)
     dashboard_url: str = ""
     smtp: SmtpUrl | None = None
+    relays: tuple[SmtpUrl, ...] = ()
     smtp_tls_verify: bool = True
     smtp_ca_file: str = ""
     smtp_timeout: float = 30.0
@@ -653,7 +658,8 @@ class _EnvReader(_EnvValues):
     """Reads a Config from a mapping: the values, and the rules that tie them together."""
 
     def read(self) -> Config:
-        smtp = self._smtp_url()
+        relays = self._relays()
+        smtp = relays[0] if relays else None
         domain = self._domain(required=smtp is not None)
         from_addr = self._address("SYSTEM_FROM", f"noreply@{domain}")
         listen = self._listen("SYSMAIL_LISTEN", DEFAULTS.listen)
@@ -670,6 +676,7 @@ class _EnvReader(_EnvValues):
             ed25519_key=self._ed25519_key(),
             dashboard_url=self._url("DASHBOARD_URL"),
             smtp=smtp,
+            relays=relays,
             smtp_tls_verify=self._bool("SMTP_TLS_VERIFY", DEFAULTS.smtp_tls_verify),
             smtp_ca_file=self._file("SMTP_CA_FILE"),
             smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", DEFAULTS.smtp_timeout),
@@ -761,10 +768,13 @@ class _EnvReader(_EnvValues):
             return None
         return self._listen("SYSMAIL_METRICS_LISTEN", DEFAULTS.ops_listen)
 
-    def _smtp_url(self) -> SmtpUrl | None:
-        text = self.env.get("SMTP_URL", "").strip()
-        if not text:
-            return None
+    def _relays(self) -> tuple[SmtpUrl, ...]:
+        """SMTP_URL: one relay, or several in order of preference, comma-separated."""
+        texts = [t.strip() for t in self.env.get("SMTP_URL", "").split(",") if t.strip()]
+        relays = tuple(url for text in texts if (url := self._smtp_url(text)) is not None)
+        return relays if len(relays) == len(texts) else ()
+
+    def _smtp_url(self, text: str) -> SmtpUrl | None:
         try:
             url = SmtpUrl.parse(text)
         except ValueError as exc:
@@ -1011,6 +1021,7 @@ class Metrics:
         "sysmail_enqueued_total": "Messages queued, by storage backend.",
         "sysmail_http_requests_total": "HTTP requests by route and status.",
         "sysmail_rate_limited_total": "Requests refused by a rate limit, by limit.",
+        "sysmail_relay_replies_total": "Final replies per relay: 2xx, 4xx or 5xx.",
         "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
                                     "record at once (kept in memory, retried).",
     }
@@ -3147,12 +3158,190 @@ def tls_context_from_config(config: Config) -> ssl.SSLContext:
     return context
 
 
-def transport_from_config(config: Config) -> Transport:
-    """The relay of the configuration, or the outbox folder when SMTP_URL is unset."""
+class _RelayBackoff:
+    """Whether a relay is worth trying now: after each outage the wait doubles, to a cap."""
+
+    def __init__(self, clock: Clock, rand: Callable[[], float], base: float = 1.0,
+                 cap: float = 60.0, jitter: float = 0.2, name: str = ""):
+        self.clock = clock
+        self.rand = rand
+        self.base, self.cap, self.jitter, self.name = base, cap, jitter, name
+        self.failures = 0
+        self.retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def seconds_left(self) -> float:
+        """Seconds before the relay may be tried again (0 when it may be now)."""
+        return max(self.retry_at - self.clock(), 0.0)
+
+    def pause(self, seconds: float) -> None:
+        """Try nothing for a while (after an unexpected error)."""
+        self.retry_at = self.clock() + seconds
+
+    def down(self, exc: RelayUnavailable) -> None:
+        """The relay could not be used: wait longer before the next try."""
+        with self._lock:
+            self.failures += 1
+            failures = self.failures
+            delay = min(self.cap, self.base * 2 ** (failures - 1))
+            delay *= 1 + self.jitter * (2 * self.rand() - 1)
+            self.retry_at = self.clock() + delay
+        log_event(logging.WARNING, "relay_unavailable", relay=self.name or None, reason=str(exc),
+                  code=exc.smtp_code, failures=failures, retry_in_seconds=round(delay, 2))
+
+    def up(self) -> None:
+        """The relay answered: forget the outage."""
+        if not self.failures:
+            return  # the usual case, without taking the lock
+        with self._lock:
+            failures, self.failures, self.retry_at = self.failures, 0, 0.0
+        if failures:
+            log_event(logging.INFO, "relay_available", relay=self.name or None,
+                      after_failures=failures)
+
+
+class RelayHealth:
+    """What every connection of a process knows of each relay: whether it is down (with its
+    own backoff), and its replies, for the metrics."""
+
+    def __init__(self, urls: tuple[SmtpUrl, ...], clock: Clock = time.monotonic,
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None):
+        self.names = [f"{url.host}:{url.port}" for url in urls]
+        self.metrics = metrics
+        self.backoffs = [_RelayBackoff(clock, rand, name=name) for name in self.names]
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.last_reply: dict[str, float] = {}
+
+    def usable(self, index: int) -> bool:
+        """True when relay index may be tried now."""
+        return not self.backoffs[index].seconds_left()
+
+    def record(self, index: int, code: int | None) -> None:
+        """Count one final reply of relay index (2xx, 4xx or 5xx)."""
+        kind = f"{(code or 451) // 100}xx"
+        kind = kind if kind in ("2xx", "5xx") else "4xx"
+        with self._lock:
+            self.last_reply[self.names[index]] = self.clock()
+        if self.metrics is not None:
+            self.metrics.inc("sysmail_relay_replies_total", relay=self.names[index], reply=kind)
+        self.backoffs[index].up()
+
+    def gauges(self) -> dict[str, tuple[str, Mapping[str, str], float]]:
+        """Per relay: up (1) or down (0), and the age of its last reply."""
+        now, gauges = self.clock(), {}
+        for index, name in enumerate(self.names):
+            gauges[f"sysmail_relay_up{{{name}}}"] = (
+                "1 while the relay may be used, 0 while it is backed off.", {"relay": name},
+                float(self.usable(index)))
+            if name in self.last_reply:
+                gauges[f"sysmail_relay_last_reply_age_seconds{{{name}}}"] = (
+                    "Seconds since the relay's last final reply.", {"relay": name},
+                    round(now - self.last_reply[name], 3))
+        return gauges
+
+    def up_count(self) -> int:
+        """How many relays may be tried now."""
+        return sum(self.usable(i) for i in range(len(self.names)))
+
+
+class FailoverTransport:
+    """Several relays in order of preference (SMTP_URL=first,second,...): a message goes to
+    the first relay up. One that cannot be used (refused, timed out, 421, TLS or AUTH refused)
+    is marked down with its own backoff and the next takes the message at once, costing no
+    attempt; the first is used again once its backoff is over. A relay's 4xx or 5xx stands:
+    a message is not shopped around for another answer."""
+
+    def __init__(self, relays: list[SmtpTransport], health: RelayHealth):
+        self.relays = relays
+        self.health = health
+        self._active = 0
+
+    def __repr__(self) -> str:
+        return f"FailoverTransport({', '.join(str(r.url) for r in self.relays)})"
+
+    def open(self) -> bool:
+        """Make sure the first relay that is up has an open connection."""
+        return self._first_up(lambda relay: relay.open())
+
+    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+        """Negotiate with the first relay that is up (the next one when it cannot be used)."""
+        return self._first_up(lambda relay: relay.begin(mail_from, rcpts))
+
+    def finish(self, data: bytes) -> SendResult:
+        """Send the content to the relay that took the envelope."""
+        try:
+            result = self.relays[self._active].finish(data)
+        except RelayUnavailable as exc:
+            self.health.backoffs[self._active].down(exc)
+            raise
+        except DeliveryError as exc:
+            self.health.record(self._active, exc.smtp_code)
+            raise
+        self.health.record(self._active, result.code)
+        return result
+
+    def abort(self) -> None:
+        """Give up the transaction on the relay that has it."""
+        self.relays[self._active].abort()
+
+    def interrupt(self) -> None:
+        """Cut every relay's connection (from another thread)."""
+        for relay in self.relays:
+            relay.interrupt()
+
+    def probe(self) -> list[str]:
+        """Probe every relay; RelayUnavailable only when none can be reached."""
+        if len(self.relays) == 1:
+            return self.relays[0].probe()
+        steps, errors = [], []
+        for relay in self.relays:
+            try:
+                steps += [f"{relay.url.host}:{relay.url.port}: {s}" for s in relay.probe()]
+            except RelayUnavailable as exc:
+                errors.append(exc)
+                steps.append(f"{relay.url.host}:{relay.url.port}: DOWN: {exc}")
+        if len(errors) == len(self.relays):
+            raise errors[0]
+        return steps
+
+    def close(self) -> None:
+        """Close every relay's connection."""
+        for relay in self.relays:
+            relay.close()
+
+    def _first_up(self, work: Callable[[SmtpTransport], object]) -> object:
+        last: RelayUnavailable | None = None
+        for index, relay in enumerate(self.relays):
+            if not self.health.usable(index):
+                continue
+            try:
+                result = work(relay)
+            except RelayUnavailable as exc:
+                self.health.backoffs[index].down(exc)
+                last = exc
+                continue
+            except DeliveryError as exc:  # the relay answered: its word stands
+                self._active = index
+                self.health.record(index, exc.smtp_code)
+                raise
+            self._active = index
+            return result
+        error = last or RelayUnavailable("every relay is down; waiting for one to return")
+        error.retry_in = min(backoff.seconds_left() for backoff in self.health.backoffs)
+        raise error
+
+
+def transport_from_config(config: Config, health: RelayHealth | None = None) -> Transport:
+    """The relay of the configuration (several in order of preference), or the outbox folder
+    when SMTP_URL is unset."""
     if config.smtp is None:
         return OutboxTransport(config.outbox_dir)
-    return SmtpTransport(config.smtp, tls_context=tls_context_from_config(config),
-                         timeout=config.smtp_timeout)
+    relays = [SmtpTransport(url, tls_context=tls_context_from_config(config),
+                            timeout=config.smtp_timeout) for url in config.relays]
+    if len(relays) == 1 and health is None:
+        return relays[0]
+    return FailoverTransport(relays, health or RelayHealth(config.relays))
 
 
 # ---- Sender ---- #
@@ -3182,11 +3371,6 @@ class RetryPolicy:
         schedule = self.per_kind.get(kind) or self.schedule
         step = schedule[min(attempts_made, len(schedule)) - 1]
         return step * (1 + self.jitter * (2 * rand - 1))
-
-    def relay_delay(self, failures: int, rand: float) -> float:
-        """Seconds before trying an unreachable relay again, capped."""
-        delay = min(self.relay_cap_seconds, self.relay_base_seconds * 2 ** (failures - 1))
-        return delay * (1 + self.jitter * (2 * rand - 1))
 
 
 @dataclass
@@ -3247,45 +3431,6 @@ class _Connections:
             self._pool.shutdown(wait=True)
         for transport in self.all:
             transport.close()
-
-
-class _RelayBackoff:
-    """Whether the relay is worth trying now: after each outage the wait doubles, to a cap."""
-
-    def __init__(self, policy: RetryPolicy, clock: Clock, rand: Callable[[], float]):
-        self.policy = policy
-        self.clock = clock
-        self.rand = rand
-        self.failures = 0
-        self.retry_at = 0.0
-        self._lock = threading.Lock()
-
-    def seconds_left(self) -> float:
-        """Seconds before the relay may be tried again (0 when it may be now)."""
-        return max(self.retry_at - self.clock(), 0.0)
-
-    def pause(self, seconds: float) -> None:
-        """Try nothing for a while (after an unexpected error)."""
-        self.retry_at = self.clock() + seconds
-
-    def down(self, exc: RelayUnavailable) -> None:
-        """The relay could not be used: wait longer before the next try."""
-        with self._lock:
-            self.failures += 1
-            failures = self.failures
-            delay = self.policy.relay_delay(failures, self.rand())
-            self.retry_at = self.clock() + delay
-        log_event(logging.WARNING, "relay_unavailable", reason=str(exc), code=exc.smtp_code,
-                  failures=failures, retry_in_seconds=round(delay, 2))
-
-    def up(self) -> None:
-        """The relay answered: forget the outage."""
-        if not self.failures:
-            return  # the usual case, without taking the lock
-        with self._lock:
-            failures, self.failures, self.retry_at = self.failures, 0, 0.0
-        if failures:
-            log_event(logging.INFO, "relay_available", after_failures=failures)
 
 
 @dataclass(frozen=True)
@@ -3508,7 +3653,8 @@ class Sender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_due: float | None = None
-        self._relay = _RelayBackoff(retry, clock, rand)
+        self._relay = _RelayBackoff(clock, rand, retry.relay_base_seconds,
+                                    retry.relay_cap_seconds, retry.jitter)
         self._last_clean = 0.0
         self._last_queue_warning: dict[str, float] = {}
         self._commit = threading.Lock()
@@ -3619,7 +3765,10 @@ class Sender:
         batch = _Batch(self._stop)
         self._connections.each(lambda claim: self._deliver_one(claim, counts, batch), claims)
         if isinstance(batch.error, RelayUnavailable):
-            self._relay.down(batch.error)
+            if batch.error.retry_in is not None:  # each relay keeps its own backoff
+                self._relay.pause(batch.error.retry_in)
+            else:
+                self._relay.down(batch.error)
             return False
         if batch.error is not None:
             raise QueueUnavailable(f"the queue failed while settling messages: {batch.error}")
@@ -3672,6 +3821,7 @@ class Sender:
             raise
         except DeliveryError as exc:
             answer = exc
+        self._relay.up()  # the relay answered: an earlier outage is over
         with self._commit:
             if batch.halted:  # stopped, or the relay or queue failed while we waited our turn
                 transport.abort()
@@ -4290,8 +4440,10 @@ class Api:
 
     def __init__(self, config: Config, enqueuer: Enqueuer, store: TokenStore, *,
                  limiter: RateLimiter | RedisRateLimiter, idempotency: IdempotencyKeys,
-                 forgot: Callable[[str, str], None], clock: Clock = time.time):
+                 forgot: Callable[[str, str], None], clock: Clock = time.time,
+                 relays: RelayHealth | None = None):
         self.config = config
+        self.relays = relays
         self.enqueuer = enqueuer
         self.store = store
         self.metrics = enqueuer.metrics
@@ -4474,8 +4626,12 @@ class Api:
         if self.enqueuer.fallback is not None:
             checks["redis"] = self._redis_reachable()
         ready = checks["store"] and (checks["spool"] or checks.get("redis", False))
-        return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready",
-                                                     "checks": checks})
+        status = "ready" if ready else "not ready"
+        if self.relays is not None:
+            up, total = self.relays.up_count(), len(self.relays.names)
+            checks["relays_up"] = f"{up}/{total}"
+            status = "degraded" if ready and up < total else status
+        return json_response(200 if ready else 503, {"status": status, "checks": checks})
 
     def _spool_writable(self) -> bool:
         return self.enqueuer.spool.writable()
@@ -4502,6 +4658,8 @@ class Api:
             for state in ("new", "deferred", "cur", "failed")}
         gauges["sysmail_queue_oldest_age_seconds"] = (
             "Age of the oldest queued message.", {}, counts["oldest_age_seconds"])
+        if self.relays is not None:
+            gauges.update(self.relays.gauges())
         last = self.enqueuer.spool.last_sent()
         if last is not None:
             gauges["sysmail_last_send_age_seconds"] = (
@@ -4910,9 +5068,16 @@ class App:
         """The DKIM signer, or None when no key is configured."""
         return DkimSigner.from_config(self.config)
 
+    @functools.cached_property
+    def relay_health(self) -> RelayHealth | None:
+        """What this process's connections know of each relay, shared by all of them."""
+        if not self.config.relays:
+            return None
+        return RelayHealth(self.config.relays, self.clock, metrics=self.metrics)
+
     def transport(self) -> Transport:
-        """A new connection to the relay (or the outbox folder when SMTP_URL is unset)."""
-        return transport_from_config(self.config)
+        """A new connection to the relays (or the outbox folder when SMTP_URL is unset)."""
+        return transport_from_config(self.config, self.relay_health)
 
     def sender(self) -> Sender:
         """A new Sender draining the queues through the relay, with the startup warnings."""
@@ -4977,7 +5142,8 @@ class App:
     def api(self) -> Api:
         """The HTTP API's logic."""
         return Api(self.config, self.enqueuer, self.store, limiter=self.limiter,
-                   idempotency=self.idempotency, forgot=self.forgot.submit, clock=self.clock)
+                   idempotency=self.idempotency, forgot=self.forgot.submit, clock=self.clock,
+                   relays=self.relay_health)
 
     @property
     def url(self) -> str:

@@ -869,7 +869,7 @@ def test_healthz_and_readyz(service: Service) -> None:
     assert json_reply(service.call("GET", "/healthz"), 200) == {"status": "ok"}
     assert json_reply(service.call("GET", "/readyz"), 200) == {"status": "ready"}
     assert json_reply(service.ops("/readyz"), 200) == {
-        "status": "ready", "checks": {"spool": True, "store": True}}
+        "status": "ready", "checks": {"spool": True, "store": True, "relays_up": "1/1"}}
     assert json_reply(service.ops("/healthz"), 200) == {"status": "ok"}
     assert error_reply(service.call("GET", "/metrics"), 404) == "no such endpoint"
     assert error_reply(http_call(service.app.ops_url, "POST", "/v1/emails", {}), 404)
@@ -884,7 +884,7 @@ def test_store_down_forgot_and_reset_503_while_mail_keeps_flowing(
     svc = make_service({"SYSMAIL_DB": str(broken)})
     assert json_reply(svc.call("GET", "/healthz"), 200) == {"status": "ok"}
     assert json_reply(svc.ops("/readyz"), 503) == {
-        "status": "not ready", "checks": {"spool": True, "store": False}}
+        "status": "not ready", "checks": {"spool": True, "store": False, "relays_up": "1/1"}}
     assert json_reply(svc.call("GET", "/readyz"), 503) == {"status": "not ready"}
     for reply in (svc.forgot(ADA), svc.forgot("nobody@example.com"),
                   svc.reset(secrets.token_urlsafe(32))):
@@ -925,7 +925,7 @@ def test_unwritable_spool_is_not_ready(service: Service) -> None:
     tmp.write_bytes(b"")
     try:
         assert json_reply(service.ops("/readyz"), 503) == {
-            "status": "not ready", "checks": {"spool": False, "store": True}}
+            "status": "not ready", "checks": {"spool": False, "store": True, "relays_up": "1/1"}}
         reply = service.send({"template": "security-alert", "to": ADA, "vars": {"event": "x"}})
         assert json_reply(reply, 503) == UNAVAILABLE
         assert json_reply(service.forgot("nobody@example.com"), 503) == UNAVAILABLE
@@ -1005,6 +1005,9 @@ def test_metrics_in_prometheus_text_format(make_service: Callable[..., Service])
         "sysmail_http_requests": "counter",
         "sysmail_rate_limited": "counter",
         "sysmail_unrecorded": "counter",
+        "sysmail_relay_up": "gauge",
+        "sysmail_relay_last_reply_age_seconds": "gauge",
+        "sysmail_relay_replies": "counter",
         "sysmail_delivery_latency_seconds": "histogram",
     }
     assert {state: page.value("sysmail_queue_messages", state=state)

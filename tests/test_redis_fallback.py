@@ -722,7 +722,7 @@ def test_http_answers_503_when_neither_spool_nor_redis_can_store(
         # Redis up: the spool is broken but mail is stored, so requests succeed
         status, _, body = _request(app.ops_url, "GET", "/readyz")
         assert (status, body) == (200, {"status": "ready", "checks": {
-            "spool": False, "store": True, "redis": True}})
+            "spool": False, "store": True, "redis": True, "relays_up": "1/1"}})
         status, _, body = _send(app)
         assert status == 202
         assert isinstance(body, dict)
@@ -740,7 +740,7 @@ def test_http_answers_503_when_neither_spool_nor_redis_can_store(
         assert (status, body) == (503, unavailable)
         status, _, body = _request(app.ops_url, "GET", "/readyz")
         assert (status, body) == (503, {"status": "not ready", "checks": {
-            "spool": False, "store": True, "redis": False}})
+            "spool": False, "store": True, "redis": False, "relays_up": "1/1"}})
     finally:
         app.stop()
     assert len(smtp_server.messages) == 1
