@@ -3884,6 +3884,9 @@ MAX_CONNECTIONS = 128  # per listener; beyond, a JSON 503 on the accepting threa
 BUSY_CONNECTIONS = MAX_CONNECTIONS // 2  # from here on the server is busy, and then
 MAX_CONNECTIONS_PER_CLIENT = 16  # a client address (an IPv6 /64) holding this many gets a 503,
 HEADER_DEADLINE_SECONDS = 5.0  # and headers not in this long after the connection are cut
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers of one request; beyond, 414 or 431
+HEADER_BYTES_PER_CONNECTION = 8 * 1024  # each connection's own; beyond, from the shared budget
+HEADER_BYTES_SHARED = 2 * 1024 * 1024  # per listener; when spent, a 503 (with the above: 3 MiB)
 IDEMPOTENCY_SECONDS = 24 * 3600
 IDEMPOTENCY_TAKEN_SECONDS = 3 * REQUEST_DEADLINE_SECONDS  # longer than any request may take
 FORGOT_QUEUE_SIZE = 10_000
@@ -4396,8 +4399,8 @@ def _page(status: int, title: str, body: str) -> Response:
 
 class _HttpServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer that no single client can take from the others: a cap on connections
-    in all and per client address, and deadlines for the headers and the whole request (see the
-    limits at the top of the HTTP API section)."""
+    in all and per client address, deadlines for the headers and the whole request, and a
+    budget of header bytes (see the limits at the top of the HTTP API section)."""
 
     daemon_threads = False  # server_close() waits for requests in flight
     block_on_close = True
@@ -4408,6 +4411,7 @@ class _HttpServer(http.server.ThreadingHTTPServer):
         self.routes = routes
         self._connections: dict[socket.socket, _Connection] = {}
         self._per_client: dict[str, int] = {}
+        self._shared_left = HEADER_BYTES_SHARED
         self._lock = threading.Lock()
         self._closing = threading.Event()
         super().__init__(address, _Handler)
@@ -4466,6 +4470,7 @@ class _HttpServer(http.server.ThreadingHTTPServer):
             connection = self._connections.pop(request, None)
             if connection is None:
                 return
+            self._shared_left += connection.shared_bytes
             if connection.client is not None:
                 left = self._per_client.pop(connection.client) - 1
                 if left:
@@ -4494,6 +4499,22 @@ class _HttpServer(http.server.ThreadingHTTPServer):
         with self._lock:
             if connection := self._connections.get(request):
                 connection.headers_read = True
+
+    def take_header_bytes(self, request: socket.socket, total: int) -> bool:
+        """The request on this connection has read total bytes of request line and headers:
+        take what goes beyond its own HEADER_BYTES_PER_CONNECTION from the shared budget;
+        False when the budget cannot cover it."""
+        with self._lock:
+            connection = self._connections.get(request)
+            if connection is None:
+                return True
+            more = max(0, total - HEADER_BYTES_PER_CONNECTION) - connection.shared_bytes
+            if more > self._shared_left:
+                return False
+            if more > 0:
+                self._shared_left -= more
+                connection.shared_bytes += more
+            return True
 
     def close_idle(self) -> None:
         """Cut connections that have not sent a request line yet (for a prompt stop)."""
@@ -4534,7 +4555,7 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 class _Connection:
     """What _HttpServer keeps about one connection it handles."""
 
-    __slots__ = ("client", "headers_read", "hurried", "in_request", "opened")
+    __slots__ = ("client", "headers_read", "hurried", "in_request", "opened", "shared_bytes")
 
     def __init__(self, client: str | None):
         self.opened = time.monotonic()
@@ -4542,6 +4563,63 @@ class _Connection:
         self.in_request = False  # a request line arrived
         self.headers_read = False
         self.hurried = False  # it saw the server busy: HEADER_DEADLINE_SECONDS holds for it
+        self.shared_bytes = 0  # header bytes taken from the server's shared budget
+
+
+class _HeadersRefused(Exception):
+    """The request line and headers went past MAX_HEADER_BYTES (too_large) or past what the
+    shared budget could still give (not too_large)."""
+
+    def __init__(self, too_large: bool):
+        super().__init__("too large" if too_large else "no header budget left")
+        self.too_large = too_large
+
+
+class _HeaderReader:
+    """The handler's rfile: reads the request line and headers in pieces of at most PIECE
+    bytes, each counted before the next is read, so a request holds no more header bytes than
+    MAX_HEADER_BYTES and its share of the budget (the body is bounded by MAX_BODY_BYTES)."""
+
+    PIECE = 4096
+
+    def __init__(self, rfile, server: _HttpServer, sock: socket.socket):  # rfile: BufferedReader
+        self._rfile = rfile
+        self._server = server
+        self._sock = sock
+        self.counting = True
+        self.total = 0
+
+    def start_request(self) -> None:
+        """A new request on this connection: count its request line and headers."""
+        self.counting, self.total = True, 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        if not self.counting:
+            return self._rfile.readline(limit)
+        pieces: list[bytes] = []
+        read = 0
+        while limit < 0 or read < limit:
+            want = min(self.PIECE, MAX_HEADER_BYTES + 1 - self.total)
+            piece = self._rfile.readline(want if limit < 0 else min(want, limit - read))
+            self.total += len(piece)
+            read += len(piece)
+            if self.total > MAX_HEADER_BYTES:
+                raise _HeadersRefused(too_large=True)
+            if not self._server.take_header_bytes(self._sock, self.total):
+                raise _HeadersRefused(too_large=False)
+            pieces.append(piece)
+            if not piece or piece.endswith(b"\n"):
+                break
+        return b"".join(pieces)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._rfile.read(size)
+
+    def close(self) -> None:
+        self._rfile.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._rfile, name)
 
 
 def _refuse_busy(sock: socket.socket) -> None:
@@ -4569,6 +4647,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._serve
         raise AttributeError(name)
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _HeaderReader(self.rfile, self.server, self.connection)
+
+    def handle_one_request(self) -> None:
+        """http.server's, with the request line and headers bounded by _HeaderReader: past
+        MAX_HEADER_BYTES a 414 (request line) or 431, past the shared budget a 503."""
+        self.rfile.start_request()
+        self.requestline, self.command, self.request_version = "", "", self.default_request_version
+        self._in_headers = False
+        try:
+            super().handle_one_request()
+        except _HeadersRefused as refused:
+            self.close_connection = True
+            if not refused.too_large:
+                response = json_response(503, {"error": "the server is busy, try again later"},
+                                         **{"Retry-After": "1"})
+            elif self._in_headers:
+                response = json_response(431, {"error": "the request line and headers must be "
+                                                        f"at most {MAX_HEADER_BYTES} bytes"})
+            else:
+                response = json_response(414, {"error": "the request line must be at most "
+                                                        f"{MAX_HEADER_BYTES} bytes"})
+            with contextlib.suppress(OSError):
+                self._write(response, "unparsed")
+
     def parse_request(self) -> bool:
         """http.server's parser, after skipping empty lines before the request line (RFC 9112
         section 2.2); an empty request gets a 400 instead of a silent close."""
@@ -4581,7 +4685,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.request_version = self.default_request_version
             self.send_error(400, "empty request line")
             return False
+        self._in_headers = True
         parsed = super().parse_request()
+        self.rfile.counting = False  # the rest is the body, bounded by MAX_BODY_BYTES
         self.server.headers_read(self.connection)
         if self.request_version < "HTTP/1.0":  # answer 0.9 requests with a status line too
             self.request_version = self.default_request_version

@@ -6,9 +6,10 @@ Real servers on loopback. Clients speak from different loopback addresses (the w
 so the server sees different client addresses. Every loop is bounded in count and time.
 
 The limits, each with a test that fails without it: the per-client cap while busy (and the
-ceiling of BUSY_CONNECTIONS for a lone client) and the header deadline while busy. The first
-attack of the issue: 200 half-sent requests from one client (/healthz answers 200 for another
-all along).
+ceiling of BUSY_CONNECTIONS for a lone client), the header deadline while busy, the 64 KiB of
+request line and headers per request, and the shared budget of header bytes per listener.
+The first attack of the issue: 200 half-sent requests from one client (/healthz answers 200
+for another all along).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import wait_server_read
 
 import sysmail
 
@@ -311,3 +313,76 @@ def test_a_busy_server_cuts_unfinished_headers_at_the_header_deadline(app: sysma
     assert body_open_after_headers_cut
     deadline = sysmail.REQUEST_DEADLINE_SECONDS
     assert deadline - 0.5 <= body_cut_after <= deadline + 2.5
+
+
+# --------------------------------------------------------------------------- header bytes
+
+
+def headers_of(size: int, line: int = 8000) -> bytes:
+    """Header lines of line bytes each (name and CRLF included), about size bytes in all."""
+    count = size // line
+    return b"".join(b"X-Pad-%03d: " % i + b"v" * (line - 13) + b"\r\n" for i in range(count))
+
+
+def test_request_line_and_headers_are_bounded_at_64_kib(app: sysmail.App) -> None:
+    """No single line is long (http.server's own limit is 64 KiB a line, 100 lines), but all of
+    them together past MAX_HEADER_BYTES get a JSON 431."""
+    fits = get(app.url, headers=headers_of(sysmail.MAX_HEADER_BYTES - 2000))
+    assert fits.status == 200, fits
+    too_many = get(app.url, headers=headers_of(sysmail.MAX_HEADER_BYTES + 8000))
+    assert too_many.status == 431, too_many
+    assert json.loads(too_many.body) == {
+        "error": f"the request line and headers must be at most {sysmail.MAX_HEADER_BYTES} bytes"}
+    assert too_many.headers["cache-control"] == "no-store"
+    long_line = get(app.url, "/healthz?" + "q" * 70_000)
+    assert long_line.status == 414 and "error" in json.loads(long_line.body)
+    assert get(app.url).status == 200
+
+
+def send_and_settle(port: int, source: str, raw: bytes) -> tuple[socket.socket, Answer | None]:
+    """Send raw on a new connection and wait until the server has either read all of it (the
+    connection is held: None) or answered (the answer)."""
+    sock = connect(port, source)
+    sock.sendall(raw)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if select.select([sock], [], [], 0.01)[0]:
+            return sock, read_answer(sock, 2)
+        with contextlib.suppress(AssertionError):
+            wait_server_read(sock, timeout=0.01)
+            time.sleep(0.01)  # the handler counts what its buffer took from the socket
+            if not select.select([sock], [], [], 0)[0]:
+                return sock, None
+    raise AssertionError("the server neither read nor answered")
+
+
+def test_large_headers_draw_on_a_shared_budget(app: sysmail.App) -> None:
+    """Beyond HEADER_BYTES_PER_CONNECTION, header bytes come from HEADER_BYTES_SHARED: when one
+    client's unfinished large headers have spent it, other large-header requests get a JSON 503
+    with Retry-After, small ones are served; the budget comes back when they close."""
+    port = port_of(app.url)
+    bloated = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers_of(sysmail.MAX_HEADER_BYTES - 8000)
+    drawn = len(bloated) - sysmail.HEADER_BYTES_PER_CONNECTION
+    fit = sysmail.HEADER_BYTES_SHARED // drawn
+    count = fit + 5  # still under BUSY_CONNECTIONS: no header deadline, no per-client cap
+    assert count < sysmail.BUSY_CONNECTIONS
+    attack, answers = [], []
+    try:
+        for _ in range(count):
+            sock, answer = send_and_settle(port, ATTACKER, bloated)
+            attack.append(sock)
+            if answer is not None:
+                answers.append(answer)
+        wait_until(lambda: held(app) == fit, what="the refused ones closed")
+        assert len(answers) == count - fit
+        for answer in answers:
+            assert answer.status == 503, answer
+            assert json.loads(answer.body) == {"error": "the server is busy, try again later"}
+            assert answer.headers["retry-after"] == "1"
+        assert sysmail.HEADER_BYTES_SHARED - fit * drawn < drawn  # what is left is too little
+        assert get(app.url).status == 200  # within its own HEADER_BYTES_PER_CONNECTION
+        assert get(app.url, headers=headers_of(sysmail.MAX_HEADER_BYTES - 8000)).status == 503
+    finally:
+        close_all(attack)
+    wait_until(lambda: held(app) == 0)
+    assert get(app.url, headers=headers_of(sysmail.MAX_HEADER_BYTES - 8000)).status == 200
