@@ -8,25 +8,29 @@ so the server sees different client addresses. Every loop is bounded in count an
 The limits, each with a test that fails without it: the per-client cap while busy (and the
 ceiling of BUSY_CONNECTIONS for a lone client), the header deadline while busy, the 64 KiB of
 request line and headers per request, and the shared budget of header bytes per listener.
-The first attack of the issue: 200 half-sent requests from one client (/healthz answers 200
-for another all along).
+The two attacks of the issue: 200 half-sent requests from one client (/healthz answers 200 for
+another all along), and large unfinished headers against `sysmail serve` (its RSS stays under
+150 MB).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import select
 import selectors
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import wait_server_read
+from conftest import REPO, wait_server_read
 
 import sysmail
 
@@ -34,6 +38,7 @@ GOOD = "127.0.0.2"
 ATTACKER = "127.0.0.3"
 HALF_SENT = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: b\r\n"  # never finished
 BUSY_BODY = {"error": "too many connections, try again later"}
+RSS_LIMIT_MB = 150
 
 
 def attacker(index: int) -> str:
@@ -386,3 +391,134 @@ def test_large_headers_draw_on_a_shared_budget(app: sysmail.App) -> None:
         close_all(attack)
     wait_until(lambda: held(app) == 0)
     assert get(app.url, headers=headers_of(sysmail.MAX_HEADER_BYTES - 8000)).status == 200
+
+
+# --------------------------------------------------------------------------- `sysmail serve` RSS
+
+
+@dataclass
+class Serve:
+    process: subprocess.Popen[bytes]
+    url: str
+    ops_url: str
+
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """VmRSS (now) or VmHWM (peak) of the process, in MB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    """`python sysmail.py serve` on loopback ports of its choosing, read from its log."""
+    env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1",
+           "SYSMAIL_LISTEN": "127.0.0.1:0", "SYSMAIL_METRICS_LISTEN": "127.0.0.1:0",
+           "SYSTEM_DOMAIN": "example.com", "SYSMAIL_SPOOL": str(tmp_path / "spool"),
+           "SYSMAIL_OUTBOX": str(tmp_path / "outbox"), "SYSMAIL_DB": str(tmp_path / "db.sqlite")}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, str(REPO / "sysmail.py"), "serve"], env=env,
+                                   cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 15
+        while not (listening := [json.loads(line) for line in log_path.read_text().splitlines()
+                                 if '"listening"' in line]):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        event = listening[0]
+        yield Serve(process, event["url"], event["metrics"].removesuffix("/metrics"))
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def flood(port: int, sources: list[tuple[str, int]], *, seconds: float,
+          during: Callable[[], None]) -> dict[str, int]:
+    """Unfinished requests with large headers, from each (address, count): every other one
+    sends header lines of 8,000 bytes up to just under MAX_HEADER_BYTES (the most this server
+    holds), the others lines of 65,000 bytes up to 6.4 MB (the most http.server alone would
+    hold: 99 lines of 64 KiB); none ever sends the blank line. Sockets are non-blocking, served
+    round-robin for at most seconds; during() is called every 0.5 s. Returns counts of what
+    happened to the connections."""
+    selector = selectors.DefaultSelector()
+    pending: dict[socket.socket, memoryview] = {}
+    outcome = {"connected": 0, "answered": 0, "held": 0, "refused at connect": 0}
+    small = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers_of(sysmail.MAX_HEADER_BYTES - 4096)
+    large = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers_of(99 * 65_000, line=65_000)
+    for source, count in sources:
+        for index in range(count):
+            try:
+                sock = connect(port, source)
+            except OSError:
+                outcome["refused at connect"] += 1
+                continue
+            outcome["connected"] += 1
+            sock.setblocking(False)
+            pending[sock] = memoryview(large if index % 2 else small)
+            selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            time.sleep(0.002)
+    started = next_call = time.monotonic()
+    answered: set[socket.socket] = set()
+    try:
+        while time.monotonic() - started < seconds:
+            for key, events in selector.select(0.05):
+                sock = key.fileobj
+                if events & selectors.EVENT_READ:  # the server answered or closed: done
+                    answered.add(sock)
+                    selector.unregister(sock)
+                    continue
+                try:
+                    sent = sock.send(pending[sock][:262_144])
+                except OSError:
+                    answered.add(sock)
+                    selector.unregister(sock)
+                    continue
+                pending[sock] = pending[sock][sent:]
+                if not pending[sock]:  # all sent, never finished: wait for the server
+                    selector.modify(sock, selectors.EVENT_READ)
+            if time.monotonic() >= next_call:
+                during()
+                next_call = time.monotonic() + 0.5
+        outcome["answered"] = len(answered)
+        outcome["held"] = outcome["connected"] - len(answered)
+    finally:
+        selector.close()
+        close_all(list(pending))
+    return outcome
+
+
+def test_large_unfinished_headers_keep_serve_under_150_mb(serve: Serve) -> None:
+    """The issue's second attack against `sysmail serve`: 200 unfinished requests with large
+    headers from one client, then 8 clients filling every slot. Peak RSS (VmHWM) stays under
+    150 MB; /healthz answers 200 for another client during the first, and on the operators'
+    listener during both."""
+    port = port_of(serve.url)
+    before = serve.rss_mb()
+    public: list[int | None] = []
+    ops: list[int | None] = []
+
+    def probe_both() -> None:
+        public.append(get(serve.url, timeout=3).status)
+        ops.append(get(serve.ops_url, timeout=3).status)
+
+    one_client = flood(port, [(ATTACKER, 200)], seconds=3, during=probe_both)
+    peak_one = serve.rss_mb("VmHWM")
+    time.sleep(0.5)
+
+    def probe_ops() -> None:
+        ops.append(get(serve.ops_url, timeout=3).status)
+
+    many = flood(port, [(attacker(i), 24) for i in range(1, 9)], seconds=3, during=probe_ops)
+    peak = serve.rss_mb("VmHWM")
+    print(f"RSS before {before:.1f} MB; peak after one client {peak_one:.1f} MB, after eight "
+          f"{peak:.1f} MB; one client {one_client}; eight {many}; public /healthz {public}")
+    assert one_client["connected"] == 200
+    assert len(public) >= 4 and public == [200] * len(public)
+    assert len(ops) >= 8 and ops == [200] * len(ops)
+    assert peak < RSS_LIMIT_MB, f"peak RSS {peak:.1f} MB"
+    assert get(serve.url).status == 200
