@@ -4242,8 +4242,15 @@ class SqliteStore:
 # ---- HTTP API ---- #
 
 MAX_BODY_BYTES = 16 * 1024
-REQUEST_DEADLINE_SECONDS = 10.0
-MAX_CONNECTIONS = 128
+REQUEST_DEADLINE_SECONDS = 10.0  # from the connection to the whole request read and answered
+MAX_CONNECTIONS = 128  # per listener; beyond, a JSON 503 on the accepting thread
+# No one client takes the server from the others (issue 9):
+BUSY_CONNECTIONS = MAX_CONNECTIONS // 2  # from here on the server is busy, and then
+MAX_CONNECTIONS_PER_CLIENT = 16  # a client address (an IPv6 /64) holding this many gets a 503,
+HEADER_DEADLINE_SECONDS = 5.0  # and headers not in this long after the connection are cut
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers of one request; beyond, 414 or 431
+HEADER_BYTES_PER_CONNECTION = 8 * 1024  # each connection's own; beyond, from the shared budget
+HEADER_BYTES_SHARED = 2 * 1024 * 1024  # per listener; when spent, a 503 (with the above: 3 MiB)
 IDEMPOTENCY_SECONDS = 24 * 3600
 IDEMPOTENCY_TAKEN_SECONDS = 3 * REQUEST_DEADLINE_SECONDS  # longer than any request may take
 FORGOT_QUEUE_SIZE = 10_000
@@ -4765,7 +4772,9 @@ def _page(status: int, title: str, body: str) -> Response:
 
 
 class _HttpServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connections and a deadline per connection."""
+    """ThreadingHTTPServer that no single client can take from the others: a cap on connections
+    in all and per client address, deadlines for the headers and the whole request, and a
+    budget of header bytes (see the limits at the top of the HTTP API section)."""
 
     daemon_threads = False  # server_close() waits for requests in flight
     block_on_close = True
@@ -4774,33 +4783,78 @@ class _HttpServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], api: Api, routes: Routes):
         self.api = api
         self.routes = routes
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._deadlines: dict[socket.socket, float] = {}
-        self._busy: set[socket.socket] = set()
-        self._deadline_lock = threading.Lock()
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._per_client: dict[str, int] = {}
+        self._shared_left = HEADER_BYTES_SHARED
+        self._lock = threading.Lock()
         self._closing = threading.Event()
         super().__init__(address, _Handler)
         self._reaper = threading.Thread(target=self._reap, name="sysmail-http-deadlines",
                                         daemon=True)
         self._reaper.start()
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:
-        if not self._slots.acquire(blocking=False):
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        """Admit the connection to a handler thread, or refuse it here, on the accepting
+        thread: a 503 and the connection closed at once."""
+        client = self.client_key(str(client_address[0]))
+        with self._lock:
+            held = len(self._connections)
+            admitted = held < MAX_CONNECTIONS and (
+                client is None or held < BUSY_CONNECTIONS
+                or self._per_client.get(client, 0) < MAX_CONNECTIONS_PER_CLIENT)
+            if admitted:
+                self._connections[request] = _Connection(client)
+                if client is not None:
+                    self._per_client[client] = self._per_client.get(client, 0) + 1
+        if not admitted:
+            self.api.metrics.inc("sysmail_http_requests_total", route="refused", status="503")
             _refuse_busy(request)
             self.shutdown_request(request)
             return
-        with self._deadline_lock:
-            self._deadlines[request] = time.monotonic() + REQUEST_DEADLINE_SECONDS
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread could be started: the slot is free again
+            self._forget(request)
+            raise
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._deadline_lock:
-                self._deadlines.pop(request, None)
-                self._busy.discard(request)
-            self._slots.release()
+            self._forget(request)
+
+    def client_key(self, host: str) -> str | None:
+        """What the per-client cap counts a peer under: its address (an IPv6 one by its /64,
+        which one host usually holds whole); None for a trusted proxy, which speaks for many
+        clients and so is held only by the overall cap."""
+        try:
+            address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return host
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if any(address in network for network in self.api.config.trusted_proxies):
+            return None
+        if isinstance(address, ipaddress.IPv6Address):
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return str(address)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._lock:
+            connection = self._connections.pop(request, None)
+            if connection is None:
+                return
+            self._shared_left += connection.shared_bytes
+            if connection.client is not None:
+                left = self._per_client.pop(connection.client) - 1
+                if left:
+                    self._per_client[connection.client] = left
+
+    @property
+    def open_connections(self) -> int:
+        """How many connections this server handles now."""
+        with self._lock:
+            return len(self._connections)
 
     @property
     def url(self) -> str:
@@ -4810,13 +4864,36 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 
     def mark_busy(self, request: socket.socket) -> None:
         """A request line arrived on this connection: stopping must let it finish."""
-        with self._deadline_lock:
-            self._busy.add(request)
+        with self._lock:
+            if connection := self._connections.get(request):
+                connection.in_request = True
+
+    def headers_read(self, request: socket.socket) -> None:
+        """The request line and headers are in: only the request deadline holds it now."""
+        with self._lock:
+            if connection := self._connections.get(request):
+                connection.headers_read = True
+
+    def take_header_bytes(self, request: socket.socket, total: int) -> bool:
+        """The request on this connection has read total bytes of request line and headers:
+        take what goes beyond its own HEADER_BYTES_PER_CONNECTION from the shared budget;
+        False when the budget cannot cover it."""
+        with self._lock:
+            connection = self._connections.get(request)
+            if connection is None:
+                return True
+            more = max(0, total - HEADER_BYTES_PER_CONNECTION) - connection.shared_bytes
+            if more > self._shared_left:
+                return False
+            if more > 0:
+                self._shared_left -= more
+                connection.shared_bytes += more
+            return True
 
     def close_idle(self) -> None:
         """Cut connections that have not sent a request line yet (for a prompt stop)."""
-        with self._deadline_lock:
-            idle = [s for s in self._deadlines if s not in self._busy]
+        with self._lock:
+            idle = [s for s, c in self._connections.items() if not c.in_request]
         for sock in idle:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -4827,11 +4904,19 @@ class _HttpServer(http.server.ThreadingHTTPServer):
         log_event(logging.INFO, "http_connection_error", error=type(error).__name__)
 
     def _reap(self) -> None:
-        """Cut connections past their deadline: a slow client cannot hold a thread for long."""
+        """Cut connections past their deadline: a slow client cannot hold a thread for long.
+        One that saw the server busy is cut too when its headers are not in
+        HEADER_DEADLINE_SECONDS after it was accepted."""
         while not self._closing.wait(0.25):
             now = time.monotonic()
-            with self._deadline_lock:
-                late = [s for s, deadline in self._deadlines.items() if deadline < now]
+            with self._lock:
+                if len(self._connections) >= BUSY_CONNECTIONS:
+                    for connection in self._connections.values():
+                        connection.hurried = True
+                late = [s for s, c in self._connections.items()
+                        if now - c.opened > REQUEST_DEADLINE_SECONDS
+                        or (c.hurried and not c.headers_read
+                            and now - c.opened > HEADER_DEADLINE_SECONDS)]
             for sock in late:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -4841,12 +4926,84 @@ class _HttpServer(http.server.ThreadingHTTPServer):
         self._closing.set()
 
 
+class _Connection:
+    """What _HttpServer keeps about one connection it handles."""
+
+    __slots__ = ("client", "headers_read", "hurried", "in_request", "opened", "shared_bytes")
+
+    def __init__(self, client: str | None):
+        self.opened = time.monotonic()
+        self.client = client  # counted under this for the per-client cap; None: not counted
+        self.in_request = False  # a request line arrived
+        self.headers_read = False
+        self.hurried = False  # it saw the server busy: HEADER_DEADLINE_SECONDS holds for it
+        self.shared_bytes = 0  # header bytes taken from the server's shared budget
+
+
+class _HeadersRefused(Exception):
+    """The request line and headers went past MAX_HEADER_BYTES (too_large) or past what the
+    shared budget could still give (not too_large)."""
+
+    def __init__(self, too_large: bool):
+        super().__init__("too large" if too_large else "no header budget left")
+        self.too_large = too_large
+
+
+class _HeaderReader:
+    """The handler's rfile: reads the request line and headers in pieces of at most PIECE
+    bytes, each counted before the next is read, so a request holds no more header bytes than
+    MAX_HEADER_BYTES and its share of the budget (the body is bounded by MAX_BODY_BYTES)."""
+
+    PIECE = 4096
+
+    def __init__(self, rfile, server: _HttpServer, sock: socket.socket):  # rfile: BufferedReader
+        self._rfile = rfile
+        self._server = server
+        self._sock = sock
+        self.counting = True
+        self.total = 0
+
+    def start_request(self) -> None:
+        """A new request on this connection: count its request line and headers."""
+        self.counting, self.total = True, 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        if not self.counting:
+            return self._rfile.readline(limit)
+        pieces: list[bytes] = []
+        read = 0
+        while limit < 0 or read < limit:
+            want = min(self.PIECE, MAX_HEADER_BYTES + 1 - self.total)
+            piece = self._rfile.readline(want if limit < 0 else min(want, limit - read))
+            self.total += len(piece)
+            read += len(piece)
+            if self.total > MAX_HEADER_BYTES:
+                raise _HeadersRefused(too_large=True)
+            if not self._server.take_header_bytes(self._sock, self.total):
+                raise _HeadersRefused(too_large=False)
+            pieces.append(piece)
+            if not piece or piece.endswith(b"\n"):
+                break
+        return b"".join(pieces)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._rfile.read(size)
+
+    def close(self) -> None:
+        self._rfile.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._rfile, name)
+
+
 def _refuse_busy(sock: socket.socket) -> None:
+    """A 503 for a connection that gets no handler thread, sent without ever waiting on it."""
     body = b'{"error":"too many connections, try again later"}'
     with contextlib.suppress(OSError):
-        sock.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                     b"Cache-Control: no-store\r\nRetry-After: 1\r\nContent-Length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.setblocking(False)
+        sock.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Cache-Control: no-store\r\nRetry-After: 1\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -4864,6 +5021,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._serve
         raise AttributeError(name)
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _HeaderReader(self.rfile, self.server, self.connection)
+
+    def handle_one_request(self) -> None:
+        """http.server's, with the request line and headers bounded by _HeaderReader: past
+        MAX_HEADER_BYTES a 414 (request line) or 431, past the shared budget a 503."""
+        self.rfile.start_request()
+        self.requestline, self.command, self.request_version = "", "", self.default_request_version
+        self._in_headers = False
+        try:
+            super().handle_one_request()
+        except _HeadersRefused as refused:
+            self.close_connection = True
+            if not refused.too_large:
+                response = json_response(503, {"error": "the server is busy, try again later"},
+                                         **{"Retry-After": "1"})
+            elif self._in_headers:
+                response = json_response(431, {"error": "the request line and headers must be "
+                                                        f"at most {MAX_HEADER_BYTES} bytes"})
+            else:
+                response = json_response(414, {"error": "the request line must be at most "
+                                                        f"{MAX_HEADER_BYTES} bytes"})
+            with contextlib.suppress(OSError):
+                self._write(response, "unparsed")
+
     def parse_request(self) -> bool:
         """http.server's parser, after skipping empty lines before the request line (RFC 9112
         section 2.2); an empty request gets a 400 instead of a silent close."""
@@ -4876,7 +5059,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.request_version = self.default_request_version
             self.send_error(400, "empty request line")
             return False
+        self._in_headers = True
         parsed = super().parse_request()
+        self.rfile.counting = False  # the rest is the body, bounded by MAX_BODY_BYTES
+        self.server.headers_read(self.connection)
         if self.request_version < "HTTP/1.0":  # answer 0.9 requests with a status line too
             self.request_version = self.default_request_version
         return parsed
