@@ -212,6 +212,15 @@ class PermanentDeliveryError(DeliveryError):
     """A 5xx answer: the message will never be accepted as it is."""
 
 
+class Paced(TemporaryDeliveryError):
+    """No relay may take this message yet (its rate or daily quota, or it asked us to slow
+    down): retry_in seconds from now, costing no attempt."""
+
+    def __init__(self, reason: str, retry_in: float):
+        self.retry_in = retry_in
+        super().__init__(reason)
+
+
 class RelayUnavailable(TemporaryDeliveryError):
     """The relay cannot be reached or is shutting down (refused, timeout, 421): no message's fault.
 
@@ -418,6 +427,8 @@ class SmtpUrl:
     port: int
     username: str = ""
     password: str = field(default="", repr=False)
+    rate: float | None = None  # messages a second the relay allows (?rate=14)
+    daily: int | None = None  # messages a day (?daily=50000)
 
     @classmethod
     def parse(cls, text: str) -> SmtpUrl:
@@ -434,7 +445,7 @@ class SmtpUrl:
         user = urllib.parse.unquote(parts.username or "")
         password = urllib.parse.unquote(parts.password or "")
         return cls(parts.scheme, parts.hostname, port or SMTP_DEFAULT_PORTS[parts.scheme],
-                   user, password)
+                   user, password, *_relay_limits(parts.query))
 
     def __str__(self) -> str:
         user = f"{self.username}:***@" if self.username else ""
@@ -449,6 +460,22 @@ class SmtpUrl:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+def _relay_limits(query: str) -> tuple[float | None, int | None]:
+    """rate= (messages a second) and daily= (a day) from an SMTP_URL's query; ValueError else."""
+    params = dict(urllib.parse.parse_qsl(query))
+    unknown = set(params) - {"rate", "daily"}
+    if unknown:
+        raise ValueError(f"has an unknown parameter {min(unknown)!r} (rate=, daily=)")
+    try:
+        rate = float(params["rate"]) if "rate" in params else None
+        daily = int(params["daily"]) if "daily" in params else None
+    except ValueError:
+        raise ValueError("rate= and daily= take positive numbers") from None
+    if (rate is not None and not 0 < rate <= 10_000) or (daily is not None and daily <= 0):
+        raise ValueError("rate= and daily= take positive numbers")
+    return rate, daily
 
 
 @dataclass(frozen=True)
@@ -1769,8 +1796,9 @@ class Queue(Protocol):
     def defer(self, claim: Claim, due: float) -> None:
         """Put a message back for another attempt at `due` (attempt + 1)."""
 
-    def release(self, claim: Claim) -> None:
-        """Put a message back unchanged, due now: its attempt was not its fault."""
+    def release(self, claim: Claim, due: float | None = None) -> None:
+        """Put a message back with its attempt unchanged, due now (or at due): its try was
+        not its fault."""
 
     def fail(self, claim: Claim, reason: dict) -> None:
         """Make a dead letter of a message, with its reason."""
@@ -1988,9 +2016,11 @@ class Spool:
                                    attempt=claim.name.attempt + 1)
         self._return(claim, str(name))
 
-    def release(self, claim: Claim) -> None:
-        """Put a message back unchanged, due now: its attempt was not its fault."""
-        self._return(claim, str(claim.name))
+    def release(self, claim: Claim, due: float | None = None) -> None:
+        """Put a message back with its attempt unchanged, due now (or at due)."""
+        name = claim.name if due is None else dataclasses.replace(claim.name,
+                                                                  due_ms=int(due * 1000))
+        self._return(claim, str(name))
 
     def _return(self, claim: Claim, entry: str) -> None:
         os.rename(claim.path, self.root / "new" / entry)
@@ -2559,9 +2589,9 @@ class RedisQueue:
         """Put a message back for another attempt at `due`."""
         self._unclaim(claim.name.id, due, claim.name.attempt + 1, self._owner)
 
-    def release(self, claim: Claim) -> None:
-        """Put a message back unchanged, due now."""
-        self._unclaim(claim.name.id, self.clock(), None, self._owner)
+    def release(self, claim: Claim, due: float | None = None) -> None:
+        """Put a message back with its attempt unchanged, due now (or at due)."""
+        self._unclaim(claim.name.id, self.clock() if due is None else due, None, self._owner)
 
     def _unclaim(self, ident: str, due: float, attempt: int | None, owner: str) -> bool:
         args = [ident, int(due * 1000), "" if attempt is None else attempt, owner,
@@ -2814,8 +2844,10 @@ class Transport(Protocol):
     def open(self) -> bool:
         """Make sure a usable connection is open; True when a new one was opened."""
 
-    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
-        """Negotiate MAIL FROM and RCPT TO; return who is accepted and who is refused."""
+    def begin(self, mail_from: str, rcpts: tuple[str, ...], urgent: bool = True) -> Envelope:
+        """Negotiate MAIL FROM and RCPT TO; return who is accepted and who is refused.
+        Urgent mail may use the share of a relay's pace kept for it; Paced when no relay
+        has room for the message yet."""
 
     def finish(self, data: bytes) -> SendResult:
         """Send the content of the open transaction; return the final reply."""
@@ -2913,7 +2945,7 @@ class SmtpTransport:
         idle = self.clock() - self._last_used
         return self._sent_on_connection >= self.max_messages or idle > self.max_idle_seconds
 
-    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+    def begin(self, mail_from: str, rcpts: tuple[str, ...], urgent: bool = True) -> Envelope:
         """Open a transaction: MAIL FROM and RCPT TO (and DATA, when pipelining)."""
         fresh = self.open()
         try:
@@ -3119,7 +3151,7 @@ class OutboxTransport:
             raise RelayUnavailable(f"cannot create the outbox {self.folder}: {exc.strerror}") from None
         return not existed
 
-    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
+    def begin(self, mail_from: str, rcpts: tuple[str, ...], urgent: bool = True) -> Envelope:
         """Accept every recipient (the folder is made if need be)."""
         self.open()
         self._rcpts = rcpts
@@ -3200,6 +3232,54 @@ class _RelayBackoff:
                       after_failures=failures)
 
 
+class _Pacer:
+    """A relay's pace: a token bucket at its rate, and its daily quota. Urgent mail keeps a
+    share of both (URGENT_SHARE): bulk waits while a two-factor code still goes out. A
+    throttling reply halves the rate; it recovers by a tenth a minute."""
+
+    URGENT_SHARE = 0.2
+    UNLIMITED = 10_000.0
+
+    def __init__(self, rate: float | None, daily: int | None, clock: Clock):
+        self.limit = rate or self.UNLIMITED
+        self.rate, self.daily, self.clock = self.limit, daily, clock
+        self.reserve = max(1.0, self.limit * self.URGENT_SHARE / 5)  # urgent's tokens
+        self.tokens, self.updated = 1.0 + self.reserve, clock()
+        self.day, self.used = int(clock() // DAY_SECONDS), 0
+        self._lock = threading.Lock()
+
+    def take(self, urgent: bool) -> float:
+        """Take one message's room: 0 when it may go now, else the seconds to wait."""
+        if self.limit >= self.UNLIMITED and not self.daily and self.rate >= self.limit:
+            return 0.0  # no pace set and none asked for: the usual case, without the lock
+        with self._lock:
+            now = self._refill()
+            quota = self.daily and self.daily * (1 if urgent else 1 - self.URGENT_SHARE)
+            if quota and self.used >= quota:
+                return (self.day + 1) * DAY_SECONDS - now
+            needed = 1.0 if urgent else 1.0 + self.reserve  # bulk leaves urgent's tokens
+            if self.tokens < needed:
+                return (needed - self.tokens) / self.rate
+            self.tokens -= 1
+            self.used += 1
+            return 0.0
+
+    def throttled(self) -> None:
+        """The relay asked us to slow down: halve the rate."""
+        with self._lock:
+            self._refill()
+            self.rate = max(self.rate / 2, 0.1) if self.rate < self.UNLIMITED else 10.0
+
+    def _refill(self) -> float:
+        now = self.clock()
+        elapsed, self.updated = max(now - self.updated, 0.0), now
+        self.rate = min(self.limit, self.rate * (1 + elapsed / 600))  # +10 % a minute
+        self.tokens = min(1.0 + self.reserve, self.tokens + elapsed * self.rate)
+        if int(now // DAY_SECONDS) != self.day:
+            self.day, self.used = int(now // DAY_SECONDS), 0
+        return now
+
+
 class RelayHealth:
     """What every connection of a process knows of each relay: whether it is down (with its
     own backoff), and its replies, for the metrics."""
@@ -3209,6 +3289,7 @@ class RelayHealth:
         self.names = [f"{url.host}:{url.port}" for url in urls]
         self.metrics = metrics
         self.backoffs = [_RelayBackoff(clock, rand, name=name) for name in self.names]
+        self.pacers = [_Pacer(url.rate, url.daily, clock) for url in urls]
         self.clock = clock
         self._lock = threading.Lock()
         self.last_reply: dict[str, float] = {}
@@ -3234,11 +3315,25 @@ class RelayHealth:
             gauges[f"sysmail_relay_up{{{name}}}"] = (
                 "1 while the relay may be used, 0 while it is backed off.", {"relay": name},
                 float(self.usable(index)))
+            pacer = self.pacers[index]
+            if pacer.rate < _Pacer.UNLIMITED:
+                help_text = ("Messages a second the relay is sent now (its rate, or less when "
+                             "it asked to slow down).")
+                gauges[f"sysmail_relay_rate{{{name}}}"] = (help_text, {"relay": name},
+                                                           round(pacer.rate, 3))
+            if pacer.daily:
+                gauges[f"sysmail_relay_quota_used_ratio{{{name}}}"] = (
+                    "Share of the relay's daily quota used today.", {"relay": name},
+                    round(pacer.used / pacer.daily, 4))
             if name in self.last_reply:
                 gauges[f"sysmail_relay_last_reply_age_seconds{{{name}}}"] = (
                     "Seconds since the relay's last final reply.", {"relay": name},
                     round(now - self.last_reply[name], 3))
         return gauges
+
+    def pace(self, index: int, urgent: bool) -> float:
+        """0 when relay index may take a message now (its room taken), else seconds to wait."""
+        return self.pacers[index].take(urgent)
 
     def up_count(self) -> int:
         """How many relays may be tried now."""
@@ -3264,18 +3359,22 @@ class FailoverTransport:
         """Make sure the first relay that is up has an open connection."""
         return self._first_up(lambda relay: relay.open())
 
-    def begin(self, mail_from: str, rcpts: tuple[str, ...]) -> Envelope:
-        """Negotiate with the first relay that is up (the next one when it cannot be used)."""
-        return self._first_up(lambda relay: relay.begin(mail_from, rcpts))
+    def begin(self, mail_from: str, rcpts: tuple[str, ...], urgent: bool = True) -> Envelope:
+        """Negotiate with the first relay that is up and has room at its pace (the next one
+        when it cannot be used); Paced when none has room yet."""
+        return self._first_up(lambda relay: relay.begin(mail_from, rcpts), urgent)
 
     def finish(self, data: bytes) -> SendResult:
         """Send the content to the relay that took the envelope."""
         try:
             result = self.relays[self._active].finish(data)
-        except RelayUnavailable as exc:
-            self.health.backoffs[self._active].down(exc)
-            raise
         except DeliveryError as exc:
+            if _is_throttling(exc):
+                self.health.pacers[self._active].throttled()
+                raise Paced(f"the relay asked to slow down: {exc}", 1.0) from None
+            if isinstance(exc, RelayUnavailable):
+                self.health.backoffs[self._active].down(exc)
+                raise
             self.health.record(self._active, exc.smtp_code)
             raise
         self.health.record(self._active, result.code)
@@ -3310,26 +3409,43 @@ class FailoverTransport:
         for relay in self.relays:
             relay.close()
 
-    def _first_up(self, work: Callable[[SmtpTransport], object]) -> object:
+    def _first_up(self, work: Callable[[SmtpTransport], object], urgent: bool = True) -> object:
         last: RelayUnavailable | None = None
+        waits: list[float] = []
         for index, relay in enumerate(self.relays):
             if not self.health.usable(index):
                 continue
+            if wait := self.health.pace(index, urgent):
+                waits.append(wait)
+                continue
             try:
                 result = work(relay)
-            except RelayUnavailable as exc:
+            except DeliveryError as exc:
+                if _is_throttling(exc):  # "slow down": pace the relay, spend no attempt
+                    self.health.pacers[index].throttled()
+                    raise Paced(f"{relay.url.host} asked to slow down: {exc}", 1.0) from None
+                if not isinstance(exc, RelayUnavailable):  # the relay answered: its word stands
+                    self._active = index
+                    self.health.record(index, exc.smtp_code)
+                    raise
                 self.health.backoffs[index].down(exc)
                 last = exc
                 continue
-            except DeliveryError as exc:  # the relay answered: its word stands
-                self._active = index
-                self.health.record(index, exc.smtp_code)
-                raise
             self._active = index
             return result
+        if waits and last is None:
+            raise Paced("every relay is at its pace", min(waits))
         error = last or RelayUnavailable("every relay is down; waiting for one to return")
         error.retry_in = min(backoff.seconds_left() for backoff in self.health.backoffs)
         raise error
+
+
+_THROTTLING = re.compile(r"\b4\.7\.\d+|rate|too many|throttl|slow down", re.IGNORECASE)
+
+
+def _is_throttling(exc: DeliveryError) -> bool:
+    """A 421, 451 or 454 that asks the sender to slow down (4.7.x, "rate exceeded")."""
+    return exc.smtp_code in (421, 451, 454) and bool(_THROTTLING.search(exc.reply or str(exc)))
 
 
 def transport_from_config(config: Config, health: RelayHealth | None = None) -> Transport:
@@ -3347,6 +3463,8 @@ def transport_from_config(config: Config, health: RelayHealth | None = None) -> 
 # ---- Sender ---- #
 
 SENDER_IDLE_POLL_SECONDS = 1.0
+PACING_SECONDS = 1.0  # after a relay's pace held a message back, claim one at a time
+NOT_PACED = float("-inf")
 STOP_GRACE_SECONDS = 3.0
 RECIPIENT_LIMIT = "recipient limit"
 SENDER_BATCH_SIZE = 50
@@ -3382,6 +3500,7 @@ class DeliveryCounts:
     failed: int = 0
     expired: int = 0
     released: int = 0
+    paced: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, outcome: str, count: int = 1) -> None:
@@ -3391,7 +3510,8 @@ class DeliveryCounts:
 
     def __str__(self) -> str:
         return ", ".join(f"{name} {getattr(self, name)}"
-                         for name in ("sent", "deferred", "failed", "expired", "released"))
+                         for name in ("sent", "deferred", "failed", "expired", "released",
+                                      "paced") if name != "paced" or self.paced)
 
 
 class _Connections:
@@ -3450,6 +3570,12 @@ class _Batch:
         self._stop = stop
         self._lock = threading.Lock()
         self.error: Exception | None = None
+        self.paced: float | None = None  # seconds until a relay has room again
+
+    def pace(self, seconds: float) -> None:
+        """A message had to wait for a relay's pace."""
+        with self._lock:
+            self.paced = min(self.paced or seconds, seconds)
 
     @property
     def halted(self) -> bool:
@@ -3478,16 +3604,17 @@ class _Settler:
         self._unrecorded: list[tuple[Claim, SpooledMessage, list[Verdict]]] = []
         self._last_mark = float("-inf")
 
-    def release(self, claim: Claim, counts: DeliveryCounts) -> None:
-        """Put a claim back; when its queue cannot take it now, keep it to try again later
-        (a claim left to its lease would wait minutes, and one already sent goes out once
-        more: the duplicate window of a queue outage)."""
+    def release(self, claim: Claim, counts: DeliveryCounts, due: float | None = None,
+                outcome: str = "released") -> None:
+        """Put a claim back (due now, or at due); when its queue cannot take it now, keep it
+        to try again later (a claim left to its lease would wait minutes, and one already sent
+        goes out once more: the duplicate window of a queue outage)."""
         try:
-            claim.queue.release(claim)
+            claim.queue.release(claim, due)
         except (QueueUnavailable, SpoolError, OSError):
             with self._lock:
                 self._unreleased.append(claim)
-        counts.add("released")
+        counts.add(outcome)
 
     def release_leftovers(self) -> None:
         """Try again to put back the claims a failing queue could not take."""
@@ -3658,6 +3785,7 @@ class Sender:
         self._last_clean = 0.0
         self._last_queue_warning: dict[str, float] = {}
         self._commit = threading.Lock()
+        self._paced_until = NOT_PACED
         self._settler = _Settler(spool, self.metrics, clock, retry, rand)
         self._connections = _Connections(transport, connections, transport_factory)
 
@@ -3737,6 +3865,11 @@ class Sender:
                     break
             except (QueueUnavailable, SpoolError, OSError) as exc:  # one queue down: others serve
                 self._warn_queue_down(source, exc)
+        if self._paced_until > self.clock():
+            next_due.append(self._paced_until)
+        elif self._paced_until != NOT_PACED and self._paced_until + PACING_SECONDS < self.clock():
+            log_event(logging.INFO, "pacing_ended")
+            self._paced_until = NOT_PACED
         self._next_due = min(next_due, default=None)
         return counts
 
@@ -3745,7 +3878,8 @@ class Sender:
         """Deliver what is due in one queue; False when the relay went down."""
         source.recover()
         while True:
-            claims, due = source.claim(self.batch_size)
+            pacing = self.clock() < self._paced_until + PACING_SECONDS
+            claims, due = source.claim(1 if pacing else self.batch_size)
             if due is not None:
                 next_due.append(due)
             if not claims:
@@ -3772,6 +3906,12 @@ class Sender:
             return False
         if batch.error is not None:
             raise QueueUnavailable(f"the queue failed while settling messages: {batch.error}")
+        if batch.paced is not None:  # claim one at a time (urgent first) while it lasts
+            if self._paced_until + PACING_SECONDS < self.clock():
+                log_event(logging.INFO, "pacing_started", wait_seconds=round(batch.paced, 3),
+                          note="a relay's rate or quota holds mail back; urgent mail first")
+            self._paced_until = self.clock() + batch.paced
+            return False
         return not self._stop.is_set()
 
     def _deliver_one(self, claim: Claim, counts: DeliveryCounts, batch: _Batch) -> None:
@@ -3783,6 +3923,10 @@ class Sender:
         try:
             with self._connections.borrow() as transport:
                 self._deliver(claim, counts, transport, batch)
+        except Paced as exc:  # back when a relay has room, at no cost
+            batch.pace(exc.retry_in)
+            self._settler.release(claim, counts, due=self.clock() + exc.retry_in,
+                                  outcome="paced")
         except (RelayUnavailable, QueueUnavailable, SpoolError, OSError) as exc:
             batch.halt(exc)  # the relay or the queue, not the message
             self._settler.release(claim, counts)
@@ -3816,8 +3960,9 @@ class Sender:
         data = self.signer.sign(message.data) if self.signer else message.data
         started = time.monotonic()
         try:
-            answer: Envelope | DeliveryError = transport.begin(message.mail_from, message.rcpts)
-        except RelayUnavailable:
+            answer: Envelope | DeliveryError = transport.begin(
+                message.mail_from, message.rcpts, urgent=message.priority == URGENT)
+        except (RelayUnavailable, Paced):
             raise
         except DeliveryError as exc:
             answer = exc
@@ -3853,7 +3998,7 @@ class Sender:
             return SendResult(0, "no recipient accepted", (), answer.refused)
         try:
             return transport.finish(data)
-        except RelayUnavailable:
+        except (RelayUnavailable, Paced):
             raise
         except DeliveryError as exc:
             return exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -141,3 +142,104 @@ def test_check_probes_every_relay(busy_relay: Busy421, smtp_server: SmtpServer,
     port = busy_relay.url.rsplit(":", 1)[1]
     assert f"127.0.0.1:{port}: DOWN" in result.stdout
     assert f"127.0.0.1:{smtp_server.port}: connected" in result.stdout
+
+
+# --------------------------------------------------------------------------- pace
+
+
+def paced_app(url: str, tmp_path: Path, clock: FakeClock) -> tuple[sysmail.App, sysmail.Sender]:
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": url, "SYSMAIL_ALLOW_UNSIGNED": "1",
+        "SYSMAIL_SPOOL": str(tmp_path / "spool"), "SYSMAIL_SMTP_CONNECTIONS": "1"})
+    app = sysmail.build_app(config, clock=clock)
+    return app, app.sender()
+
+
+def drain_for(sender: sysmail.Sender, clock: FakeClock, server: SmtpServer, seconds: float,
+              step: float = 0.01) -> list[float]:
+    """Run the sender on the fake clock for a while; return when each message arrived."""
+    arrivals: list[float] = []
+    end = clock() + seconds
+    while clock() < end:
+        before = len(server.messages)
+        sender.run_once()
+        arrivals += [clock()] * (len(server.messages) - before)
+        clock.advance(step)
+    return arrivals
+
+
+def test_a_relay_gets_no_more_than_its_rate_and_urgent_mail_goes_first(
+        smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """?rate=20: over 5 seconds of a bulk backlog the relay receives about 100 messages and
+    never more than 20 in any second (plus the one-message share kept for urgent mail); a
+    two-factor code queued in the middle of the backlog leaves at once."""
+    clock = FakeClock()
+    app, sender = paced_app(f"{smtp_server.url}?rate=20", tmp_path, clock)
+    for number in range(300):
+        app.enqueuer.enqueue_message(f"user{number}@example.org", "News", "Text.")
+    try:
+        arrivals = drain_for(sender, clock, smtp_server, 2.5)
+        app.enqueuer.enqueue_template("two-factor-code", "ada@example.org", {"code": "123456"})
+        urgent_queued = clock()
+        arrivals += drain_for(sender, clock, smtp_server, 2.5)
+    finally:
+        sender.close()
+    start = arrivals[0]
+    per_second = [sum(start + s <= t < start + s + 1 for t in arrivals) for s in range(4)]
+    assert all(count <= 21 for count in per_second), per_second
+    assert 80 <= len(arrivals) <= 101  # paced, not stalled (the 10 ms steps round it down)
+    codes = [i for i, m in enumerate(smtp_server.messages) if b"sign-in code" in m.data]
+    assert len(codes) == 1
+    assert arrivals[codes[0]] - urgent_queued <= 0.02  # not behind the backlog
+    assert sum(1 for m in smtp_server.messages) == len(arrivals)
+
+
+def test_a_throttling_reply_slows_the_relay_and_costs_no_attempt(
+        smtp_server: SmtpServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """451 4.7.1 "rate exceeded": the message waits without spending an attempt, the relay's
+    pace halves, and a log line says when pacing starts and when it ends."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    clock = FakeClock()
+    app, sender = paced_app(smtp_server.url, tmp_path, clock)
+    smtp_server.sink.script_data(["451 4.7.1 Maximum sending rate exceeded"])
+    app.enqueuer.enqueue_message("ada@example.org", "Hello", "Text.")
+    try:
+        counts = sender.run_once()
+        assert (counts.paced, counts.deferred, counts.failed) == (1, 0, 0)
+        ((name),) = (tmp_path / "spool" / "new").iterdir()
+        assert name.name.split(".")[2] == "0"  # no attempt spent
+        page = app.api.metrics_page(sysmail.Request("GET", "/metrics", {}, {}, b"", "x")).body
+        assert b"sysmail_relay_rate{" in page  # the relay is paced now
+        clock.advance(3)
+        assert sender.run_once().sent == 1
+    finally:
+        sender.close()
+    events = [r.getMessage() for r in caplog.records]
+    assert events.index("pacing_started") < events.index("pacing_ended")
+
+
+def test_a_daily_quota_keeps_a_share_for_urgent_mail(smtp_server: SmtpServer,
+                                                     tmp_path: Path) -> None:
+    """?daily=10: bulk stops at 8, urgent mail still goes out up to 10."""
+    clock = FakeClock()
+    app, sender = paced_app(f"{smtp_server.url}?daily=10", tmp_path, clock)
+    for number in range(12):
+        app.enqueuer.enqueue_message(f"user{number}@example.org", "News", "Text.")
+    try:
+        drain_for(sender, clock, smtp_server, 1)
+        assert len(smtp_server.messages) == 8
+        for number in range(3):
+            app.enqueuer.enqueue_template("two-factor-code", f"u{number}@example.org",
+                                          {"code": "123456"})
+        drain_for(sender, clock, smtp_server, 1)
+    finally:
+        sender.close()
+    assert len(smtp_server.messages) == 10
+
+
+def test_relay_limits_are_checked_in_the_url() -> None:
+    url = sysmail.SmtpUrl.parse("smtps://u:p@relay.example:465?rate=14&daily=50000")
+    assert (url.rate, url.daily, url.port) == (14.0, 50000, 465)
+    for bad in ("smtp://h?rate=fast", "smtp://h?rate=0", "smtp://h?burst=3"):
+        with pytest.raises(ValueError):
+            sysmail.SmtpUrl.parse(bad)
