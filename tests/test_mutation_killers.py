@@ -7,6 +7,12 @@ fixture, real processes; no mocks and no patching.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sqlite3
+import time
+from pathlib import Path
+
 import dkim
 import pytest
 from conftest import Ed25519Key, RsaKey, dkim_dns
@@ -83,3 +89,79 @@ def test_signer_from_a_config_with_only_an_ed25519_key(ed25519_key: Ed25519Key) 
     assert signed.count(b"DKIM-Signature:") == 1
     dns = dkim_dns({"ed._domainkey.mail.example.com.": ed25519_key.dns_record})
     assert dkim.verify(signed, dnsfunc=dns)
+
+
+# --------------------------------------------------------------------------- token store
+
+
+def test_token_hash_of_a_lone_surrogate_replaces_it() -> None:
+    """A token that is not valid UTF-8 text is hashed with '?' for the bad code point."""
+    assert sysmail.token_hash("ab\udcffcd") == hashlib.sha256(b"ab?cd").digest()
+
+
+def test_memory_store_add_user_keeps_name_and_password_and_counts_ids_from_one() -> None:
+    """MemoryStore.add_user: ids 1, 2, ... like SQLite's; the name; a password as a hash."""
+    store = sysmail.MemoryStore()
+    ada = store.add_user("ada@example.com", password="correct horse")
+    bob = store.add_user("bob@example.com", "Bob")
+    assert (ada.id, ada.name, bob.id, bob.name) == ("1", "", "2", "Bob")
+    assert sysmail.verify_password("correct horse", store.passwords[ada.id])
+    assert bob.id not in store.passwords
+
+
+def test_memory_store_keeps_when_a_token_was_made() -> None:
+    """save_token records the creation time next to the expiry."""
+    store = sysmail.MemoryStore()
+    ada = store.add_user("ada@example.com")
+    store.save_token(b"h" * 32, ada, sysmail.RESET_PURPOSE, 100.0, 200.0)
+    assert store.tokens[b"h" * 32] == {"user": ada, "purpose": sysmail.RESET_PURPOSE,
+                                       "created_at": 100.0, "expires_at": 200.0,
+                                       "used_at": None}
+
+
+def test_sqlite_add_user_hashes_the_password_and_lists_users(tmp_path: Path) -> None:
+    """add_user with a password stores its scrypt hash; users() shows every column."""
+    store = sysmail.SqliteStore(tmp_path / "s.db", clock=lambda: 1234.5)
+    ada = store.add_user("ada@example.com", password="correct horse")
+    bob = store.add_user("bob@example.com", "Bob")
+    assert (ada.name, bob.name) == ("", "Bob")
+    assert sysmail.verify_password("correct horse", store.password_hash(ada))
+    assert store.password_hash(bob) is None
+    assert store.users() == [
+        {"id": ada.id, "email": "ada@example.com", "name": "", "has_password": True,
+         "created_at": 1234.5},
+        {"id": bob.id, "email": "bob@example.com", "name": "Bob", "has_password": False,
+         "created_at": 1234.5}]
+    assert repr(store) == f"SqliteStore({str(tmp_path / 's.db')!r})"
+
+
+def test_sqlite_unknown_user_has_no_password_hash(tmp_path: Path) -> None:
+    """password_hash of a user id the file does not hold is None."""
+    store = sysmail.SqliteStore(tmp_path / "s.db")
+    assert store.password_hash(sysmail.User("99", "nobody@example.com", "")) is None
+
+
+def test_sqlite_token_of_a_deleted_user_gives_no_user(tmp_path: Path) -> None:
+    """A token whose user row was removed (by hand, in the file) is consumed but names nobody."""
+    store = sysmail.SqliteStore(tmp_path / "s.db")
+    ada = store.add_user("ada@example.com")
+    store.save_token(b"t" * 32, ada, sysmail.RESET_PURPOSE, 0.0, 100.0)
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:
+        db.execute("DELETE FROM users")
+        db.commit()
+    assert store.consume_token(b"t" * 32, sysmail.RESET_PURPOSE, 1.0) is None
+
+
+def test_sqlite_busy_store_gives_up_after_its_own_timeout(tmp_path: Path) -> None:
+    """A held write lock is waited for SQLITE_BUSY_TIMEOUT_SECONDS, not SQLite's default 5 s."""
+    path = tmp_path / "s.db"
+    store = sysmail.SqliteStore(path)
+    store.ping()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(sysmail.StoreError):
+            store.add_user("ada@example.com")
+        waited = time.monotonic() - started
+        holder.execute("ROLLBACK")
+    assert sysmail.SQLITE_BUSY_TIMEOUT_SECONDS - 0.2 <= waited < sysmail.SQLITE_BUSY_TIMEOUT_SECONDS + 1.5
