@@ -8,14 +8,32 @@ fixture, real processes; no mocks and no patching.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import http.client
+import json
+import logging
+import os
+import secrets
+import socket
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
 import pytest
-from conftest import Ed25519Key, RsaKey, dkim_dns
+import redis
+from conftest import (
+    Ed25519Key,
+    FakeClock,
+    RedisServer,
+    RsaKey,
+    SmtpServer,
+    dkim_dns,
+    free_port,
+)
 
 import sysmail
 
@@ -165,3 +183,355 @@ def test_sqlite_busy_store_gives_up_after_its_own_timeout(tmp_path: Path) -> Non
         waited = time.monotonic() - started
         holder.execute("ROLLBACK")
     assert sysmail.SQLITE_BUSY_TIMEOUT_SECONDS - 0.2 <= waited < sysmail.SQLITE_BUSY_TIMEOUT_SECONDS + 1.5
+
+
+# --------------------------------------------------------------------------- HTTP auth
+
+API_KEY = "k" * 24 + "-mutation-key"
+
+
+def _api(tmp_path: Path) -> sysmail.Api:
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SYSMAIL_API_KEY": API_KEY,
+        "SYSMAIL_SPOOL": str(tmp_path / "spool"), "SYSMAIL_DB": str(tmp_path / "s.db")})
+    return sysmail.build_app(config, sysmail.MemoryStore()).api
+
+
+def _send(api: sysmail.Api, authorization: str) -> sysmail.Response:
+    headers = http.client.HTTPMessage()  # what the HTTP handler hands the API
+    headers["Content-Type"] = "application/json"
+    headers["Authorization"] = authorization
+    body = json.dumps({"template": "security-alert", "to": "ada@example.com",
+                       "vars": {"event": "x"}}).encode()
+    return api.handle(sysmail.Request("POST", "/v1/emails", {}, headers, body, "127.0.0.1"))
+
+
+def test_bearer_token_after_more_than_one_space_is_accepted(tmp_path: Path) -> None:
+    """The scheme ends at the first space; blanks around the token do not matter."""
+    api = _api(tmp_path)
+    assert _send(api, f"Bearer  {API_KEY}").status == 202
+    assert _send(api, f"Bearer {API_KEY}  ").status == 202
+    assert _send(api, f"Bearer  {API_KEY}x").status == 401
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+class Clock:
+    """A clock the test sets."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
+
+
+def _key_file(folder: Path, key: str) -> Path:
+    return folder / hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_idempotency_key_file_is_private(tmp_path: Path) -> None:
+    """The key file holding a message id is readable by the service user only."""
+    keys = sysmail.IdempotencyKeys(tmp_path / "keys", Clock(T0))
+    assert keys.remember("k", lambda: "<id-1>") == ("<id-1>", True)
+    assert _key_file(tmp_path / "keys", "k").stat().st_mode & 0o777 == 0o600
+
+
+def test_idempotency_key_expired_between_prunes_makes_a_new_message(tmp_path: Path) -> None:
+    """A key older than 24 h that the hourly prune has not removed yet counts as new."""
+    clock = Clock(T0)
+    keys = sysmail.IdempotencyKeys(tmp_path / "keys", clock)
+    assert keys.remember("k", lambda: "<old>") == ("<old>", True)  # prunes at T0
+    stale = T0 - sysmail.IDEMPOTENCY_SECONDS - 1
+    os.utime(_key_file(tmp_path / "keys", "k"), (stale, stale))
+    clock.now = T0 + 1  # no prune within the hour
+    assert keys.remember("k", lambda: "<new>") == ("<new>", True)
+    assert keys.remember("k", lambda: "<newer>") == ("<new>", False)
+
+
+def test_idempotency_key_exactly_24_hours_old_still_counts(tmp_path: Path) -> None:
+    """Expiry is strictly older than 24 h, in the lookup and in the prune."""
+    clock = Clock(T0)
+    folder = tmp_path / "keys"
+    keys = sysmail.IdempotencyKeys(folder, clock)
+    keys.remember("a", lambda: "<a>")  # prunes at T0
+    clock.now = T0 + 10
+    edge = clock.now - sysmail.IDEMPOTENCY_SECONDS
+    os.utime(_key_file(folder, "a"), (edge, edge))
+    assert keys.remember("a", lambda: "<again>") == ("<a>", False)
+    clock.now = T0 + 3600  # the next prune is due exactly now
+    edge = clock.now - sysmail.IDEMPOTENCY_SECONDS
+    os.utime(_key_file(folder, "a"), (edge, edge))
+    old = _key_file(folder, "gone")
+    old.write_text("<gone>")
+    os.utime(old, (edge - 1, edge - 1))
+    keys.remember("b", lambda: "<b>")
+    assert _key_file(folder, "a").exists()
+    assert not old.exists()
+
+
+def test_idempotency_key_whose_first_request_failed_is_taken_by_the_waiting_one(
+        tmp_path: Path) -> None:
+    """A second request waiting for the first one's id takes the key over when the first
+    one fails and gives the key up."""
+    keys = sysmail.IdempotencyKeys(tmp_path / "keys", Clock(T0))
+    entered, fail = threading.Event(), threading.Event()
+
+    def failing_id() -> str:
+        entered.set()
+        fail.wait(10)
+        raise RuntimeError("enqueue failed")
+
+    def first() -> None:
+        with contextlib.suppress(RuntimeError):
+            keys.remember("k", failing_id)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert entered.wait(10)
+    threading.Timer(0.2, fail.set).start()
+    assert keys.remember("k", lambda: "<second>") == ("<second>", True)
+    thread.join(10)
+
+
+def test_idempotency_key_still_in_progress_is_a_409_after_about_a_second(
+        tmp_path: Path) -> None:
+    """A first request that never finishes: the second gets 409 after ~1 s of polling."""
+    keys = sysmail.IdempotencyKeys(tmp_path / "keys", Clock(T0))
+    entered, done = threading.Event(), threading.Event()
+
+    def slow_id() -> str:
+        entered.set()
+        done.wait(30)
+        return "<slow>"
+
+    thread = threading.Thread(target=keys.remember, args=("k", slow_id))
+    thread.start()
+    try:
+        assert entered.wait(10)
+        started = time.monotonic()
+        with pytest.raises(sysmail.HttpError) as caught:
+            keys.remember("k", lambda: "<second>")
+        assert time.monotonic() - started < 5
+        assert caught.value.status == 409
+        assert str(caught.value) == "a request with this Idempotency-Key is still in progress"
+    finally:
+        done.set()
+        thread.join(10)
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+def test_rate_limit_window_of_a_new_key_starts_at_the_window_boundary() -> None:
+    """A first hit at 0.5 s opens the window [0, 10): the next is refused for 9.5 s."""
+    limiter = sysmail.RateLimiter(Clock(0.5))
+    assert limiter.hit("k", 1, 10.0) is None
+    assert limiter.hit("k", 1, 10.0) == pytest.approx(9.5)
+
+
+def test_rate_limit_retry_after_below_a_second_is_exact() -> None:
+    """Half a second before the window ends, retry after half a second."""
+    clock = Clock(1.0)
+    limiter = sysmail.RateLimiter(clock)
+    assert limiter.hit("k", 1, 10.0) is None
+    clock.now = 9.5
+    assert limiter.hit("k", 1, 10.0) == pytest.approx(0.5)
+
+
+def test_rate_limit_eviction_keeps_the_latest_ending_windows() -> None:
+    """Full of live windows, the limiter drops the half that ends first, by end time."""
+    clock = Clock(0.0)
+    limiter = sysmail.RateLimiter(clock, max_keys=2)
+    assert limiter.hit("z", 5, 10.0) is None  # ends at 10, two hits
+    assert limiter.hit("z", 5, 10.0) is None
+    assert limiter.hit("a", 1, 20.0) is None  # ends at 20, one hit
+    clock.now = 1.0
+    assert limiter.hit("m", 1, 30.0) is None  # full: "z" goes, "a" stays
+    assert limiter.hit("a", 1, 20.0) == pytest.approx(19.0)
+    assert limiter.hit("z", 1, 10.0) is None
+
+
+def test_rate_limit_eviction_keeps_live_windows_when_one_just_ended() -> None:
+    """A window that ends right now is expired: it goes, and the live ones all stay."""
+    clock = Clock(0.0)
+    limiter = sysmail.RateLimiter(clock, max_keys=4)
+    limiter.hit("a", 1, 10.0)
+    for key in ("b", "c", "d"):
+        limiter.hit(key, 1, 20.0)
+    clock.now = 10.0
+    assert limiter.hit("e", 1, 20.0) is None
+    for key in ("b", "c", "d"):
+        assert limiter.hit(key, 1, 20.0) == pytest.approx(10.0)
+
+
+def test_redis_rate_limiter_counts_locally_while_redis_is_unreachable() -> None:
+    """Nothing listens on the Redis port: the in-memory fallback counts, the one given or its own."""
+    port = free_port()
+    own = sysmail.RedisRateLimiter(f"redis://127.0.0.1:{port}/0")
+    assert own.hit("k", 1, 60.0) is None
+    assert own.hit("k", 1, 60.0) is not None
+    local = sysmail.RateLimiter()
+    shared = sysmail.RedisRateLimiter(f"redis://127.0.0.1:{port}/0", local)
+    assert shared.hit("j", 1, 60.0) is None
+    assert local.hit("j", 1, 60.0) is not None
+
+
+def test_redis_rate_limiter_gives_up_on_a_redis_that_never_answers() -> None:
+    """A server that accepts but never replies: the hit falls back after the socket timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        limiter = sysmail.RedisRateLimiter(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        started = time.monotonic()
+        assert limiter.hit("k", 1, 60.0) is None
+        assert time.monotonic() - started < sysmail.REDIS_TIMEOUT_SECONDS * 4
+
+
+def test_redis_rate_limiter_retry_after_is_the_ttl(redis_server: RedisServer) -> None:
+    """Refused hits wait the key's remaining TTL; a counter without TTL, the 1 ms minimum."""
+    limiter = sysmail.RedisRateLimiter(redis_server.url)
+    client = redis.Redis.from_url(redis_server.url)
+    key = f"mutation-{secrets.token_hex(4)}"
+    assert limiter.hit(key, 1, 60.0) is None
+    retry = limiter.hit(key, 1, 60.0)
+    ttl = client.pttl(f"{sysmail.REDIS_PREFIX}rate:{key}")
+    assert ttl / 1000 <= retry <= ttl / 1000 + 0.05
+    client.set(f"{sysmail.REDIS_PREFIX}rate:{key}-forever", 5)
+    assert limiter.hit(f"{key}-forever", 1, 60.0) == 0.001
+
+
+# --------------------------------------------------------------------------- settle and retry
+
+RESET_URL = "https://dashboard.example.com/reset?token=tok-1234567890"
+
+
+@dataclasses.dataclass
+class Rig:
+    """A Mailer and a Sender on one spool and one fake clock, against the aiosmtpd sink."""
+
+    clock: FakeClock
+    mailer: sysmail.Mailer
+    sender: sysmail.Sender
+    server: SmtpServer
+
+
+@pytest.fixture
+def rig(smtp_server: SmtpServer, tmp_path: Path) -> Iterator[Rig]:
+    """An unsigned sender (rand() = 0.5: no jitter) with its own Metrics, logs at INFO."""
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SMTP_URL": smtp_server.url,
+        "SYSMAIL_SPOOL": str(tmp_path / "spool")})
+    clock = FakeClock()
+    mailer = sysmail.Mailer(config, clock=clock)
+    sender = sysmail.Sender(mailer.spool, sysmail.transport_from_config(config), None,
+                            clock=clock, rand=lambda: 0.5, metrics=sysmail.Metrics(),
+                            retry=sysmail.RetryPolicy(attempts=2))
+    yield Rig(clock, mailer, sender, smtp_server)
+    sender.transport.close()
+
+
+def _events(caplog: pytest.LogCaptureFixture, event: str) -> list[dict]:
+    return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == event]
+
+
+def _spool_id(rig: Rig, state: str = "new") -> str:
+    (entry,) = os.listdir(rig.mailer.spool.root / state)
+    return entry.split(".")[3]
+
+
+def test_classify_reply_at_every_boundary() -> None:
+    """2xx ok; 421 and below 200 unavailable; 5xx permanent; anything else temporary."""
+    expected = {199: "unavailable", 200: "ok", 250: "ok", 299: "ok", 300: "temporary",
+                420: "temporary", 421: "unavailable", 422: "temporary", 451: "temporary",
+                499: "temporary", 500: "permanent", 501: "permanent", 550: "permanent",
+                599: "permanent", 600: "temporary", 0: "unavailable"}
+    assert {code: sysmail.classify_reply(code) for code in expected} == expected
+
+
+def test_relay_delay_doubles_from_the_base_up_to_the_cap_with_jitter() -> None:
+    """1, 2, 4 ... 60 s after 1, 2, 3 ... failures; jitter +-20 % around it."""
+    policy = sysmail.RetryPolicy()
+    assert [policy.relay_delay(n, 0.5) for n in (1, 2, 3, 6, 7, 20)] == [1, 2, 4, 32, 60, 60]
+    assert policy.relay_delay(1, 0.0) == pytest.approx(0.8)
+    assert policy.relay_delay(1, 1.0) == pytest.approx(1.2)
+    assert policy.relay_delay(3, 0.25) == pytest.approx(3.6)
+
+
+def test_a_deferral_is_logged_with_its_reason_and_counted(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """451: the deferred event names the message, the next try and the relay's reply."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    rig.server.sink.script_data(["451 4.3.0 try later"])
+    message_id = rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
+    ident = _spool_id(rig)
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(deferred=1)
+    [fields] = _events(caplog, "deferred")
+    assert fields == {"rfcMessageId": message_id, "id": ident, "to": ["ada@example.org"],
+                      "attempt": 1, "next_try": sysmail._iso_time(rig.clock() + 1.0),
+                      "code": 451, "reason": "451 4.3.0 try later"}
+    assert 'sysmail_messages_total{outcome="deferred"} 1' in rig.sender.metrics.render({})
+    assert _events(caplog, "failed") == []
+
+
+def test_a_message_out_of_attempts_is_logged_counted_and_keeps_the_reply(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """The last 451 of the attempts: a dead letter with the reply, a warning, a count."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    rig.server.sink.script_data(["451 4.3.0 try later", "451 4.3.0 still later"])
+    message_id = rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
+    ident = _spool_id(rig)
+    rig.sender.run_once()
+    rig.clock.advance(5)
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(failed=1)
+    [letter] = rig.mailer.spool.failed()
+    assert (letter["reason"], letter["code"]) == ("attempts exhausted", 451)
+    assert "still later" in letter["reply"]
+    [fields] = _events(caplog, "failed")
+    assert fields["id"] == ident
+    assert (fields["reason"], fields["code"], fields["rfcMessageId"], fields["attempts"]) == (
+        "attempts exhausted", 451, message_id, 2)
+    assert "still later" in fields["reply"]
+    assert 'sysmail_messages_total{outcome="failed"} 1' in rig.sender.metrics.render({})
+
+
+def test_a_sent_message_is_logged_counted_timed_and_stamped(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """250: the sent event, the outcome counter, its latency and the spool's last-sent stamp."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    message_id = rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
+    ident = _spool_id(rig)
+    rig.clock.advance(0.5)
+    assert rig.mailer.spool.last_sent() is None
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(sent=1)
+    assert rig.mailer.spool.last_sent() is not None
+    [fields] = _events(caplog, "sent")
+    assert {k: fields[k] for k in ("rfcMessageId", "id", "to", "template", "code",
+                                   "latency_ms")} == {
+        "rfcMessageId": message_id, "id": ident, "to": ["ada@example.org"],
+        "template": "password-reset", "code": 250, "latency_ms": 500.0}
+    assert isinstance(fields["reply"], str) and fields["reply"]
+    assert isinstance(fields["duration_ms"], float)
+    [record] = [r for r in caplog.records if r.getMessage() == "sent"]
+    assert record.levelno == logging.INFO
+    page = rig.sender.metrics.render({})
+    assert 'sysmail_messages_total{outcome="sent"} 1' in page
+    assert "sysmail_delivery_latency_seconds_sum 0.500000" in page
+
+
+def test_a_per_recipient_dead_letter_is_retried_to_that_recipient_only(rig: Rig) -> None:
+    """The dead letter of one refused recipient holds that recipient alone: a retry sends to
+    them, not once more to the one already served."""
+    rig.server.sink.refuse_rcpt({"bad@example.org": "550 5.1.1 no such user"})
+    rig.mailer.enqueue("password-reset", to=["good@example.org", "bad@example.org"],
+                       reset_url=RESET_URL)
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(sent=1, failed=1)
+    rig.server.sink.refuse_rcpt({})
+    assert len(rig.mailer.spool.retry()) == 1
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(sent=1)
+    assert [m.rcpt_tos for m in rig.server.messages] == [["good@example.org"],
+                                                         ["bad@example.org"]]

@@ -145,12 +145,18 @@ def _check_mutmut() -> None:
                  f"python3 -m pip install 'mutmut=={MUTMUT_VERSION}'")
 
 
-def _results(workdir: Path, section: str) -> dict[str, int | None]:
+def _meta_codes(workdir: Path, section: str) -> dict[str, int | None]:
     meta = workdir / section / "mutants" / "sysmail.py.meta"
     if not meta.exists():
         return {}
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     return {name: code for name, code in codes.items() if _section_of(name) == section}
+
+
+def _results(workdir: Path, section: str) -> dict[str, int | None]:
+    """The section's verdicts: results.json (kept across --survivors reruns), else mutmut's."""
+    kept = workdir / section / "results.json"
+    return json.loads(kept.read_text()) if kept.exists() else _meta_codes(workdir, section)
 
 
 def _section_of(name: str) -> str | None:
@@ -209,6 +215,9 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="discard earlier results")
     parser.add_argument("--report", action="store_true", help="only print the last results")
     parser.add_argument("--diff", action="store_true", help="show each survivor's diff")
+    parser.add_argument("--survivors", action="store_true",
+                        help="rerun only the mutants not killed last time (with the tests as "
+                             "they are now) and merge their new verdicts into the old ones")
     args = parser.parse_args()
     sections = args.section or list(SECTIONS)
     workdir = args.workdir.resolve()
@@ -216,11 +225,21 @@ def main() -> int:
         _check_mutmut()
         for section in sections:
             print(f"== {section}", flush=True)
+            before = {} if args.fresh else _results(workdir, section)
+            names = [name for name, code in before.items()
+                     if STATUS.get(code) not in ("killed", "timeout")]
+            if args.survivors and not names:
+                continue
             _prepare(workdir / section, section, args.fresh)
             env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
             subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
-                            str(max(1, min(args.children, 2))), *SECTIONS[section]],
+                            str(max(1, min(args.children, 2))),
+                            *(names if args.survivors else SECTIONS[section])],
                            cwd=workdir / section, env=env, check=False)
+            after = _meta_codes(workdir, section)
+            if args.survivors:
+                after = {**before, **{name: after.get(name) for name in names}}
+            (workdir / section / "results.json").write_text(json.dumps(after, indent=0))
     score = report(workdir, sections, args.diff)
     print(f"\noverall score over {', '.join(sections)}: {score:.1f}%")
     return 0
