@@ -389,7 +389,8 @@ def test_redis_rate_limiter_gives_up_on_a_redis_that_never_answers() -> None:
         limiter = sysmail.RedisRateLimiter(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
         started = time.monotonic()
         assert limiter.hit("k", 1, 60.0) is None
-        assert time.monotonic() - started < sysmail.REDIS_TIMEOUT_SECONDS * 4
+        # its own 2 s, not redis-py's default 5 s read timeout
+        assert time.monotonic() - started < sysmail.REDIS_TIMEOUT_SECONDS + 1.5
 
 
 def test_redis_rate_limiter_retry_after_is_the_ttl(redis_server: RedisServer) -> None:
