@@ -536,3 +536,77 @@ def test_a_per_recipient_dead_letter_is_retried_to_that_recipient_only(rig: Rig)
     assert rig.sender.run_once() == sysmail.DeliveryCounts(sent=1)
     assert [m.rcpt_tos for m in rig.server.messages] == [["good@example.org"],
                                                          ["bad@example.org"]]
+
+
+# --------------------------------------------------------------------------- Redis queue
+
+T_QUEUE = 1_800_000_000.0
+
+
+def _header(to: str = "ada@example.org") -> dict:
+    return {"message_id": "<m@example.com>", "from": "noreply@example.com", "to": [to],
+            "template": "t", "queued_at": T_QUEUE, "expires_at": T_QUEUE + 86400}
+
+
+def _redis_queue(redis_server: RedisServer) -> tuple[sysmail.RedisQueue, FakeClock]:
+    clock = FakeClock(T_QUEUE)
+    return sysmail.RedisQueue(redis_server.url, clock=clock,
+                              prefix=f"m{secrets.token_hex(3)}:"), clock
+
+
+def _bury(queue: sysmail.RedisQueue, clock: FakeClock, priority: int, to: str) -> str:
+    """Enqueue, claim and fail one message; return its id."""
+    ident = queue.enqueue(_header(to), b"body", priority)
+    [claim], _ = queue.claim(1)
+    assert claim.name.id == ident
+    queue.fail(claim, {"reason": "rejected"})
+    clock.advance(1)
+    return ident
+
+
+def test_redis_dead_letters_all_listed_and_retried_one_by_id(redis_server: RedisServer) -> None:
+    """failed() lists every dead letter; retry(ids) moves just those asked for."""
+    queue, clock = _redis_queue(redis_server)
+    idents = [_bury(queue, clock, 1, f"u{n}@example.org") for n in range(3)]
+    assert [letter["id"] for letter in queue.failed()] == idents
+    assert queue.retry([idents[2]]) == [idents[2]]
+    assert [letter["id"] for letter in queue.failed()] == idents[:2]
+
+
+def test_redis_retry_keeps_the_priority_and_queues_behind_due_mail(
+        redis_server: RedisServer) -> None:
+    """A priority-0 dead letter (whole, or written apart for some recipients) goes back to
+    priority 0, due now: after mail that was already due."""
+    queue, clock = _redis_queue(redis_server)
+    whole = _bury(queue, clock, 0, "ada@example.org")
+    queue.enqueue(_header("bob@example.org"), b"body", 0)
+    [claim], _ = queue.claim(1)
+    queue.add_failed(queue.read(claim), ("bob@example.org",), {"reason": "rejected"})
+    queue.ack(claim)
+    [part] = [letter["id"] for letter in queue.failed() if letter["id"] != whole]
+    urgent = queue.enqueue(_header("cy@example.org"), b"body", 0)
+    later = queue.enqueue(_header("dee@example.org"), b"body", 1)
+    clock.advance(10)
+    assert sorted(queue.retry()) == sorted([whole, part])
+    claims, _ = queue.claim(4)
+    order = [c.name.id for c in claims]
+    assert order[0] == urgent
+    assert sorted(order[1:3]) == sorted([whole, part])
+    assert order[3] == later
+    assert [c.name.priority for c in claims] == [0, 0, 0, 1]
+
+
+def test_redis_durability_warnings_name_the_setting_to_change(
+        redis_server: RedisServer) -> None:
+    """An evicting Redis without AOF: two warnings, each saying what to set."""
+    queue, _ = _redis_queue(redis_server)
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    client.config_set("appendonly", "no")
+    assert queue.check_durability() == [
+        "Redis maxmemory-policy is allkeys-lru: queued mail could be evicted (set noeviction)",
+        ("Redis has no AOF (appendonly no): queued mail could be lost in a restart "
+         "(set appendonly yes)")]
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("appendonly", "yes")
+    assert queue.check_durability() == []
