@@ -610,3 +610,15 @@ def test_redis_durability_warnings_name_the_setting_to_change(
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("appendonly", "yes")
     assert queue.check_durability() == []
+
+
+def test_redis_queue_gives_up_on_a_redis_that_never_answers() -> None:
+    """A server that accepts but never replies: enqueue fails over after the 2 s timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        queue = sysmail.RedisQueue(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        started = time.monotonic()
+        with pytest.raises(sysmail.QueueUnavailable):
+            queue.enqueue(_header(), b"body", 1)
+        assert time.monotonic() - started < sysmail.REDIS_TIMEOUT_SECONDS + 1.5
