@@ -15,11 +15,13 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dkim
@@ -622,3 +624,264 @@ def test_redis_queue_gives_up_on_a_redis_that_never_answers() -> None:
         with pytest.raises(sysmail.QueueUnavailable):
             queue.enqueue(_header(), b"body", 1)
         assert time.monotonic() - started < sysmail.REDIS_TIMEOUT_SECONDS + 1.5
+
+
+# --------------------------------------------------------------------------- spool
+
+HEADER = {"message_id": "<m@example.com>", "from": "noreply@example.com",
+          "to": ["ada@example.org"], "template": "t", "queued_at": T_QUEUE,
+          "expires_at": T_QUEUE + 86400}
+
+
+def _spool(root: Path, clock: FakeClock) -> sysmail.Spool:
+    """A spool whose due index runs on the same fake clock."""
+    return sysmail.Spool(root, clock=clock, index=sysmail._DueIndex(clock))
+
+
+def _ids(claims: list[sysmail.Claim]) -> list[str]:
+    return [claim.name.id for claim in claims]
+
+
+def test_spool_index_serves_claims_between_rescans_and_rescans_on_time(tmp_path: Path) -> None:
+    """While something is due the index is not rescanned: mail another process wrote without
+    a wake-up waits for the rescan, due RESCAN_SECONDS after the last one, not longer."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    first = spool.enqueue(HEADER, b"one", 1)
+    second = spool.enqueue(HEADER, b"two", 1)
+    assert _ids(spool.claim(1)[0]) == [first]  # builds the index
+    other = sysmail.Spool(tmp_path / "spool", clock=clock)  # no listener: no wake-up arrives
+    urgent = other.enqueue(HEADER, b"urgent", 0)
+    clock.advance(sysmail._DueIndex.RESCAN_SECONDS - 0.001)
+    assert _ids(spool.claim(1)[0]) == [second]
+    third = spool.enqueue(HEADER, b"three", 1)
+    clock.advance(0.001)  # exactly RESCAN_SECONDS after the build
+    assert _ids(spool.claim(2)[0]) == [urgent, third]
+
+
+def test_spool_own_enqueue_is_indexed_at_once(tmp_path: Path) -> None:
+    """A message this process queues is claimable at once, in priority order, no rescan."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    spool.enqueue(HEADER, b"one", 1)
+    later = spool.enqueue(HEADER, b"two", 1)
+    spool.claim(1)
+    urgent = spool.enqueue(HEADER, b"urgent", 0)
+    assert _ids(spool.claim(2)[0]) == [urgent, later]
+
+
+def test_spool_rebuilt_index_keeps_priorities_next_to_added_names(tmp_path: Path) -> None:
+    """Names found by a scan and names added later share one order: priority 0 first."""
+    clock = FakeClock(T_QUEUE)
+    urgent = sysmail.Spool(tmp_path / "spool", clock=clock).enqueue(HEADER, b"u", 0)
+    spool = _spool(tmp_path / "spool", clock)
+    assert spool.claim(0) == ([], T_QUEUE)  # the scan
+    spool.enqueue(HEADER, b"normal", 1)
+    assert _ids(spool.claim(1)[0]) == [urgent]
+
+
+def test_spool_rescans_at_once_when_its_index_has_nothing_due(tmp_path: Path) -> None:
+    """An index with nothing due is rebuilt before claiming: other processes' mail is found."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    assert spool.claim(1) == ([], None)
+    ident = sysmail.Spool(tmp_path / "spool", clock=clock).enqueue(HEADER, b"x", 1)
+    assert _ids(spool.claim(1)[0]) == [ident]
+
+
+def test_spool_claim_makes_up_for_names_another_worker_took(tmp_path: Path) -> None:
+    """Names already claimed elsewhere are skipped and replaced; never more than the limit."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    idents = [spool.enqueue(HEADER, str(n).encode(), 1) for n in range(4)]
+    peer = sysmail.Spool(tmp_path / "spool", clock=clock)
+    assert _ids(peer.claim(1)[0]) == idents[:1]
+    claims, _ = spool.claim(2)
+    assert _ids(claims) == idents[1:3]
+    assert [e.split(".")[3] for e in os.listdir(tmp_path / "spool" / "new")] == idents[3:]
+
+
+def test_spool_wake_up_datagrams_index_other_processes_mail(tmp_path: Path) -> None:
+    """A listening spool learns the names another spool queues or retries from its wake-up
+    datagram, and claims them before a rescan is due."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    spool.enqueue(HEADER, b"one", 1)
+    spool.enqueue(HEADER, b"two", 1)
+    woken = threading.Semaphore(0)
+    listener = spool.listen(woken.release)
+    assert listener is not None
+    try:
+        spool.claim(1)
+        other = sysmail.Spool(tmp_path / "spool", clock=clock)
+        urgent = other.enqueue(HEADER, b"urgent", 0)
+        assert woken.acquire(timeout=5)
+        assert _ids(spool.claim(1)[0]) == [urgent]
+        [claim], _ = other.claim(1)
+        other.fail(claim, {"reason": "rejected"})
+        [retried] = other.retry()
+        assert woken.acquire(timeout=5)
+        assert _ids(spool.claim(1)[0]) == [retried]
+        spool.notify()
+        assert woken.acquire(timeout=5)
+    finally:
+        listener.close()
+
+
+def test_spool_read_failures_name_the_entry(tmp_path: Path) -> None:
+    """An entry that cannot be read, or is no spool entry, is a SpoolError naming its id."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    (tmp_path / "spool" / "new" / "1.00000000000000.0.adirectory").mkdir()
+    (tmp_path / "spool" / "new" / "1.00000000000000.0.garbage").write_bytes(b"not an entry")
+    claims, _ = spool.claim(2)
+    errors = {}
+    for claim in claims:
+        with pytest.raises(sysmail.SpoolError) as caught:
+            spool.read(claim)
+        errors[claim.name.id] = str(caught.value)
+    assert errors == {"adirectory": "spool entry adirectory is unreadable",
+                      "garbage": "queue entry garbage is unreadable"}
+
+
+@pytest.mark.parametrize("to", [[], [1], None])
+def test_spool_entry_without_usable_recipients_is_unreadable(to: object) -> None:
+    """No recipients, or recipients that are not strings: not a queue entry."""
+    raw = sysmail._entry_bytes({**HEADER, "to": to}, b"data")
+    with pytest.raises(sysmail.SpoolError):
+        sysmail._parse_entry(raw, sysmail.SpoolName(1, 0, 0, "x"))
+
+
+def test_spool_entry_without_a_template_reads_as_ad_hoc() -> None:
+    """An entry written without "template" reads as the empty template."""
+    header = {k: v for k, v in HEADER.items() if k != "template"}
+    message = sysmail._parse_entry(sysmail._entry_bytes(header, b"data"),
+                                   sysmail.SpoolName(1, 0, 2, "x"))
+    assert (message.template, message.attempt, message.rcpts) == ("", 2, ("ada@example.org",))
+
+
+def test_spool_dead_letters_listed_by_failure_time_with_reasons(tmp_path: Path) -> None:
+    """failed() lists every dead letter, oldest failure first (not by name), a lost reason as
+    'unknown'; per-recipient letters of one message each get their own id."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    first = spool.enqueue(HEADER, b"normal", 1)
+    [claim], _ = spool.claim(1)
+    spool.fail(claim, {"reason": "rejected"})
+    clock.advance(10)
+    second = spool.enqueue(HEADER, b"urgent", 0)
+    [claim], _ = spool.claim(1)
+    message = spool.read(claim)
+    spool.add_failed(message, ("ada@example.org",), {"reason": "part one"})
+    clock.advance(10)
+    spool.add_failed(message, ("ada@example.org",), {"reason": "part two"})
+    spool.ack(claim)
+    letters = spool.failed()
+    assert [letter["reason"] for letter in letters] == ["rejected", "part one", "part two"]
+    assert letters[0]["id"] == first and second not in [letter["id"] for letter in letters]
+    assert len({letter["id"] for letter in letters}) == 3
+    reason_file = next((tmp_path / "spool" / "failed").glob(f"*{first}.json"))
+    reason_file.unlink()
+    assert spool.failed()[0] == {"id": first, "reason": "unknown"}
+
+
+def test_spool_recover_takes_back_claims_of_unknown_owners_and_signals_no_one(
+        tmp_path: Path) -> None:
+    """A claim whose owner is no pid is taken back; asking whether a live owner runs sends it
+    no signal (signal 0) and keeps its claim."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    garbage = spool.enqueue(HEADER, b"g", 1)
+    alive = spool.enqueue(HEADER, b"a", 1)
+    with subprocess.Popen(["sleep", "30"]) as sleeper:
+        try:
+            owner = sysmail._process_token(sleeper.pid)
+            new = tmp_path / "spool" / "new"
+            cur = tmp_path / "spool" / "cur"
+            for entry in os.listdir(new):
+                suffix = "nobody-1" if garbage in entry else owner
+                os.rename(new / entry, cur / f"{entry}.{suffix}")
+            assert spool.recover() == 1
+            assert sleeper.poll() is None
+            assert [e.split(".")[3] for e in os.listdir(new)] == [garbage]
+            assert any(alive in e for e in os.listdir(cur))
+        finally:
+            sleeper.kill()
+
+
+def test_spool_clean_tmp_keeps_a_file_exactly_36_hours_old(tmp_path: Path) -> None:
+    """Only tmp/ files older than 36 hours are removed."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    edge, old = tmp_path / "spool" / "tmp" / "edge", tmp_path / "spool" / "tmp" / "old"
+    for path, age in ((edge, sysmail.TMP_MAX_AGE_SECONDS), (old, sysmail.TMP_MAX_AGE_SECONDS + 1)):
+        path.write_bytes(b"x")
+        os.utime(path, (T_QUEUE - age, T_QUEUE - age))
+    assert spool.clean_tmp() == 1
+    assert edge.exists() and not old.exists()
+
+
+def test_spool_counts_age_of_queued_mail_only_to_the_millisecond(tmp_path: Path) -> None:
+    """The oldest age counts new/ and cur/ mail, not dead letters, rounded to milliseconds."""
+    clock = FakeClock(T_QUEUE)
+    spool = _spool(tmp_path / "spool", clock)
+    spool.enqueue(HEADER, b"x", 1)
+    [claim], _ = spool.claim(1)
+    spool.fail(claim, {"reason": "rejected"})
+    clock.advance(100)
+    assert spool.counts()["oldest_age_seconds"] == 0
+    spool.enqueue(HEADER, b"y", 1)
+    clock.advance(1.23456)
+    assert spool.counts()["oldest_age_seconds"] == 1.235
+
+
+def test_spool_mark_sent_on_a_vanished_spool_does_not_raise(tmp_path: Path) -> None:
+    """A delivery that happened must not fail because the spool folder went away."""
+    spool = sysmail.Spool(tmp_path / "spool")
+    shutil.rmtree(tmp_path / "spool")
+    spool.mark_sent()
+    assert spool.last_sent() is None
+
+
+@pytest.fixture
+def small_mount(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount real tmpfs file systems of a given size (root only; skipped elsewhere)."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_spool_writable_checks_room_inodes_read_only_and_folders(
+        small_mount: Callable[[str], Path]) -> None:
+    """writable(): room and inodes left on a writable file system, tmp/ and new/ folders."""
+    roomy = sysmail.Spool(small_mount("size=8m") / "spool")
+    assert roomy.writable()
+    assert not sysmail.Spool(small_mount("size=512k") / "spool").writable()
+    no_inodes = small_mount("size=8m,nr_inodes=8")
+    spool = sysmail.Spool(no_inodes / "spool")
+    with contextlib.suppress(OSError):
+        for n in range(8):
+            (no_inodes / f"f{n}").touch()
+    assert os.statvfs(no_inodes).f_favail == 0
+    assert not spool.writable()
+    read_only = small_mount("size=8m")
+    spool = sysmail.Spool(read_only / "spool")
+    assert spool.writable()
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    assert not spool.writable()
+    (roomy.root / "new").rmdir()
+    assert not roomy.writable()
+    shutil.rmtree(roomy.root / "tmp")
+    assert not roomy.writable()
