@@ -647,13 +647,13 @@ def test_spool_index_serves_claims_between_rescans_and_rescans_on_time(tmp_path:
     a wake-up waits for the rescan, due RESCAN_SECONDS after the last one, not longer."""
     clock = FakeClock(T_QUEUE)
     spool = _spool(tmp_path / "spool", clock)
-    first = spool.enqueue(HEADER, b"one", 1)
-    second = spool.enqueue(HEADER, b"two", 1)
+    first, second, fourth = (spool.enqueue(HEADER, b"m", 1) for _ in range(3))
     assert _ids(spool.claim(1)[0]) == [first]  # builds the index
     other = sysmail.Spool(tmp_path / "spool", clock=clock)  # no listener: no wake-up arrives
     urgent = other.enqueue(HEADER, b"urgent", 0)
+    assert _ids(spool.claim(1)[0]) == [second]  # due exactly now: still served by the index
     clock.advance(sysmail._DueIndex.RESCAN_SECONDS - 0.001)
-    assert _ids(spool.claim(1)[0]) == [second]
+    assert _ids(spool.claim(1)[0]) == [fourth]
     third = spool.enqueue(HEADER, b"three", 1)
     clock.advance(0.001)  # exactly RESCAN_SECONDS after the build
     assert _ids(spool.claim(2)[0]) == [urgent, third]
@@ -678,6 +678,12 @@ def test_spool_rebuilt_index_keeps_priorities_next_to_added_names(tmp_path: Path
     assert spool.claim(0) == ([], T_QUEUE)  # the scan
     spool.enqueue(HEADER, b"normal", 1)
     assert _ids(spool.claim(1)[0]) == [urgent]
+    found = sysmail.Spool(tmp_path / "spool", clock=clock).enqueue(HEADER, b"found", 1)
+    clock.advance(sysmail._DueIndex.RESCAN_SECONDS)
+    assert spool.claim(0)[0] == []  # the next scan finds "found" (due T_QUEUE)
+    earlier = spool.enqueue(HEADER, b"earlier", 1, due=T_QUEUE - 10)
+    assert _ids(spool.claim(1)[0]) == [earlier]
+    assert found != earlier
 
 
 def test_spool_rescans_at_once_when_its_index_has_nothing_due(tmp_path: Path) -> None:
@@ -694,6 +700,7 @@ def test_spool_claim_makes_up_for_names_another_worker_took(tmp_path: Path) -> N
     clock = FakeClock(T_QUEUE)
     spool = _spool(tmp_path / "spool", clock)
     idents = [spool.enqueue(HEADER, str(n).encode(), 1) for n in range(4)]
+    assert spool.claim(0)[0] == []  # the index holds all four
     peer = sysmail.Spool(tmp_path / "spool", clock=clock)
     assert _ids(peer.claim(1)[0]) == idents[:1]
     claims, _ = spool.claim(2)
@@ -722,7 +729,7 @@ def test_spool_wake_up_datagrams_index_other_processes_mail(tmp_path: Path) -> N
         [retried] = other.retry()
         assert woken.acquire(timeout=5)
         assert _ids(spool.claim(1)[0]) == [retried]
-        spool.notify()
+        other.notify()
         assert woken.acquire(timeout=5)
     finally:
         listener.close()
@@ -802,7 +809,8 @@ def test_spool_recover_takes_back_claims_of_unknown_owners_and_signals_no_one(
                 suffix = "nobody-1" if garbage in entry else owner
                 os.rename(new / entry, cur / f"{entry}.{suffix}")
             assert spool.recover() == 1
-            assert sleeper.poll() is None
+            with pytest.raises(subprocess.TimeoutExpired):
+                sleeper.wait(0.5)
             assert [e.split(".")[3] for e in os.listdir(new)] == [garbage]
             assert any(alive in e for e in os.listdir(cur))
         finally:
@@ -868,6 +876,8 @@ def test_spool_writable_checks_room_inodes_read_only_and_folders(
     """writable(): room and inodes left on a writable file system, tmp/ and new/ folders."""
     roomy = sysmail.Spool(small_mount("size=8m") / "spool")
     assert roomy.writable()
+    assert repr(roomy) == f"Spool({str(roomy.root)!r})"
+    assert sysmail.Spool(small_mount("size=1m") / "spool").writable()  # 1 MiB left is enough
     assert not sysmail.Spool(small_mount("size=512k") / "spool").writable()
     no_inodes = small_mount("size=8m,nr_inodes=8")
     spool = sysmail.Spool(no_inodes / "spool")

@@ -115,7 +115,7 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           -11: "segfault", -9: "segfault", None: "not checked"}
 
 
-def _prepare(workdir: Path, section: str, fresh: bool) -> None:
+def _prepare(workdir: Path, section: str, fresh: bool, killers_only: bool = False) -> None:
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,8 @@ def _prepare(workdir: Path, section: str, fresh: bool) -> None:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy2(source, target)
-    tests = [*TESTS[section], *([KILLERS] if (REPO / KILLERS).exists() else [])]
+    tests = [*([] if killers_only else TESTS[section]),
+             *([KILLERS] if (REPO / KILLERS).exists() else [])]
     pyproject = workdir / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + MUTMUT_CONFIG.format(
         tests=", ".join(f'"{t}"' for t in tests),
@@ -218,6 +219,9 @@ def main() -> int:
     parser.add_argument("--survivors", action="store_true",
                         help="rerun only the mutants not killed last time (with the tests as "
                              "they are now) and merge their new verdicts into the old ones")
+    parser.add_argument("--killers-only", action="store_true",
+                        help=f"with --survivors: run them against {KILLERS} alone (the "
+                             "section's other tests let them survive already)")
     args = parser.parse_args()
     sections = args.section or list(SECTIONS)
     workdir = args.workdir.resolve()
@@ -230,7 +234,8 @@ def main() -> int:
                      if STATUS.get(code) not in ("killed", "timeout")]
             if args.survivors and not names:
                 continue
-            _prepare(workdir / section, section, args.fresh)
+            _prepare(workdir / section, section, args.fresh,
+                     killers_only=args.survivors and args.killers_only)
             env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
             subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
                             str(max(1, min(args.children, 2))),
