@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import http.client
 import json
@@ -895,3 +896,18 @@ def test_spool_writable_checks_room_inodes_read_only_and_folders(
     assert not roomy.writable()
     shutil.rmtree(roomy.root / "tmp")
     assert not roomy.writable()
+
+
+def test_move_no_replace_refuses_an_existing_target(tmp_path: Path) -> None:
+    """renameat2(NOREPLACE) onto an existing name fails with EEXIST naming the target, and
+    leaves both files as they were."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(b"new")
+    target.write_bytes(b"old")
+    with pytest.raises(OSError) as caught:
+        sysmail._move_no_replace(str(source), str(target))
+    assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (
+        errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    assert (source.read_bytes(), target.read_bytes()) == (b"new", b"old")
+    sysmail._move_no_replace(str(source), str(tmp_path / "free"))
+    assert not source.exists() and (tmp_path / "free").read_bytes() == b"new"
