@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Mutation testing of sysmail.py's critical sections with mutmut (issue 15).
+
+How to run (not part of CI; it takes long):
+
+    python3 -m pip install 'mutmut==3.8.1'       # the version this script is written for
+    python3 tools/mutation.py                      # everything: about 1.5-2.5 h on 2 cores
+    python3 tools/mutation.py --section dkim       # one section only (names below)
+    python3 tools/mutation.py --report             # only print the score of the last run
+
+mutmut 3 mutates the whole file and puts every mutant behind a "trampoline", in a copy of the
+repository under WORKDIR/mutants (WORKDIR defaults to /tmp/sysmail-mutation; the repository
+itself is never written). This script:
+
+1. copies sysmail.py, tests/, bench/, tools/ and the project files into WORKDIR and adds a
+   [tool.mutmut] table to the copy's pyproject.toml (the repository's own file is untouched);
+2. runs `mutmut run` on only the mutants of the critical sections (SECTIONS below: mutant name
+   globs, mutmut's own selection), with at most --children (default 2) forked test workers.
+   mutmut first runs the suite once to learn which tests reach which function, then runs, per
+   mutant, only those tests (fastest first, -x). Tests that start `sysmail.py` in a subprocess
+   run the mutated copy too (REPO in tests/conftest.py resolves inside mutants/, and the
+   subprocess inherits MUTANT_UNDER_TEST), but a function reached *only* from a subprocess is
+   not associated with that test by mutmut, so such a test does not run for its mutants;
+3. prints, per section, the mutants, killed, survived, timeout and no-tests counts and the score
+   (killed + timeout over all), the overall score, and each survivor's mutmut name; with
+   --diff also the diff of each survivor (`mutmut show`).
+
+A second run in the same WORKDIR reuses mutmut's results and only tests what changed; pass
+--fresh to start over. The surviving mutants and why each is harmless, or which test kills it,
+are in tools/mutation-report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+MUTMUT_VERSION = "3.8.1"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path("/tmp/sysmail-mutation")
+COPIED = ("sysmail.py", "tests", "bench", "tools", "sysmail.service", "pyproject.toml",
+          "requirements.txt", "requirements-test.txt", "README.md", "LICENSE")
+
+# Section -> mutmut mutant-name globs (module "sysmail"; "xǁClassǁmethod" for methods,
+# "x_function" for module functions; mutmut appends "__mutmut_N").
+SEP = "\u01c1"
+
+
+def _method(cls: str, name: str = "*") -> str:
+    return f"sysmail.x{SEP}{cls}{SEP}{name}__mutmut_*" if name != "*" else f"sysmail.x{SEP}{cls}{SEP}*"
+
+
+def _function(name: str) -> str:
+    return f"sysmail.x_{name}__mutmut_*"
+
+
+SECTIONS: dict[str, list[str]] = {
+    "spool": [_method("Spool"), _method("_DueIndex"), _function("_write_synced"),
+              _function("_write_file_atomically"), _function("_move_no_replace"),
+              _function("_fsync_dir"), _function("_owner_alive"), _function("_parse_entry")],
+    "settle-retry": [_method("_Settler"), _method("Sender", "_deliver"),
+                     _method("Sender", "_content"), _method("RetryPolicy"),
+                     _function("classify_reply")],
+    "redis-queue": [_method("RedisQueue")],
+    "token-store": [_method("SqliteStore"), _method("MemoryStore"), _function("hash_password"),
+                    _function("verify_password"), _function("token_hash")],
+    "http-auth": [_method("Api", "_authorize"), _function("client_address")],
+    "idempotency": [_method("IdempotencyKeys")],
+    "rate-limits": [_method("RateLimiter"), _method("RedisRateLimiter")],
+    "dkim": [_method("DkimSigner"), _function("_relaxed"), _function("_compress_blanks")],
+}
+
+# The tests each section's mutants are run against: the files that test that section, and the
+# killers written for issue 15. mutmut runs, per mutant, only those of them that reach the
+# mutated function in-process, fastest first, stopping at the first failure.
+KILLERS = "tests/test_mutation_killers.py"
+# A strict xfail that documents a bug (an mbox "From " line among CRLF headers): a mutant that
+# happens to fix the bug would "kill" itself on it, so it is left out of the mutation runs.
+DESELECTED = ("tests/test_mutation_killers.py::test_relaxed_skips_an_mbox_from_line_like_dkimpy",)
+TESTS: dict[str, list[str]] = {
+    "spool": ["tests/test_spool_and_crashes.py", "tests/test_queue_contract.py",
+              "tests/test_durability_syscalls.py"],
+    "settle-retry": ["tests/test_delivery.py"],
+    "redis-queue": ["tests/test_redis_fallback.py", "tests/test_queue_contract.py"],
+    "token-store": ["tests/test_token_store.py", "tests/test_store_config.py"],
+    "http-auth": ["tests/test_http_api.py"],
+    "idempotency": ["tests/test_http_api.py", "tests/test_timing_and_expiry.py"],
+    "rate-limits": ["tests/test_timing_and_expiry.py", "tests/test_http_api.py",
+                    "tests/test_redis_fallback.py"],
+    "dkim": ["tests/test_signing.py"],
+}
+
+MUTMUT_CONFIG = """
+[tool.mutmut]
+source_paths = ["sysmail.py"]
+also_copy = ["bench", "tools", "sysmail.service", "requirements.txt", "requirements-test.txt",
+             "README.md", "LICENSE"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:benchmark", {deselected}]
+pytest_add_cli_args_test_selection = [{tests}]
+timeout_multiplier = 3.0
+timeout_constant = 10.0
+use_git_change_detection = false
+"""
+
+# mutmut's exit-code meanings (mutmut.stats.status_by_exit_code), kept here so --report needs
+# nothing but the .meta file.
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
+          -11: "segfault", -9: "segfault", None: "not checked"}
+
+
+def _prepare(workdir: Path, section: str, fresh: bool, killers_only: bool = False) -> None:
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        source = REPO / name
+        target = workdir / name
+        if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, target)
+    tests = [*([] if killers_only else TESTS[section]),
+             *([KILLERS] if (REPO / KILLERS).exists() else [])]
+    pyproject = workdir / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + MUTMUT_CONFIG.format(
+        tests=", ".join(f'"{t}"' for t in tests),
+        deselected=", ".join(f'"--deselect={t}"' for t in DESELECTED)))
+
+
+def _check_mutmut() -> None:
+    try:
+        from importlib.metadata import version
+        found = version("mutmut")
+    except Exception:  # noqa: BLE001 - not installed
+        found = None
+    if found != MUTMUT_VERSION:
+        sys.exit(f"needs mutmut {MUTMUT_VERSION} (found {found}): "
+                 f"python3 -m pip install 'mutmut=={MUTMUT_VERSION}'")
+
+
+def _meta_codes(workdir: Path, section: str) -> dict[str, int | None]:
+    meta = workdir / section / "mutants" / "sysmail.py.meta"
+    if not meta.exists():
+        return {}
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: code for name, code in codes.items() if _section_of(name) == section}
+
+
+def _results(workdir: Path, section: str) -> dict[str, int | None]:
+    """The section's verdicts: results.json (kept across --survivors reruns), else mutmut's."""
+    kept = workdir / section / "results.json"
+    return json.loads(kept.read_text()) if kept.exists() else _meta_codes(workdir, section)
+
+
+def _section_of(name: str) -> str | None:
+    for section, patterns in SECTIONS.items():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            return section
+    return None
+
+
+def report(workdir: Path, sections: list[str], diff: bool) -> float:
+    """Print the per-section table and the survivors; return the overall score in percent."""
+    keys = ("mutants", "killed", "survived", "timeout", "no tests", "other")
+    rows = {section: dict.fromkeys(keys, 0) for section in sections}
+    survivors: list[tuple[str, str, str]] = []
+    for section in sections:
+        for name, code in sorted(_results(workdir, section).items(), key=_natural):
+            status = STATUS.get(code, "suspicious")
+            row = rows[section]
+            row["mutants"] += 1
+            row[status if status in row else "other"] += 1
+            if status not in ("killed", "timeout"):
+                survivors.append((section, name, status))
+    total = {key: sum(row[key] for row in rows.values()) for key in keys}
+    print(f"{'section':14} {'mutants':>7} {'killed':>7} {'survived':>8} {'timeout':>7} "
+          f"{'no tests':>8} {'other':>5} {'score':>7}")
+    for section, row in [*rows.items(), ("TOTAL", total)]:
+        print(f"{section:14} {row['mutants']:7} {row['killed']:7} {row['survived']:8} "
+              f"{row['timeout']:7} {row['no tests']:8} {row['other']:5} {_score(row):6.1f}%")
+    print()
+    for section, name, status in survivors:
+        print(f"survivor [{section}] {name} ({status})")
+        if diff:
+            shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name],
+                                   cwd=workdir / section, capture_output=True, text=True,
+                                   check=False)
+            print(shown.stdout)
+    return _score(total)
+
+
+def _score(row: dict[str, int]) -> float:
+    """Killed (a timeout counts as killed, as mutmut counts it) over all mutants, in percent."""
+    return 100.0 * (row["killed"] + row["timeout"]) / row["mutants"] if row["mutants"] else 0.0
+
+
+def _natural(item: tuple[str, object]) -> tuple[str, int]:
+    head, _, number = item[0].rpartition("__mutmut_")
+    return head, int(number) if number.isdigit() else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--section", action="append", choices=sorted(SECTIONS),
+                        help="only this section (repeatable); default: all")
+    parser.add_argument("--children", type=int, default=2, help="parallel test workers (max 2)")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier results")
+    parser.add_argument("--report", action="store_true", help="only print the last results")
+    parser.add_argument("--diff", action="store_true", help="show each survivor's diff")
+    parser.add_argument("--survivors", action="store_true",
+                        help="rerun only the mutants not killed last time (with the tests as "
+                             "they are now) and merge their new verdicts into the old ones")
+    parser.add_argument("--killers-only", action="store_true",
+                        help=f"with --survivors: run them against {KILLERS} alone (the "
+                             "section's other tests let them survive already)")
+    args = parser.parse_args()
+    sections = args.section or list(SECTIONS)
+    workdir = args.workdir.resolve()
+    if not args.report:
+        _check_mutmut()
+        for section in sections:
+            print(f"== {section}", flush=True)
+            before = {} if args.fresh else _results(workdir, section)
+            names = [name for name, code in before.items()
+                     if STATUS.get(code) not in ("killed", "timeout")]
+            if args.survivors and not names:
+                continue
+            _prepare(workdir / section, section, args.fresh,
+                     killers_only=args.survivors and args.killers_only)
+            env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+            subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
+                            str(max(1, min(args.children, 2))),
+                            *(names if args.survivors else SECTIONS[section])],
+                           cwd=workdir / section, env=env, check=False)
+            after = _meta_codes(workdir, section)
+            if args.survivors:
+                after = {**before, **{name: after.get(name) for name in names}}
+            (workdir / section / "results.json").write_text(json.dumps(after, indent=0))
+    score = report(workdir, sections, args.diff)
+    print(f"\noverall score over {', '.join(sections)}: {score:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
