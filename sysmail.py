@@ -1600,7 +1600,7 @@ def _relaxed(message: bytes, policy: object) -> tuple[list[tuple[bytes, bytes]],
     import dkim
 
     head, separator, body = message.partition(b"\r\n\r\n")
-    if not separator or message.count(b"\n") != message.count(b"\r\n") or b"\rFrom " in head:
+    if not separator or message.count(b"\n") != message.count(b"\r\n") or b"\nFrom " in head:
         headers, body = dkim.rfc822_parse(message)
         return policy.canonicalize_headers(headers), policy.canonicalize_body(body)
     fields: list[list[bytes]] = []
