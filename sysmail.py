@@ -5812,7 +5812,6 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise RelayUnavailable(f"the relay could not be reached; {counts.released} "
                                    "message(s) stay queued")
         return EX_OK
-    app.spool.check_private()  # before READY: a refused spool is exit 78, not a dead thread
     with contextlib.suppress(SpoolError):
         app.spool.recover()
     app.sending.start(on_cycle=app.notifier.heartbeat)
