@@ -72,6 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Self
 
+__version__ = "0.1.0"
 __all__ = [
     "BULK",
     "DEFAULTS",
@@ -1039,7 +1040,11 @@ def _iso_time(epoch: float) -> str:
 
 
 class Metrics:
-    """Counters and the delivery-latency histogram, rendered in the Prometheus text format."""
+    """Counters and the delivery-latency histogram, rendered in the Prometheus text format.
+
+    Every series an alert may watch exists from the start at 0 (a rate() over a series that
+    appears with its first event misses that event, and an absent series alerts nobody).
+    """
 
     LATENCY_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                                30.0, 60.0, 300.0)
@@ -1052,13 +1057,30 @@ class Metrics:
         "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
                                     "record at once (kept in memory, retried).",
     }
+    SERIES_AT_START: tuple[tuple[str, Mapping[str, str]], ...] = (
+        *(("sysmail_messages_total", {"outcome": outcome})
+          for outcome in ("sent", "deferred", "failed", "expired")),
+        *(("sysmail_enqueued_total", {"backend": backend}) for backend in ("spool", "redis")),
+        *(("sysmail_rate_limited_total", {"limit": limit})
+          for limit in ("forgot_client", "forgot_address", "reset_client")),
+        ("sysmail_unrecorded_total", {}),
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, build_info: Mapping[str, str] | None = None) -> None:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._buckets = [0] * len(self.LATENCY_BUCKETS_SECONDS)
         self._latency_sum = 0.0
         self._latency_count = 0
+        self.build_info = dict(build_info or {})
+        for name, labels in self.SERIES_AT_START:
+            self.declare(name, **labels)
+
+    def declare(self, name: str, **labels: str) -> None:
+        """Make a labelled counter exist, at 0 until its first event."""
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters.setdefault(key, 0)
 
     def inc(self, name: str, **labels: str) -> None:
         """Add one to a labelled counter."""
@@ -1076,9 +1098,12 @@ class Metrics:
             self._latency_count += 1
 
     def render(self, gauges: Mapping[str, tuple[str, Mapping[str, str], float]]) -> str:
-        """The exposition text: the given gauges (name -> help, labels, value), then counters."""
+        """The exposition text: build info, the given gauges (name -> help, labels, value), then
+        the counters."""
+        info = {"sysmail_build_info": ("Always 1: the version and signing backend running.",
+                                       self.build_info, 1)}
         lines: list[str] = []
-        for name, (help_text, labels, value) in gauges.items():
+        for name, (help_text, labels, value) in {**info, **gauges}.items():
             family = name.split("{")[0]
             if f"# TYPE {family} gauge" not in lines:
                 lines += [f"# HELP {family} {help_text}", f"# TYPE {family} gauge"]
@@ -3292,7 +3317,11 @@ class RelayHealth:
         self.pacers = [_Pacer(url.rate, url.daily, clock) for url in urls]
         self.clock = clock
         self._lock = threading.Lock()
-        self.last_reply: dict[str, float] = {}
+        # counted from the start, so "no reply for N minutes" holds for a relay never reached
+        self.last_reply = dict.fromkeys(self.names, clock())
+        for name in self.names if metrics is not None else ():
+            for kind in ("2xx", "4xx", "5xx"):
+                metrics.declare("sysmail_relay_replies_total", relay=name, reply=kind)
 
     def usable(self, index: int) -> bool:
         """True when relay index may be tried now."""
@@ -3325,10 +3354,9 @@ class RelayHealth:
                 gauges[f"sysmail_relay_quota_used_ratio{{{name}}}"] = (
                     "Share of the relay's daily quota used today.", {"relay": name},
                     round(pacer.used / pacer.daily, 4))
-            if name in self.last_reply:
-                gauges[f"sysmail_relay_last_reply_age_seconds{{{name}}}"] = (
-                    "Seconds since the relay's last final reply.", {"relay": name},
-                    round(now - self.last_reply[name], 3))
+            gauges[f"sysmail_relay_last_reply_age_seconds{{{name}}}"] = (
+                "Seconds since the relay's last final reply (or since the start).",
+                {"relay": name}, round(now - self.last_reply[name], 3))
         return gauges
 
     def pace(self, index: int, urgent: bool) -> float:
@@ -4603,6 +4631,7 @@ class Api:
         self.idempotency = idempotency
         self.forgot = forgot
         self.clock = clock
+        self.started = clock()
         self.routes: Routes = {
             ("POST", "/v1/auth/forgot-password"): self.forgot_password,
             ("POST", "/v1/auth/reset-password"): self.reset_password,
@@ -4813,9 +4842,9 @@ class Api:
         if self.relays is not None:
             gauges.update(self.relays.gauges())
         last = self.enqueuer.spool.last_sent()
-        if last is not None:
-            gauges["sysmail_last_send_age_seconds"] = (
-                "Seconds since the last successful send.", {}, round(self.clock() - last, 3))
+        gauges["sysmail_last_send_age_seconds"] = (
+            "Seconds since the last successful send (since the start before the first one).",
+            {}, round(self.clock() - (self.started if last is None else last), 3))
         body = self.metrics.render(gauges).encode()
         return Response(200, body, "text/plain; version=0.0.4; charset=utf-8", _JSON_HEADERS)
 
@@ -5368,8 +5397,9 @@ class App:
 
     @functools.cached_property
     def metrics(self) -> Metrics:
-        """This process's counters."""
-        return Metrics()
+        """This process's counters, labelled with the version and the signing backend."""
+        backend = _signing_backend("auto") if self.config.signing else "unsigned"
+        return Metrics({"version": __version__, "signing_backend": backend})
 
     @functools.cached_property
     def spool(self) -> Spool:

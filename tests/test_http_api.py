@@ -997,6 +997,7 @@ def test_metrics_in_prometheus_text_format(make_service: Callable[..., Service])
                         and s.value("sysmail_queue_messages", state="cur") == 0)
 
     assert page.types == {
+        "sysmail_build_info": "gauge",
         "sysmail_queue_messages": "gauge",
         "sysmail_queue_oldest_age_seconds": "gauge",
         "sysmail_last_send_age_seconds": "gauge",
