@@ -779,6 +779,8 @@ def test_spool_wake_up_datagrams_index_other_processes_mail(tmp_path: Path) -> N
         assert _ids(spool.claim(1)[0]) == [retried]
         other.notify()
         assert woken.acquire(timeout=5)
+        spool.enqueue(HEADER, b"own", 1)  # this process's own mail wakes its own sender
+        assert woken.acquire(timeout=5)
     finally:
         listener.close()
 
