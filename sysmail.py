@@ -429,6 +429,8 @@ class SmtpUrl:
     password: str = field(default="", repr=False)
     rate: float | None = None  # messages a second the relay allows (?rate=14)
     daily: int | None = None  # messages a day (?daily=50000)
+    ca_file: str = ""  # this relay's CA (?ca_file=/etc/ssl/relay.pem), else SMTP_CA_FILE
+    tls_verify: bool | None = None  # ?tls_verify=0 relaxes this relay's checks
 
     @classmethod
     def parse(cls, text: str) -> SmtpUrl:
@@ -445,7 +447,7 @@ class SmtpUrl:
         user = urllib.parse.unquote(parts.username or "")
         password = urllib.parse.unquote(parts.password or "")
         return cls(parts.scheme, parts.hostname, port or SMTP_DEFAULT_PORTS[parts.scheme],
-                   user, password, *_relay_limits(parts.query))
+                   user, password, **_relay_params(parts.query))
 
     def __str__(self) -> str:
         user = f"{self.username}:***@" if self.username else ""
@@ -462,12 +464,14 @@ class SmtpUrl:
             return False
 
 
-def _relay_limits(query: str) -> tuple[float | None, int | None]:
-    """rate= (messages a second) and daily= (a day) from an SMTP_URL's query; ValueError else."""
+def _relay_params(query: str) -> dict:
+    """One relay's settings from its SMTP_URL query: rate= (messages a second), daily= (a
+    day), ca_file= and tls_verify= (its own TLS checks); ValueError else."""
     params = dict(urllib.parse.parse_qsl(query))
-    unknown = set(params) - {"rate", "daily"}
+    unknown = set(params) - {"rate", "daily", "ca_file", "tls_verify"}
     if unknown:
-        raise ValueError(f"has an unknown parameter {min(unknown)!r} (rate=, daily=)")
+        raise ValueError(f"has an unknown parameter {min(unknown)!r} "
+                         "(rate=, daily=, ca_file=, tls_verify=)")
     try:
         rate = float(params["rate"]) if "rate" in params else None
         daily = int(params["daily"]) if "daily" in params else None
@@ -475,7 +479,13 @@ def _relay_limits(query: str) -> tuple[float | None, int | None]:
         raise ValueError("rate= and daily= take positive numbers") from None
     if (rate is not None and not 0 < rate <= 10_000) or (daily is not None and daily <= 0):
         raise ValueError("rate= and daily= take positive numbers")
-    return rate, daily
+    if params.get("tls_verify", "1") not in ("0", "1"):
+        raise ValueError("tls_verify= takes 0 or 1")
+    if params.get("ca_file") and not os.path.isfile(params["ca_file"]):
+        raise ValueError("ca_file= names no readable file")
+    verify = None if "tls_verify" not in params else params["tls_verify"] == "1"
+    return {"rate": rate, "daily": daily, "ca_file": params.get("ca_file", ""),
+            "tls_verify": verify}
 
 
 @dataclass(frozen=True)
@@ -2495,6 +2505,27 @@ redis.call('HDEL', ARGV[5] .. ARGV[1], 'owner')
 return 1
 """
 
+# A relay's pace shared by the fleet: KEYS bucket, day counter; ARGV now, rate, burst, needed,
+# quota (0: none), seconds to the day's end. Returns {wait seconds, messages sent today}.
+_REDIS_PACE = """
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local needed, quota = tonumber(ARGV[4]), tonumber(ARGV[5])
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if quota > 0 and used >= quota then return {ARGV[6], tostring(used)} end
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens, updated = tonumber(bucket[1]) or burst, tonumber(bucket[2]) or now
+tokens = math.min(burst, tokens + math.max(now - updated, 0) * rate)
+local wait = 0
+if tokens < needed then wait = (needed - tokens) / rate else tokens = tokens - 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+redis.call('EXPIRE', KEYS[1], 86400)
+if wait == 0 then
+  used = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], 2 * 86400)
+end
+return {tostring(wait), tostring(used)}
+"""
+
 
 class RedisQueue:
     """The fallback queue, used when the spool cannot be written; the same protocol as Spool.
@@ -2524,6 +2555,7 @@ class RedisQueue:
                                            socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
         self._claim_script = self._redis.register_script(_REDIS_CLAIM)
         self._unclaim_script = self._redis.register_script(_REDIS_UNCLAIM)
+        self._pace_script = self._redis.register_script(_REDIS_PACE)
         self._owner = f"{socket.gethostname()}:{_process_token(os.getpid())}"
         self._url = _redact_url(url)
 
@@ -2697,6 +2729,17 @@ class RedisQueue:
     def ping(self) -> None:
         """Raise QueueUnavailable unless Redis answers."""
         self._call(self._redis.ping)
+
+    def take_pace(self, relay: str, now: float, rate: float, burst: float, needed: float,
+                  quota: float, day_end: float) -> tuple[float, int]:
+        """Take one message's room in a relay's token bucket and daily count, shared by every
+        host of this Redis: (seconds to wait, 0 when it may go now; messages sent today)."""
+        day = int(now // DAY_SECONDS)
+        keys = [self._key("pace", relay), self._key("pace", relay, str(day))]
+        wait, used = self._call(lambda: self._pace_script(
+            keys=keys, args=[repr(now), repr(rate), repr(burst), repr(needed), repr(quota),
+                             repr(day_end - now)]))
+        return float(wait), int(used)
 
     def check_durability(self) -> list[str]:
         """Warnings when Redis could evict or lose queued mail."""
@@ -3181,10 +3224,13 @@ class OutboxTransport:
         """Nothing to close."""
 
 
-def tls_context_from_config(config: Config) -> ssl.SSLContext:
-    """The TLS context for the relay: verified by default, with an optional private CA."""
-    context = ssl.create_default_context(cafile=config.smtp_ca_file or None)
-    if not config.smtp_tls_verify:
+def tls_context_from_config(config: Config, url: SmtpUrl | None = None) -> ssl.SSLContext:
+    """The TLS context for a relay: verified by default, with an optional private CA; the
+    relay's own ca_file= and tls_verify= come before SMTP_CA_FILE and SMTP_TLS_VERIFY."""
+    ca_file = (url and url.ca_file) or config.smtp_ca_file
+    verify = config.smtp_tls_verify if url is None or url.tls_verify is None else url.tls_verify
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
@@ -3235,12 +3281,17 @@ class _RelayBackoff:
 class _Pacer:
     """A relay's pace: a token bucket at its rate, and its daily quota. Urgent mail keeps a
     share of both (URGENT_SHARE): bulk waits while a two-factor code still goes out. A
-    throttling reply halves the rate; it recovers by a tenth a minute."""
+    throttling reply halves the rate; it recovers by a tenth a minute. With Redis, the bucket
+    and the day's count are the fleet's (RedisQueue.take_pace); while Redis does not answer,
+    each host keeps its own."""
 
     URGENT_SHARE = 0.2
     UNLIMITED = 10_000.0
+    SHARED_RETRY_SECONDS = 30.0
 
-    def __init__(self, rate: float | None, daily: int | None, clock: Clock):
+    def __init__(self, rate: float | None, daily: int | None, clock: Clock,
+                 shared: RedisQueue | None = None, name: str = ""):
+        self.shared, self.name, self.shared_retry_at = shared, name, 0.0
         self.limit = rate or self.UNLIMITED
         self.rate, self.daily, self.clock = self.limit, daily, clock
         self.reserve = max(1.0, self.limit * self.URGENT_SHARE / 5)  # urgent's tokens
@@ -3255,9 +3306,17 @@ class _Pacer:
         with self._lock:
             now = self._refill()
             quota = self.daily and self.daily * (1 if urgent else 1 - self.URGENT_SHARE)
+            needed = 1.0 if urgent else 1.0 + self.reserve  # bulk leaves urgent's tokens
+            if self.shared is not None and now >= self.shared_retry_at:
+                try:
+                    wait, self.used = self.shared.take_pace(
+                        self.name, now, self.rate, 1.0 + self.reserve, needed, quota or 0,
+                        (self.day + 1) * DAY_SECONDS)
+                    return wait
+                except QueueUnavailable:  # this host paces alone for a while
+                    self.shared_retry_at = now + self.SHARED_RETRY_SECONDS
             if quota and self.used >= quota:
                 return (self.day + 1) * DAY_SECONDS - now
-            needed = 1.0 if urgent else 1.0 + self.reserve  # bulk leaves urgent's tokens
             if self.tokens < needed:
                 return (needed - self.tokens) / self.rate
             self.tokens -= 1
@@ -3285,11 +3344,13 @@ class RelayHealth:
     own backoff), and its replies, for the metrics."""
 
     def __init__(self, urls: tuple[SmtpUrl, ...], clock: Clock = time.monotonic,
-                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None):
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None,
+                 shared: RedisQueue | None = None):
         self.names = [f"{url.host}:{url.port}" for url in urls]
         self.metrics = metrics
         self.backoffs = [_RelayBackoff(clock, rand, name=name) for name in self.names]
-        self.pacers = [_Pacer(url.rate, url.daily, clock) for url in urls]
+        self.pacers = [_Pacer(url.rate, url.daily, clock, shared, name)
+                       for url, name in zip(urls, self.names, strict=True)]
         self.clock = clock
         self._lock = threading.Lock()
         self.last_reply: dict[str, float] = {}
@@ -3453,7 +3514,7 @@ def transport_from_config(config: Config, health: RelayHealth | None = None) -> 
     when SMTP_URL is unset."""
     if config.smtp is None:
         return OutboxTransport(config.outbox_dir)
-    relays = [SmtpTransport(url, tls_context=tls_context_from_config(config),
+    relays = [SmtpTransport(url, tls_context=tls_context_from_config(config, url),
                             timeout=config.smtp_timeout) for url in config.relays]
     if len(relays) == 1 and health is None:
         return relays[0]
@@ -5404,7 +5465,8 @@ class App:
         """What this process's connections know of each relay, shared by all of them."""
         if not self.config.relays:
             return None
-        return RelayHealth(self.config.relays, self.clock, metrics=self.metrics)
+        return RelayHealth(self.config.relays, self.clock, metrics=self.metrics,
+                           shared=self.fallback)
 
     def transport(self) -> Transport:
         """A new connection to the relays (or the outbox folder when SMTP_URL is unset)."""
