@@ -884,7 +884,9 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SYSTEM_DKIM_ED25519_PRIVATE_KEY", "", "optional ed25519 key: PEM or base64 seed"),
     ("DASHBOARD_URL", "", "base of the links in account mails"),
     ("SMTP_URL", "", ("smtp://user:pass@host:587 (STARTTLS), smtps://host:465 or "
-                      "smtp+plain://127.0.0.1:25 (loopback only); unset: .eml files in the outbox")),
+                      "smtp+plain://127.0.0.1:25 (loopback only); several, comma-separated, in "
+                      "order; per relay ?rate=&daily=&ca_file=&tls_verify=; unset: .eml files "
+                      "in the outbox")),
     ("SMTP_TLS_VERIFY", "smtp_tls_verify", "0 relaxes the relay's certificate checks"),
     ("SMTP_CA_FILE", "", "a private CA to trust for the relay"),
     ("SMTP_TIMEOUT_SECONDS", "smtp_timeout", "socket timeout for the relay"),
