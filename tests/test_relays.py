@@ -318,3 +318,19 @@ def test_each_relay_has_its_own_tls_settings(tls_smtp_server: SmtpServer, tmp_pa
     for bad in (f"{tls_smtp_server.url}?ca_file=/nonexistent", "smtp://h?tls_verify=maybe"):
         result = cli(["check"], {**env, "SMTP_URL": bad})
         assert result.returncode == 78 and "Traceback" not in result.stderr
+
+
+def test_the_smtp_url_credential_holds_the_list(smtp_server: SmtpServer, tmp_path: Path,
+                                                cli) -> None:
+    """systemd's LoadCredential=smtp-url: a file holding two relays (and a trailing newline)
+    is the same list as SMTP_URL; check probes both."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    down = refused_url()
+    (credentials / "smtp-url").write_text(f"{down},{smtp_server.url}\n")
+    result = cli(["check"], {"SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1",
+                             "SYSMAIL_SPOOL": str(tmp_path / "spool"),
+                             "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert result.returncode == 0, result.stderr
+    assert f"127.0.0.1:{down.rsplit(':', 1)[1]}: DOWN" in result.stdout
+    assert f"127.0.0.1:{smtp_server.port}: connected" in result.stdout
