@@ -19,8 +19,8 @@ Command line:
 
 Contents (greppable banners, in dependency order):
     Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
-    metrics, Messages and templates, DKIM signing, Spool, Redis fallback, Enqueueing, SMTP
-    transport, Sender, Token store, HTTP API, Wiring, CLI
+    metrics, Messages and templates, DKIM signing, Spool, Redis fallback, Suppression,
+    Enqueueing, SMTP transport, Sender, Token store, HTTP API, Wiring, CLI
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import dataclasses
 import email.header
 import email.utils
 import errno
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -67,7 +68,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Self
@@ -519,6 +520,8 @@ class Config:
     dead_letter_days: float = 14.0
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     retry_schedules: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    bounce_address: str = ""  # bounces@bounce-domain: envelope senders bounces+TAG@... (VERP)
+    hard_bounce_days: float = 30.0
     systemd: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -735,6 +738,9 @@ class _EnvReader(_EnvValues):
                                             DEFAULTS.dead_letter_days, "days"),
             retry_schedule=self._schedule("SYSMAIL_RETRY_SCHEDULE", DEFAULTS.retry_schedule),
             retry_schedules=self._kind_schedules(),
+            bounce_address=self._bounce_address(),
+            hard_bounce_days=self._positive("SYSMAIL_HARD_BOUNCE_DAYS",
+                                            DEFAULTS.hard_bounce_days, "days"),
             systemd={k: v for k, v in self.env.items() if k in SYSTEMD_VARIABLES},
         )
         if smtp and not config.signing and not config.allow_unsigned:
@@ -758,6 +764,22 @@ class _EnvReader(_EnvValues):
                                  "(openssl rand -base64 32)")
             return ""
         return value
+
+    def _bounce_address(self) -> str:
+        """SYSMAIL_BOUNCE_DOMAIN: a domain (bounces@ it) or a whole address whose local part
+        takes the +TAG; "" when unset."""
+        value = self.env.get("SYSMAIL_BOUNCE_DOMAIN", "").strip()
+        address = value if "@" in value else f"bounces@{value}"
+        try:
+            address = validate_address(address) if value else ""
+        except MessageError:
+            self.problems.append("SYSMAIL_BOUNCE_DOMAIN must be a domain or an email address")
+            return ""
+        if "+" in address.partition("@")[0] or len(address.partition("@")[0]) > 30:
+            self.problems.append("SYSMAIL_BOUNCE_DOMAIN's local part must be at most 30 "
+                                 "characters without '+' (the tag follows a '+')")
+            return ""
+        return address
 
     def _api_key(self) -> str:
         api_key = self.env.get("SYSMAIL_API_KEY", "").strip()
@@ -886,6 +908,9 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
                                                   "last repeats until the deliver-by time "
                                                   "(SYSMAIL_RETRY_SCHEDULE_<KIND> for one "
                                                   "kind)")),
+    ("SYSMAIL_BOUNCE_DOMAIN", "", ("domain (or address) that receives bounces: each message's "
+                                   "envelope sender becomes bounces+TAG@it (off: From)")),
+    ("SYSMAIL_HARD_BOUNCE_DAYS", "hard_bounce_days", "how long a hard bounce suppresses"),
     ("SYSMAIL_TEMPLATES", "", "folder of NAME.subject / NAME.txt / NAME.html overrides"),
     ("SYSMAIL_ALLOW_UNSIGNED", "allow_unsigned", "1 allows a real relay without a DKIM key"),
     ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
@@ -1051,6 +1076,9 @@ class Metrics:
         "sysmail_relay_replies_total": "Final replies per relay: 2xx, 4xx or 5xx.",
         "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
                                     "record at once (kept in memory, retried).",
+        "sysmail_suppressed_total": "Messages not sent to a suppressed address, by kind of mail.",
+        "sysmail_bounces_total": "Bounce reports this process handled, by kind (forged: its "
+                                 "VERP tag did not verify).",
     }
 
     def __init__(self) -> None:
@@ -1059,6 +1087,20 @@ class Metrics:
         self._buckets = [0] * len(self.LATENCY_BUCKETS_SECONDS)
         self._latency_sum = 0.0
         self._latency_count = 0
+        self._sent_hours: dict[int, int] = {}
+
+    def count_sent(self, now: float) -> None:
+        """Count a delivered message in its hour, for the 24-hour bounce and complaint rates."""
+        hour = int(now // 3600)
+        with self._lock:
+            self._sent_hours[hour] = self._sent_hours.get(hour, 0) + 1
+            for old in [h for h in self._sent_hours if h <= hour - 24]:
+                del self._sent_hours[old]
+
+    def sent_last_24h(self, now: float) -> int:
+        """Messages this process delivered in the last 24 hours (24 hourly buckets)."""
+        with self._lock:
+            return sum(n for h, n in self._sent_hours.items() if h > now // 3600 - 24)
 
     def inc(self, name: str, **labels: str) -> None:
         """Add one to a labelled counter."""
@@ -1454,7 +1496,7 @@ def make_message_id(domain: str, now: float) -> str:
 
 
 def build_message(config: Config, to: list[str], rendered: Rendered, message_id: str,
-                  now: float) -> bytes:
+                  now: float, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     """Build the RFC 5322 bytes (CRLF) of a multipart/alternative (or text-only) message.
 
     Written directly rather than through email.message: the email package costs ~2.7 ms a
@@ -1471,6 +1513,7 @@ def build_message(config: Config, to: list[str], rendered: Rendered, message_id:
         *([("Reply-To", config.reply_to)] if config.reply_to else []),
         ("Auto-Submitted", "auto-generated"),
         ("X-Auto-Response-Suppress", "All"),
+        *extra,
         ("MIME-Version", "1.0"),
     ]
     if rendered.html:
@@ -1513,7 +1556,8 @@ def _mime_part(subtype: str, text: str) -> str:
 
 _SIGNED_HEADERS = (b"from", b"from", b"to", b"to", b"subject", b"subject", b"date",
                    b"message-id", b"message-id", b"mime-version", b"content-type",
-                   b"auto-submitted")
+                   b"auto-submitted", b"feedback-id", b"feedback-id", b"list-unsubscribe",
+                   b"list-unsubscribe", b"list-unsubscribe-post", b"list-unsubscribe-post")
 _REPLY_TO_HEADERS = (b"reply-to", b"reply-to")
 
 
@@ -2724,15 +2768,386 @@ def _redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+# ---- Suppression ---- #
+
+VERP_TAG_DAYS = 60  # older bounce tags are refused: a DSN comes within days, a complaint weeks
+_VERP_CONTEXT = b"sysmail verp v1\0"
+_UNSUBSCRIBE_CONTEXT = b"sysmail unsubscribe v1\0"
+SUPPRESSION_FILE = "suppressions.json"
+SUPPRESSION_REFRESH_SECONDS = 10.0
+URGENT_TO_SUPPRESSED_SECONDS = 3600  # mail the user asked for still goes, once an hour
+SOFT_BOUNCE_DAYS, SOFT_BOUNCE_WINDOW_DAYS = 3, 7  # soft bounces on 3 days within 7: as hard
+ANNOUNCEMENTS = "service-announcement"  # the one kind of mail a recipient may unsubscribe from
+EVERYTHING = "all"
+SUPPRESSION_REASONS = ("hard-bounce", "soft-bounces", "complaint", "unsubscribe")
+BOUNCE_KINDS = ("hard", "soft", "complaint")
+
+
+def verp_address(bounce_address: str, key: bytes, message_id: str, rcpt: str,
+                 now: float) -> str:
+    """The envelope sender of one message to one recipient: bounces+TAG@bounce-domain."""
+    local, _, domain = bounce_address.rpartition("@")
+    day = (int(now // DAY_SECONDS) % 65536).to_bytes(2, "big")
+    head = day + hashlib.sha256(message_id.encode()).digest()[:3]
+    tag = base64.b32encode(head + _verp_mac(key, head, rcpt)).decode().lower()
+    return f"{local}+{tag}@{domain}"
+
+
+def _verp_mac(key: bytes, head: bytes, rcpt: str) -> bytes:
+    return hmac.new(key, _VERP_CONTEXT + head + rcpt.lower().encode(), hashlib.sha256).digest()[:10]
+
+
+def verp_recipient(local_part: str, candidates: Iterable[str], key: bytes, now: float) -> str | None:
+    """The candidate a bounce address's tag (TAG of bounces+TAG) names, or None for a forged,
+    garbled or expired tag or one naming none of them.
+
+    The tag holds the send day, 3 bytes of the Message-ID's hash and an 80-bit MAC of those
+    and the recipient: 24 base32 letters (an MTA may lower-case them). A recipient address does
+    not fit in a local part, so the caller offers the candidates the bounce names."""
+    try:
+        raw = base64.b32decode(local_part.rpartition("+")[2].upper())
+    except ValueError:
+        return None
+    if len(raw) != 15:
+        return None
+    head, mac = raw[:5], raw[5:]
+    if (int(now // DAY_SECONDS) - int.from_bytes(head[:2], "big")) % 65536 > VERP_TAG_DAYS:
+        return None
+    return next((c for c in candidates if hmac.compare_digest(mac, _verp_mac(key, head, c))),
+                None)
+
+
+def unsubscribe_token(key: bytes, address: str, scope: str = ANNOUNCEMENTS) -> str:
+    """A token naming an address and the kind of mail it may unsubscribe from (MAC'd)."""
+    payload = f"{scope} {address.lower()}".encode()
+    mac = hmac.new(key, _UNSUBSCRIBE_CONTEXT + payload, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
+
+
+def unsubscribe_target(key: bytes, token: str) -> tuple[str, str] | None:
+    """(scope, address) an unsubscribe token names, or None when it is forged or garbled."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        return None
+    payload, mac = raw[:-16], raw[-16:]
+    expected = hmac.new(key, _UNSUBSCRIBE_CONTEXT + payload, hashlib.sha256).digest()[:16]
+    if len(raw) <= 16 or not hmac.compare_digest(mac, expected):
+        return None
+    scope, _, address = payload.decode("utf-8", "replace").partition(" ")
+    return scope, address
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """One address not to mail: which kinds (scope: all, or one kind of mail), why, who said
+    so, when, and until when (None: until removed)."""
+
+    address: str
+    scope: str
+    reason: str
+    source: str
+    at: float
+    expires: float | None = None
+
+    def live(self, now: float) -> bool:
+        """True until it expires."""
+        return self.expires is None or now < self.expires
+
+    @property
+    def field(self) -> str:
+        """Its name in the stored state: SCOPE ADDRESS."""
+        return f"{self.scope} {self.address}"
+
+
+class SuppressionList:
+    """Addresses that must not get some mail, checked in memory (no I/O on the enqueue path).
+
+    Stored as fields of one state, in the spool folder's suppressions.json (written atomically
+    and fsynced, under a lock file) and, with REDIS_URL, in the Redis hash PREFIXsuppressions
+    that every host shares (the file is then the local copy, read while Redis is down):
+
+        "all ADDRESS" / "service-announcement ADDRESS"   a Suppression as JSON
+        "soft ADDRESS"                                     the days it soft-bounced lately
+        "bounces HOUR KIND"                                verified bounces that hour (24 h kept)
+
+    refresh() reloads the state when it changed (the Redis version counter, the file's mtime);
+    the service calls it every SUPPRESSION_REFRESH_SECONDS from its sender loop.
+    """
+
+    def __init__(self, folder: Path, clock: Clock = time.time, *, redis_url: str = "",
+                 prefix: str = REDIS_PREFIX, hard_bounce_seconds: float = 30 * DAY_SECONDS):
+        self.path = Path(folder) / SUPPRESSION_FILE
+        self.clock = clock
+        self.hard_bounce_seconds = hard_bounce_seconds
+        self._key = f"{prefix}suppressions"
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}
+        self._entries: dict[tuple[str, str], Suppression] = {}
+        self._urgent_sent: dict[str, float] = {}
+        self._seen: object = None  # the version (or file mtime) the state was read at
+        self._refreshed = float("-inf")
+        self._redis = None
+        if redis_url:
+            import redis
+
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                                               socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+            self._errors = (redis.exceptions.RedisError, OSError)
+        self.refresh()
+
+    # -- checking: memory only -- #
+
+    def blocks(self, address: str, kind: str, priority: int) -> str | None:
+        """Why mail of this kind (template name) and priority must not go to address now,
+        or None. Bulk mail waits for nothing; urgent mail to an address suppressed for all
+        mail goes at most once an hour."""
+        now, key = self.clock(), address.lower()
+        scoped = self._entries.get((kind, key))
+        if scoped is not None and scoped.live(now):
+            return scoped.reason
+        entry = self._entries.get((EVERYTHING, key))
+        if entry is None or not entry.live(now):
+            return None
+        if priority == BULK:
+            return entry.reason
+        with self._lock:
+            if now - self._urgent_sent.get(key, float("-inf")) < URGENT_TO_SUPPRESSED_SECONDS:
+                return f"{entry.reason}; urgent mail goes once an hour"
+            self._urgent_sent[key] = now
+        return None
+
+    def entries(self) -> list[Suppression]:
+        """The live suppressions, oldest first."""
+        now = self.clock()
+        return sorted((e for e in self._entries.values() if e.live(now)), key=lambda e: e.at)
+
+    def bounces_last_24h(self) -> dict[str, int]:
+        """Verified bounces and complaints of the last 24 hours, by kind (every host's)."""
+        first = int(self.clock() // 3600) - 23
+        counts = dict.fromkeys(BOUNCE_KINDS, 0)
+        for name, value in list(self._state.items()):
+            tag, hour, kind = (name.split(" ") + ["", ""])[:3]
+            if tag == "bounces" and hour.isdigit() and int(hour) >= first and kind in counts:
+                counts[kind] += int(value)
+        return counts
+
+    # -- changing -- #
+
+    def suppress(self, address: str, reason: str, source: str, *, scope: str = EVERYTHING,
+                 days: float | None = None) -> Suppression:
+        """Put an address on the list (for days, or until removed) and store it at once."""
+        now = self.clock()
+        entry = Suppression(validate_address(address).lower(), scope, reason, source, now,
+                            now + days * DAY_SECONDS if days else None)
+        self._change({entry.field: dataclasses.asdict(entry)})
+        log_event(logging.INFO, "suppression_added", address=entry.address, scope=scope,
+                  reason=reason, source=source)
+        return entry
+
+    def unsuppress(self, address: str) -> int:
+        """Take an address off the list (every scope); return how many entries went."""
+        key = validate_address(address).lower()
+        fields = [f"{scope} {key}" for scope, a in self._entries if a == key]
+        if fields:
+            self._change(dict.fromkeys(fields + [f"soft {key}"]))
+            log_event(logging.INFO, "suppression_removed", address=key, entries=len(fields))
+        return len(fields)
+
+    def record_bounce(self, kind: str, address: str, reason: str, source: str
+                      ) -> Suppression | None:
+        """Count a verified bounce or complaint, and suppress the address when it calls for
+        it: a hard bounce for SYSMAIL_HARD_BOUNCE_DAYS, a complaint until removed, soft
+        bounces on SOFT_BOUNCE_DAYS days within SOFT_BOUNCE_WINDOW_DAYS as a hard bounce."""
+        now, key = self.clock(), address.lower()
+        changes: dict[str, object] = {}
+        entry = None
+        if kind == "soft":
+            today = int(now // DAY_SECONDS)
+            days = sorted({d for d in self._state.get(f"soft {key}", []) or []
+                           if today - d < SOFT_BOUNCE_WINDOW_DAYS} | {today})
+            changes[f"soft {key}"] = days if len(days) < SOFT_BOUNCE_DAYS else None
+            if len(days) >= SOFT_BOUNCE_DAYS:
+                entry = Suppression(key, EVERYTHING, "soft-bounces", source, now,
+                                    now + self.hard_bounce_seconds)
+        elif kind in ("hard", "complaint"):
+            entry = Suppression(key, EVERYTHING, "hard-bounce" if kind == "hard" else "complaint",
+                                source, now, now + self.hard_bounce_seconds if kind == "hard"
+                                else None)
+        if entry is not None:
+            changes[entry.field] = dataclasses.asdict(entry)
+        self._change(changes, bump=f"bounces {int(now // 3600)} {kind}")
+        log_event(logging.INFO, "bounce_recorded", kind=kind, address=key, reason=reason[:200],
+                  suppressed=entry is not None)
+        return entry
+
+    def _change(self, changes: Mapping[str, object], bump: str = "") -> None:
+        """Store changes (None deletes a field) and add one to the counter bump, in Redis,
+        then in the file; QueueUnavailable when they cannot be stored (the caller retries:
+        an MTA, a client, an operator), and nothing changes then."""
+        changes = {**self._expired_fields(), **changes}
+        if self._redis is not None:
+            self._redis_change(changes, bump)
+        try:
+            with _locked(self.path.with_suffix(".lock")):
+                state = _merged(self._read_file(), changes, bump)
+                self._write_file(state)
+        except OSError as exc:
+            raise QueueUnavailable(f"the suppression list cannot be written: {exc.strerror}"
+                                   ) from None
+        self._apply(state if self._redis is None else _merged(self._state, changes, bump))
+
+    def _expired_fields(self) -> dict[str, None]:
+        """Fields to drop as they are written: lapsed suppressions, bounce counts past 24 h."""
+        now, first = self.clock(), int(self.clock() // 3600) - 23
+        lapsed = {e.field: None for e in self._entries.values() if not e.live(now)}
+        lapsed.update({name: None for name in self._state if name.startswith("bounces ")
+                       and int(name.split(" ")[1]) < first})
+        return lapsed
+
+    def _redis_change(self, changes: Mapping[str, object], bump: str) -> None:
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            for name, value in changes.items():
+                if value is None:
+                    pipe.hdel(self._key, name)
+                else:
+                    pipe.hset(self._key, name, json.dumps(value))
+            if bump:
+                pipe.hincrby(self._key, bump, 1)
+            pipe.incr(f"{self._key}:version")
+            pipe.execute()
+        except self._errors as exc:
+            raise QueueUnavailable("the suppression list cannot be written: Redis is "
+                                   f"unavailable ({exc.__class__.__name__})") from None
+
+    # -- loading -- #
+
+    def refresh_if_due(self) -> None:
+        """refresh() when SUPPRESSION_REFRESH_SECONDS have passed (the sender loop's hook)."""
+        if self.clock() - self._refreshed >= SUPPRESSION_REFRESH_SECONDS:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Reload the state when it changed: from Redis (copied to the file), else the file."""
+        self._refreshed = self.clock()
+        if self._redis is not None:
+            try:
+                version = self._redis.get(f"{self._key}:version")
+                if version is None or version != self._seen:
+                    state = {k.decode(): json.loads(v)
+                             for k, v in self._redis.hgetall(self._key).items()}
+                    self._seen = version
+                    self._apply(state)
+                    self._keep_local_copy(state)
+                return
+            except self._errors as exc:
+                log_event(logging.WARNING, "suppressions_from_file",
+                          reason=f"Redis is unavailable ({exc.__class__.__name__})")
+        try:
+            changed = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return
+        if changed != self._seen:
+            try:
+                self._apply(self._read_file())
+            except OSError as exc:
+                log_event(logging.ERROR, "suppressions_unreadable", reason=exc.strerror)
+                return
+            self._seen = changed
+
+    def _keep_local_copy(self, state: dict[str, object]) -> None:
+        try:
+            with _locked(self.path.with_suffix(".lock")):
+                self._write_file(state)
+        except OSError as exc:
+            log_event(logging.WARNING, "suppressions_not_copied", reason=exc.strerror)
+
+    def _apply(self, state: dict[str, object]) -> None:
+        entries = {}
+        for name, value in state.items():
+            if isinstance(value, dict) and name.split(" ")[0] not in ("soft", "bounces"):
+                with contextlib.suppress(TypeError):  # a field of another version: skipped
+                    entry = Suppression(**value)
+                    entries[(entry.scope, entry.address)] = entry
+        self._state, self._entries = state, entries
+
+    def _read_file(self) -> dict[str, object]:
+        try:
+            state = json.loads(_read_regular(self.path))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise OSError(errno.EIO, f"{self.path} is unreadable") from exc
+        return state if isinstance(state, dict) else {}
+
+    def _write_file(self, state: Mapping[str, object]) -> None:
+        _make_private_dir(self.path.parent / "tmp")
+        _write_file_atomically(self.path, json.dumps(state, indent=0).encode(),
+                               self.path.parent / "tmp")
+
+
+def _merged(state: Mapping[str, object], changes: Mapping[str, object],
+            bump: str) -> dict[str, object]:
+    merged = {k: v for k, v in {**state, **changes}.items() if v is not None}
+    if bump:
+        merged[bump] = int(state.get(bump, 0)) + 1
+    return merged
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock file (flock) for the read-modify-write of a shared file."""
+    _make_private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, SPOOL_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def apply_bounce(suppressions: SuppressionList, key: bytes, kind: str,
+                 recipients: list[str] | tuple[str, ...], envelope_recipient: str,
+                 reason: str = "", status: str | None = None) -> Suppression | None:
+    """Apply a bounce report to the list, only for the recipient the VERP tag of the address
+    it came back to names: a forged or garbled tag, an auto-reply or ordinary mail changes
+    nothing. Return the suppression it made, if any."""
+    if kind not in BOUNCE_KINDS:
+        return None
+    local = envelope_recipient.strip().strip("<>").rpartition("@")[0]
+    address = verp_recipient(local, recipients, key, suppressions.clock())
+    if address is None:
+        log_event(logging.WARNING, "bounce_unverified", kind=kind, to=envelope_recipient[:100],
+                  note="the VERP tag is missing, forged, expired or names no recipient given")
+        return None
+    source = f"{kind} bounce" + (f" {status}" if status else "")
+    return suppressions.record_bounce(kind, address, reason, source)
+
+
 # ---- Enqueueing ---- #
+
+
+class Queued(str):
+    """What enqueue returns: the Message-ID (a str, as before), and the recipients it was not
+    queued for because they are suppressed (`suppressed`, empty when none)."""
+
+    suppressed: tuple[str, ...] = ()
+
+    def __new__(cls, message_id: str, suppressed: tuple[str, ...] = ()) -> Self:
+        queued = super().__new__(cls, message_id)
+        queued.suppressed = suppressed
+        return queued
 
 
 class Enqueuer:
     """Renders, builds and queues system emails: into the spool, or Redis when the spool fails."""
 
     def __init__(self, config: Config, spool: Spool, fallback: RedisQueue | None,
-                 metrics: Metrics, clock: Clock = time.time):
+                 metrics: Metrics, clock: Clock = time.time,
+                 suppressions: SuppressionList | None = None):
         self.config = config
+        self.suppressions = suppressions
         self.spool = spool
         self.fallback = fallback
         self.metrics = metrics
@@ -2741,8 +3156,9 @@ class Enqueuer:
         self._brand = {"brand": config.from_name, "domain": config.domain}
 
     def enqueue_template(self, template: str, to: str | list[str],
-                         variables: Mapping[str, object]) -> str:
-        """Queue a system email from a template; return its Message-ID."""
+                         variables: Mapping[str, object]) -> Queued:
+        """Queue a system email from a template; return its Message-ID (with the recipients
+        left out as suppressed)."""
         if template not in self.templates:
             raise MessageError(f"there is no template {template!r} "
                                f"(templates: {', '.join(self.templates)})")
@@ -2752,8 +3168,9 @@ class Enqueuer:
         return self._store(to, rendered, template, chosen.priority, ttl)
 
     def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
-                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
-        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> Queued:
+        """Queue an ad-hoc message (text, optional HTML); return its Message-ID (with the
+        recipients left out as suppressed)."""
         if not all(isinstance(v, str) and _is_text(v) for v in (subject, text, html)):
             raise MessageError("the subject, text and HTML must be valid UTF-8 text")
         if _unsafe_in_header(subject) or "\0" in text + html:
@@ -2763,7 +3180,7 @@ class Enqueuer:
         return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
 
     def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
-               ttl: int) -> str:
+               ttl: int) -> Queued:
         if not isinstance(to, str | list | tuple):
             raise MessageError("to must be an address or a list of addresses")
         rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
@@ -2771,14 +3188,58 @@ class Enqueuer:
             raise MessageError(f"a message needs 1 to {MAX_RECIPIENTS} recipients")
         now = self.clock()
         message_id = make_message_id(self.config.domain, now)
-        data = build_message(self.config, rcpts, rendered, message_id, now)
-        header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
-                  "template": template, "queued_at": now, "expires_at": now + ttl}
-        spool_id, backend = self._enqueue(header, data, priority)
-        self.metrics.inc("sysmail_enqueued_total", backend=backend)
-        log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id, backend=backend,
-                  template=template or "ad-hoc", to=rcpts, priority=PRIORITY_NAMES[priority])
-        return message_id
+        kept = self._unsuppressed(rcpts, template, priority, message_id)
+        extra = (("Feedback-ID", f"{template or 'ad-hoc'}:sysmail:{self.config.domain}"),)
+        data = build_message(self.config, kept, rendered, message_id, now, extra) if kept else b""
+        # one entry per recipient when each needs its own envelope sender or unsubscribe link
+        unsubscribable = template == ANNOUNCEMENTS and self.config.public_url_set
+        groups = [(r,) for r in kept] if self.config.bounce_address or unsubscribable else \
+            [tuple(kept)] if kept else []
+        for group in groups:
+            if unsubscribable:
+                data = build_message(self.config, kept, rendered, message_id, now,
+                                     extra + self._unsubscribe_headers(group[0]))
+            header = {"message_id": message_id, "from": self._envelope_sender(message_id, group),
+                      "to": list(group), "template": template, "queued_at": now,
+                      "expires_at": now + ttl}
+            spool_id, backend = self._enqueue(header, data, priority)
+            self.metrics.inc("sysmail_enqueued_total", backend=backend)
+            log_event(logging.INFO, "queued", rfcMessageId=message_id, id=spool_id,
+                      backend=backend, template=template or "ad-hoc", to=list(group),
+                      priority=PRIORITY_NAMES[priority])
+        return Queued(message_id, tuple(r for r in rcpts if r not in kept))
+
+    def _unsuppressed(self, rcpts: list[str], template: str, priority: int,
+                      message_id: str) -> list[str]:
+        """The recipients this mail may go to; each suppressed one is logged and counted."""
+        if self.suppressions is None:
+            return rcpts
+        kept = []
+        for rcpt in rcpts:
+            reason = self.suppressions.blocks(rcpt, template, priority)
+            if reason is None:
+                kept.append(rcpt)
+                continue
+            self.metrics.inc("sysmail_suppressed_total", template=template or "ad-hoc")
+            log_event(logging.INFO, "suppressed", rfcMessageId=message_id, to=rcpt,
+                      template=template or "ad-hoc", reason=reason)
+        return kept
+
+    def _envelope_sender(self, message_id: str, group: tuple[str, ...]) -> str:
+        """From's address, or with SYSMAIL_BOUNCE_DOMAIN the recipient's VERP address."""
+        if not self.config.bounce_address:
+            return self.config.from_addr
+        return verp_address(self.config.bounce_address, self.config.queue_key, message_id,
+                            group[0], self.clock())
+
+    def _unsubscribe_headers(self, rcpt: str) -> tuple[tuple[str, str], ...]:
+        """RFC 8058 one-click unsubscribe (and RFC 2369's mailto, when bounces come back)."""
+        token = unsubscribe_token(self.config.queue_key, rcpt)
+        links = [f"<{self.config.public_url}/v1/unsubscribe?t={token}>"]
+        if self.config.bounce_address:
+            links.append(f"<mailto:{self.config.bounce_address}?subject=unsubscribe%20{token}>")
+        return (("List-Unsubscribe", ",\r\n ".join(links)),
+                ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
 
     def _enqueue(self, header: dict, data: bytes, priority: int) -> tuple[str, str]:
         """Store in the spool, or in Redis when the spool fails; return (id, backend)."""
@@ -3740,6 +4201,7 @@ class _Settler:
             self.spool.mark_sent()
         latency = max(now - message.queued_at, 0.0)
         self.metrics.inc("sysmail_messages_total", outcome="sent")
+        self.metrics.count_sent(now)
         self.metrics.observe_latency(latency)
         if _log.isEnabledFor(logging.INFO):
             log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
@@ -3763,9 +4225,12 @@ class Sender:
                  fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
                  connections: int = 1,
                  transport_factory: Callable[[], Transport] | None = None,
-                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS):
+                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS,
+                 bounce_address: str = "", queue_key: bytes = UNKEYED_QUEUE_KEY):
         self.spool = spool
         self.sender_address = sender_address
+        self.bounce_address = bounce_address
+        self.queue_key = queue_key
         self.dead_letter_seconds = dead_letter_seconds
         self.fallback = fallback
         self.queues: tuple[Queue, ...] = (spool, fallback) if fallback else (spool,)
@@ -3978,8 +4443,10 @@ class Sender:
 
     def _check_sendable(self, message: SpooledMessage) -> None:
         """UnauthenticatedEntry unless the envelope is ours: From the configured sender, and
-        every recipient one plain address (an entry passed its MAC, but keys do leak)."""
-        if self.sender_address and message.mail_from != self.sender_address:
+        every recipient one plain address (an entry passed its MAC, but keys do leak). With
+        SYSMAIL_BOUNCE_DOMAIN, From may be the VERP address of the one recipient instead."""
+        if self.sender_address and message.mail_from != self.sender_address \
+                and not self._own_verp(message):
             raise UnauthenticatedEntry(f"queue entry {message.id} is from {message.mail_from!r}, "
                                        "not the configured sender")
         try:
@@ -3987,6 +4454,13 @@ class Sender:
                 raise MessageError("a recipient is not in its normal form")
         except MessageError as exc:
             raise UnauthenticatedEntry(f"queue entry {message.id}: {exc}") from None
+
+    def _own_verp(self, message: SpooledMessage) -> bool:
+        local, _, domain = message.mail_from.rpartition("@")
+        bounce_local, _, bounce_domain = self.bounce_address.rpartition("@")
+        return (bool(self.bounce_address) and len(message.rcpts) == 1
+                and domain == bounce_domain and local.startswith(bounce_local + "+")
+                and verp_recipient(local, message.rcpts, self.queue_key, self.clock()) is not None)
 
     @staticmethod
     def _content(transport: Transport, answer: Envelope | DeliveryError,
@@ -5392,7 +5866,20 @@ class App:
     @functools.cached_property
     def enqueuer(self) -> Enqueuer:
         """Renders and queues mail into the spool, or Redis."""
-        return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock)
+        return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock,
+                        self.suppressions)
+
+    @functools.cached_property
+    def suppressions(self) -> SuppressionList:
+        """The suppression list: in the spool folder, shared through Redis with REDIS_URL."""
+        return SuppressionList(self.config.spool_dir, self.clock, redis_url=self.config.redis_url,
+                               hard_bounce_seconds=self.config.hard_bounce_days * DAY_SECONDS)
+
+    def on_cycle(self, then: Callable[[], None] | None = None) -> None:
+        """The sender loop's hook: systemd's heartbeat (or then), and the suppression list's
+        refresh."""
+        (then or self.notifier.heartbeat)()
+        self.suppressions.refresh_if_due()
 
     @functools.cached_property
     def signer(self) -> DkimSigner | None:
@@ -5433,7 +5920,9 @@ class App:
                       retry=retry,
                       fallback=self.fallback, connections=self.config.smtp_connections,
                       transport_factory=self.transport, sender_address=self.config.from_addr,
-                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS)
+                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS,
+                      bounce_address=self.config.bounce_address,
+                      queue_key=self.config.queue_key)
 
     @functools.cached_property
     def sending(self) -> SenderThread:
@@ -5501,7 +5990,7 @@ class App:
                 self._close_servers()
                 raise
         self.public_url = self.config.public_url if self.config.public_url_set else self.url
-        self.sending.start(on_cycle=self.notifier.heartbeat)
+        self.sending.start(on_cycle=self.on_cycle)
         self.forgot.start()
         for server in self._servers():
             threading.Thread(target=server.serve_forever, name="sysmail-http", daemon=True,
@@ -5685,7 +6174,7 @@ class Mailer:
 
     def start(self, on_cycle: Callable[[], None] | None = None) -> None:
         """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
-        self.app.sending.start(on_cycle)
+        self.app.sending.start(lambda: self.app.on_cycle(on_cycle or (lambda: None)))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
@@ -5814,7 +6303,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         return EX_OK
     with contextlib.suppress(SpoolError):
         app.spool.recover()
-    app.sending.start(on_cycle=app.notifier.heartbeat)
+    app.sending.start(on_cycle=app.on_cycle)
     app.notifier.ready()
     try:
         _wait_for_stop_signal()
