@@ -16,6 +16,7 @@ Command line:
     sysmail serve | worker [--once] | status [--json] | failed [--json] | retry ID...|--all
     sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
     sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
+    sysmail suppressed [--json] | suppress ADDRESS [--reason R] | unsuppress ADDRESS
 
 Contents (greppable banners, in dependency order):
     Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
@@ -2859,6 +2860,11 @@ class Suppression:
         """Its name in the stored state: SCOPE ADDRESS."""
         return f"{self.scope} {self.address}"
 
+    def as_json(self) -> dict[str, object]:
+        """For the API and the CLI: times as ISO 8601 (expires null: until removed)."""
+        return {**dataclasses.asdict(self), "at": _iso_time(self.at),
+                "expires": _iso_time(self.expires) if self.expires else None}
+
 
 class SuppressionList:
     """Addresses that must not get some mail, checked in memory (no I/O on the enqueue path).
@@ -5083,6 +5089,12 @@ class Api:
             ("GET", "/reset-password"): self.reset_page,
             ("POST", "/reset-password"): self.reset_form,
             ("POST", "/v1/emails"): self.send_email,
+            ("GET", "/v1/suppressions"): self.list_suppressions,
+            ("POST", "/v1/suppressions"): self.add_suppression,
+            ("GET", "/v1/suppressions/*"): self.show_suppression,
+            ("DELETE", "/v1/suppressions/*"): self.remove_suppression,
+            ("GET", "/v1/unsubscribe"): self.unsubscribe_page,
+            ("POST", "/v1/unsubscribe"): self.unsubscribe,
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.ready,
         }
@@ -5119,13 +5131,15 @@ class Api:
     def route_name(self, path: str, routes: Routes | None = None) -> str:
         """The route's path when it is known, else "unmatched" (raw paths may carry secrets)."""
         routes = self.routes if routes is None else routes
-        return path if any(p == path for _, p in routes) else "unmatched"
+        named = path.rpartition("/")[0] + "/*"  # a path naming one thing: /v1/suppressions/ADDR
+        return next((p for p in (path, named) if any(r == p for _, r in routes)), "unmatched")
 
     def _dispatch(self, request: Request, routes: Routes) -> Response:
-        handler = routes.get((request.method, request.path))
+        route = self.route_name(request.path, routes)
+        handler = routes.get((request.method, route))
         if handler is not None:
             return handler(request)
-        allowed = sorted(m for m, p in routes if p == request.path)
+        allowed = sorted(m for m, p in routes if p == route)
         if allowed:
             raise HttpError(405, f"use {' or '.join(allowed)} for {request.path}",
                             {"Allow": ", ".join(allowed)})
@@ -5222,11 +5236,84 @@ class Api:
         key = request.headers.get("Idempotency-Key", "")
         enqueue = functools.partial(self.enqueuer.enqueue_template, template, to, variables)
         if not key:
-            return json_response(202, {"messageId": enqueue()})
+            queued = enqueue()
+            return json_response(202, {"messageId": queued, **(
+                {"suppressed": list(queued.suppressed)} if queued.suppressed else {})})
         if len(key) > 255 or _has_control_chars(key):
             raise HttpError(400, "the Idempotency-Key header must be at most 255 characters")
         message_id, created = self.idempotency.remember(key, enqueue)
         return json_response(202, {"messageId": message_id, "duplicate": not created})
+
+    # -- suppressions: internal callers, and the recipients' one-click unsubscribe -- #
+
+    def list_suppressions(self, request: Request) -> Response:
+        """Every live suppression, oldest first."""
+        suppressions = self._internal(request)
+        return json_response(200, {"suppressions": [e.as_json() for e in suppressions.entries()]})
+
+    def add_suppression(self, request: Request) -> Response:
+        """Suppress {"address"} for all mail until removed ({"reason"} optional)."""
+        suppressions = self._internal(request)
+        fields = _json_object(request)
+        address, reason = fields.get("address"), fields.get("reason", "manual")
+        if not isinstance(address, str) or not isinstance(reason, str) or not reason.strip():
+            raise HttpError(400, 'send {"address": ADDR, "reason": TEXT (optional)}')
+        entry = suppressions.suppress(address, reason.strip()[:200], "api")
+        return json_response(201, entry.as_json())
+
+    def show_suppression(self, request: Request) -> Response:
+        """The suppressions of the address the path names; 404 when there is none."""
+        address = self._named_address(request)
+        entries = [e.as_json() for e in self._internal(request).entries() if e.address == address]
+        if not entries:
+            raise HttpError(404, "this address is not suppressed")
+        return json_response(200, {"suppressions": entries})
+
+    def remove_suppression(self, request: Request) -> Response:
+        """Take the address the path names off the list; 404 when it was not on it."""
+        removed = self._internal(request).unsuppress(self._named_address(request))
+        if not removed:
+            raise HttpError(404, "this address is not suppressed")
+        return json_response(200, {"removed": removed})
+
+    def _internal(self, request: Request) -> SuppressionList:
+        """The suppression list, for a caller holding SYSMAIL_API_KEY (404 when it is unset)."""
+        if not self.config.api_key or self.enqueuer.suppressions is None:
+            raise HttpError(404, "no such endpoint")
+        self._authorize(request)
+        return self.enqueuer.suppressions
+
+    @staticmethod
+    def _named_address(request: Request) -> str:
+        return validate_address(urllib.parse.unquote(request.path.rpartition("/")[2])).lower()
+
+    def unsubscribe_page(self, request: Request) -> Response:
+        """A confirmation page with a button: following the link never unsubscribes by itself
+        (mail scanners follow links); the button's POST does."""
+        target = self._unsubscribe_target(request)
+        if target is None:
+            return _page(400, "This unsubscribe link is not valid", "<p>Use the link from the "
+                         "latest announcement, or write to us.</p>")
+        return _page(200, "Unsubscribe from announcements?", _UNSUBSCRIBE_FORM.format(
+            address=html.escape(target[1])))
+
+    def unsubscribe(self, request: Request) -> Response:
+        """RFC 8058 one-click: the token in the link says who and from what; suppressed now."""
+        target = self._unsubscribe_target(request)
+        if target is None or self.enqueuer.suppressions is None:
+            return _page(400, "This unsubscribe link is not valid", "<p>Nothing was changed.</p>")
+        scope, address = target
+        self.enqueuer.suppressions.suppress(address, "unsubscribe", "one-click link",
+                                            scope=scope)
+        return _page(200, "You are unsubscribed", f"<p>{html.escape(address)} gets no more "
+                     "announcements. Mail about your account (sign-in codes, password resets, "
+                     "billing) still comes.</p>")
+
+    def _unsubscribe_target(self, request: Request) -> tuple[str, str] | None:
+        token = request.query.get("t", "")
+        if len(token) > 1024:
+            return None
+        return unsubscribe_target(self.config.queue_key, token)
 
     def _authorize(self, request: Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -5286,12 +5373,40 @@ class Api:
             "Age of the oldest queued message.", {}, counts["oldest_age_seconds"])
         if self.relays is not None:
             gauges.update(self.relays.gauges())
+        if self.enqueuer.suppressions is not None:
+            gauges.update(self._suppression_gauges(self.enqueuer.suppressions))
         last = self.enqueuer.spool.last_sent()
         if last is not None:
             gauges["sysmail_last_send_age_seconds"] = (
                 "Seconds since the last successful send.", {}, round(self.clock() - last, 3))
         body = self.metrics.render(gauges).encode()
         return Response(200, body, "text/plain; version=0.0.4; charset=utf-8", _JSON_HEADERS)
+
+    def _suppression_gauges(self, suppressions: SuppressionList
+                            ) -> dict[str, tuple[str, Mapping[str, str], float]]:
+        """The list's size by reason; bounces and complaints (every host's) over the last
+        24 hours, and their rates against the mail this process sent in that time."""
+        entries = suppressions.entries()
+        gauges: dict[str, tuple[str, Mapping[str, str], float]] = {}
+        for reason in (*SUPPRESSION_REASONS, "manual"):
+            size = sum(1 for e in entries if (e.reason if e.reason in SUPPRESSION_REASONS
+                                              else "manual") == reason)
+            gauges[f"sysmail_suppressions{{{reason}}}"] = (
+                "Addresses on the suppression list, by reason.", {"reason": reason}, size)
+        bounces = suppressions.bounces_last_24h()
+        for kind, count in bounces.items():
+            gauges[f"sysmail_bounces_last_24h{{{kind}}}"] = (
+                "Verified bounces and complaints in the last 24 hours, by kind.",
+                {"kind": kind}, count)
+        sent = self.metrics.sent_last_24h(self.clock())
+        gauges["sysmail_sent_last_24h"] = ("Messages this process sent in the last 24 hours.",
+                                           {}, sent)
+        gauges["sysmail_bounce_rate_24h"] = ("Hard bounces per message sent, last 24 hours.",
+                                             {}, round(bounces["hard"] / sent, 6) if sent else 0)
+        gauges["sysmail_complaint_rate_24h"] = ("Complaints per message sent, last 24 hours.",
+                                                {}, round(bounces["complaint"] / sent, 6)
+                                                if sent else 0)
+        return gauges
 
     # -- limits and the background worker -- #
 
@@ -5376,6 +5491,14 @@ _RESET_FORM = """<form method="post" action="/reset-password">
 <input id="confirm" name="confirm" type="password" autocomplete="new-password" minlength="8"
  maxlength="1024" required style="width:100%;padding:8px;font-size:16px;"></p>
 <p><button type="submit" style="padding:10px 18px;font-size:16px;">Change password</button></p>
+</form>"""
+
+
+_UNSUBSCRIBE_FORM = """<p>{address} will get no more service announcements. Mail about your account
+(sign-in codes, password resets, billing) still comes.</p>
+<form method="post">
+<input type="hidden" name="List-Unsubscribe" value="One-Click">
+<p><button type="submit" style="padding:10px 18px;font-size:16px;">Unsubscribe</button></p>
 </form>"""
 
 
@@ -6230,6 +6353,16 @@ def _build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", metavar="ID")
     retry.add_argument("--all", action="store_true")
     retry.set_defaults(handler=cmd_retry)
+    suppressed = commands.add_parser("suppressed", help="list the suppressed addresses")
+    suppressed.add_argument("--json", action="store_true")
+    suppressed.set_defaults(handler=cmd_suppressed)
+    suppress = commands.add_parser("suppress", help="stop mail to an address (see README)")
+    suppress.add_argument("address", metavar="ADDRESS")
+    suppress.add_argument("--reason", default="manual")
+    suppress.set_defaults(handler=cmd_suppress)
+    unsuppress = commands.add_parser("unsuppress", help="take an address off the list")
+    unsuppress.add_argument("address", metavar="ADDRESS")
+    unsuppress.set_defaults(handler=cmd_unsuppress)
     commands.add_parser("dns", help="print the SPF, DKIM and DMARC records").set_defaults(
         handler=cmd_dns)
     keygen = commands.add_parser("keygen", help="print a new DKIM key and its DNS record")
@@ -6282,6 +6415,41 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
         message_id = mailer.enqueue_message(args.to, args.subject, args.text, args.html,
                                             priority=priority)
     print(message_id)
+    if message_id.suppressed:
+        _say(f"not queued for {', '.join(message_id.suppressed)}: suppressed (see the log)")
+    return EX_OK
+
+
+def cmd_suppressed(args: argparse.Namespace, config: Config) -> int:
+    """List the suppressed addresses: why, since when, until when."""
+    entries = [e.as_json() for e in build_app(config).suppressions.entries()]
+    if args.json:
+        print(json.dumps(entries))
+        return EX_OK
+    if not entries:
+        print("no suppressed addresses")
+    for e in entries:
+        until = f"until {e['expires'][:16]}" if e["expires"] else "until removed"
+        print(f"{e['address']}  {e['scope']}  {e['reason']}  ({e['source']}, "
+              f"{e['at'][:16]}, {until})")
+    return EX_OK
+
+
+def cmd_suppress(args: argparse.Namespace, config: Config) -> int:
+    """Put an address on the suppression list until it is removed."""
+    if not args.reason.strip() or _unsafe_in_header(args.reason):
+        raise UsageError("--reason takes one line of text")
+    entry = build_app(config).suppressions.suppress(args.address, args.reason.strip()[:200],
+                                                    "cli")
+    print(f"suppressed {entry.address}")
+    return EX_OK
+
+
+def cmd_unsuppress(args: argparse.Namespace, config: Config) -> int:
+    """Take an address off the suppression list."""
+    if not build_app(config).suppressions.unsuppress(args.address):
+        raise MessageError(f"{args.address[:80]} is not suppressed")
+    print(f"unsuppressed {args.address}")
     return EX_OK
 
 
@@ -6502,10 +6670,21 @@ def cmd_dns(args: argparse.Namespace, config: Config) -> int:
                           f"v=DKIM1; k=ed25519; p={_ed25519_public_key_b64(config.ed25519_key)}"))
     if not config.signing:
         print("; DKIM: no key configured; create one with: sysmail keygen")
+    if config.bounce_address:
+        _print_bounce_records(config.bounce_address.rpartition("@")[2])
     print("; DMARC: strict alignment, reports to a mailbox of yours")
     print(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=quarantine; adkim=s; aspf=s; '
           f'rua=mailto:dmarc-reports@{domain}"')
     return EX_OK
+
+
+def _print_bounce_records(bounce_domain: str) -> None:
+    """What the bounce domain needs: an MX to the MTA that pipes to `sysmail bounce`, and
+    SPF for the relay (it is the envelope sender's domain, the one SPF checks)."""
+    print(f"; Bounces come back to {bounce_domain}: its MX is the host whose MTA pipes them to "
+          "`sysmail bounce` (see README); SPF is checked against it: add ip4:/include: for the relay")
+    print(f"{bounce_domain}. IN MX 10 {socket.getfqdn()}.")
+    print(f'{bounce_domain}. IN TXT "v=spf1 mx -all"')
 
 
 def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
