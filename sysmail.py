@@ -3013,6 +3013,8 @@ class SuppressionList:
 
     def _redis_change(self, changes: Mapping[str, object], bump: str) -> None:
         try:
+            if not self._redis.exists(f"{self._key}:version"):  # a Redis that lost the list
+                changes = {**self._local_copy(), **changes}  # (or never had it): ours first
             pipe = self._redis.pipeline(transaction=True)
             for name, value in changes.items():
                 if value is None:
@@ -3039,15 +3041,9 @@ class SuppressionList:
         self._refreshed = self.clock()
         if self._redis is not None:
             try:
-                version = self._redis.get(f"{self._key}:version")
-                if version is None or version != self._seen:
-                    state = {k.decode(): json.loads(v)
-                             for k, v in self._redis.hgetall(self._key).items()}
-                    self._seen = version
-                    self._apply(state)
-                    self._keep_local_copy(state)
+                self._refresh_from_redis()
                 return
-            except self._errors as exc:
+            except (QueueUnavailable, *self._errors) as exc:
                 log_event(logging.WARNING, "suppressions_from_file",
                           reason=f"Redis is unavailable ({exc.__class__.__name__})")
         try:
@@ -3061,6 +3057,23 @@ class SuppressionList:
                 log_event(logging.ERROR, "suppressions_unreadable", reason=exc.strerror)
                 return
             self._seen = changed
+
+    def _refresh_from_redis(self) -> None:
+        version = self._redis.get(f"{self._key}:version")
+        if version is None:
+            self._redis_change({}, "")  # seeds it from the local copy
+            version = self._redis.get(f"{self._key}:version")
+        if version != self._seen:
+            state = {k.decode(): json.loads(v) for k, v in self._redis.hgetall(self._key).items()}
+            self._seen = version
+            self._apply(state)
+            self._keep_local_copy(state)
+
+    def _local_copy(self) -> dict[str, object]:
+        try:
+            return self._read_file()
+        except OSError:
+            return {}
 
     def _keep_local_copy(self, state: dict[str, object]) -> None:
         try:
