@@ -1078,8 +1078,6 @@ class Metrics:
         "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
                                     "record at once (kept in memory, retried).",
         "sysmail_suppressed_total": "Messages not sent to a suppressed address, by kind of mail.",
-        "sysmail_bounces_total": "Bounce reports this process handled, by kind (forged: its "
-                                 "VERP tag did not verify).",
     }
 
     def __init__(self) -> None:
@@ -3060,8 +3058,8 @@ class SuppressionList:
 
     def _refresh_from_redis(self) -> None:
         version = self._redis.get(f"{self._key}:version")
-        if version is None:
-            self._redis_change({}, "")  # seeds it from the local copy
+        if version is None and self._local_copy():  # Redis lost the list: seed it from ours
+            self._redis_change({}, "")
             version = self._redis.get(f"{self._key}:version")
         if version != self._seen:
             state = {k.decode(): json.loads(v) for k, v in self._redis.hgetall(self._key).items()}

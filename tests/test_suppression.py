@@ -15,6 +15,9 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -557,3 +560,38 @@ def test_a_bounce_suppresses_only_the_recipient_its_verp_tag_names(tmp_path: Pat
     assert entry is not None and entry.address == ADA and entry.source == "hard bounce 5.1.1"
     complaint = sysmail.apply_bounce(suppressions, KEY, "complaint", [ADA], f"<{to_ada}>")
     assert complaint.reason == "complaint" and complaint.expires is None
+
+
+# --------------------------------------------------------------------------- no I/O to check
+
+CHECKS = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import sysmail
+mailer = sysmail.Mailer(sysmail.Config.from_env({{"SYSMAIL_SPOOL": {spool!r}}}))
+suppressions = mailer.app.suppressions
+suppressions.suppress("ada@example.org", "manual", "test")
+os.write(1, b"CHECKS-START\\n")
+blocked = sum(suppressions.blocks(f"user{{i % 50}}@example.org", "billing-notification",
+                                  sysmail.BULK) is not None for i in range(5000))
+blocked += suppressions.blocks("ada@example.org", "billing-notification", sysmail.BULK) is not None
+os.write(1, b"CHECKS-END %d\\n" % blocked)
+"""
+
+
+def test_checking_the_list_costs_no_system_call(tmp_path: Path) -> None:
+    """5,001 checks between two marker writes: strace sees nothing in between."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    script = tmp_path / "checks.py"
+    script.write_text(CHECKS.format(repo=str(Path(sysmail.__file__).parent),
+                                    spool=str(tmp_path / "spool")))
+    log = tmp_path / "strace.log"
+    result = subprocess.run(["strace", "-qq", "-o", str(log), sys.executable, str(script)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "CHECKS-END 1" in result.stdout
+    calls = log.read_text().splitlines()
+    start = next(i for i, line in enumerate(calls) if "CHECKS-START" in line)
+    end = next(i for i, line in enumerate(calls) if "CHECKS-END" in line)
+    assert calls[start + 1:end] == []
