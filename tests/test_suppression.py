@@ -595,3 +595,11 @@ def test_checking_the_list_costs_no_system_call(tmp_path: Path) -> None:
     start = next(i for i, line in enumerate(calls) if "CHECKS-START" in line)
     end = next(i for i, line in enumerate(calls) if "CHECKS-END" in line)
     assert calls[start + 1:end] == []
+
+
+def test_enqueue_many_leaves_suppressed_recipients_out(suppressed_mailer: sysmail.Mailer) -> None:
+    ids = suppressed_mailer.enqueue_many("billing-notification", [ADA, BOB, {"to": "c@x.example"}],
+                                         summary="S")
+    assert [i.suppressed for i in ids] == [(ADA,), (), ()]
+    assert all(i.startswith("<") for i in ids)
+    assert queued(suppressed_mailer) == [BOB, "c@x.example"]
