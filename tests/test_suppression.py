@@ -449,6 +449,11 @@ def test_internal_callers_manage_suppressions_over_http(service: sysmail.App) ->
         {"template": "billing-notification", "to": [ADA, BOB], "vars": {"summary": "S"}}).encode(),
         {**AUTH, "Content-Type": "application/json"})
     assert status == 202 and json.loads(body)["suppressed"] == [ADA]
+    status, _, body = call(base, "POST", "/v1/emails", json.dumps(
+        {"template": "billing-notification", "recipients": [ADA, BOB], "vars": {"summary": "S"}}
+    ).encode(), {**AUTH, "Content-Type": "application/json"})
+    assert status == 202 and json.loads(body)["suppressed"] == [ADA]
+    assert len(json.loads(body)["messageIds"]) == 2
     status, _, body = call(base, "DELETE", f"/v1/suppressions/{ADA}", headers=AUTH)
     assert (status, json.loads(body)) == (200, {"removed": 1})
     status, _, body = call(base, "DELETE", f"/v1/suppressions/{ADA}", headers=AUTH)
