@@ -3408,8 +3408,10 @@ class Enqueuer:
         data = build_message(self.config, kept, rendered, message_id, now, extra) if kept else b""
         # one entry per recipient when each needs its own envelope sender or unsubscribe link
         unsubscribable = template == ANNOUNCEMENTS and self.config.public_url_set
-        groups = [(r,) for r in kept] if self.config.bounce_address or unsubscribable else \
-            [tuple(kept)] if kept else []
+        if self.config.bounce_address or unsubscribable:
+            groups = [(rcpt,) for rcpt in kept]
+        else:
+            groups = [tuple(kept)] if kept else []
         entries = []
         for group in groups:
             if unsubscribable:
