@@ -608,3 +608,27 @@ def test_enqueue_many_leaves_suppressed_recipients_out(suppressed_mailer: sysmai
     assert [i.suppressed for i in ids] == [(ADA,), (), ()]
     assert all(i.startswith("<") for i in ids)
     assert queued(suppressed_mailer) == [BOB, "c@x.example"]
+
+
+def test_the_service_sees_another_process_suppress_within_its_cadence(tmp_path: Path,
+                                                                     smtp_server: SmtpServer) -> None:
+    """`sysmail suppress` in another process; serve's sender loop re-reads the list once
+    SUPPRESSION_REFRESH_SECONDS have passed on its clock, and then leaves the address out."""
+    clock = FakeClock()
+    cfg = config(tmp_path, SMTP_URL=smtp_server.url, SYSMAIL_ALLOW_UNSIGNED="1",
+                 SYSMAIL_LISTEN="127.0.0.1:0", SYSMAIL_METRICS_LISTEN="off",
+                 SYSMAIL_DB=str(tmp_path / "db.sqlite"))
+    app = sysmail.build_app(cfg, clock=clock)
+    app.start()
+    try:
+        env = {"SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_SPOOL": str(tmp_path / "spool")}
+        assert run_cli(["suppress", ADA], env).returncode == 0
+        assert app.enqueuer.enqueue_message(ADA, "S", "T").suppressed == ()  # not re-read yet
+        clock.advance(sysmail.SUPPRESSION_REFRESH_SECONDS)
+        deadline = time.monotonic() + 10
+        while app.suppressions.blocks(ADA, "", sysmail.BULK) is None:
+            assert time.monotonic() < deadline, "the sender loop never refreshed the list"
+            time.sleep(0.05)
+        assert app.enqueuer.enqueue_message(ADA, "S", "T").suppressed == (ADA,)
+    finally:
+        app.stop()
