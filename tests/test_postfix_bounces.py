@@ -132,9 +132,25 @@ def postfix() -> Iterator[Postfix]:
     try:
         yield _started(base)
     finally:
-        subprocess.run(["postfix", "-c", str(base / "etc"), "stop"], capture_output=True,
-                       check=False, timeout=60)
+        _stop(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _stop(base: Path) -> None:
+    """`postfix stop`, then wait until this instance's master (and so its children) is gone."""
+    try:
+        pid = int((base / "queue" / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pid = 0
+    subprocess.run(["postfix", "-c", str(base / "etc"), "stop"], capture_output=True,
+                   check=False, timeout=60)
+    deadline = time.monotonic() + 30
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def _started(base: Path) -> Postfix:
