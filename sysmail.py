@@ -507,6 +507,7 @@ class Config:
     smtp_ca_file: str = ""
     smtp_timeout: float = 30.0
     smtp_connections: int = 4
+    senders: int = 0  # sender processes of serve and worker; 0: one per core
     spool_dir: Path = Path("spool")
     outbox_dir: Path = Path("outbox")
     templates_dir: Path | None = None
@@ -718,6 +719,7 @@ class _EnvReader(_EnvValues):
             smtp_ca_file=self._file("SMTP_CA_FILE"),
             smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", DEFAULTS.smtp_timeout),
             smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", DEFAULTS.smtp_connections, 64),
+            senders=self._count("SYSMAIL_SENDERS", DEFAULTS.senders, 64),
             spool_dir=self._path("SYSMAIL_SPOOL", DEFAULTS.spool_dir),
             outbox_dir=self._path("SYSMAIL_OUTBOX", DEFAULTS.outbox_dir),
             templates_dir=self._folder("SYSMAIL_TEMPLATES"),
@@ -891,6 +893,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SMTP_CA_FILE", "", "a private CA to trust for the relay"),
     ("SMTP_TIMEOUT_SECONDS", "smtp_timeout", "socket timeout for the relay"),
     ("SYSMAIL_SMTP_CONNECTIONS", "smtp_connections", "SMTP connections a sender uses at once"),
+    ("SYSMAIL_SENDERS", "", "sender processes of serve and worker (one per core)"),
     ("SYSMAIL_SPOOL", "spool_dir", "the spool folder"),
     ("SYSMAIL_OUTBOX", "outbox_dir", "where .eml files go without SMTP_URL"),
     ("SYSMAIL_DEAD_LETTER_DAYS", "dead_letter_days", "how long dead letters are kept"),
@@ -6064,6 +6067,88 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
     return EX_OK
 
 
+class SenderProcesses:
+    """The extra senders of serve and worker: `worker` processes on the same spool, each
+    restarted when it dies (after 1 s, doubling to a minute while they keep dying), told to
+    stop with the parent, and ended by the kernel if the parent dies first."""
+
+    RESTART_MAX_SECONDS = 60.0
+
+    def __init__(self, count: int, argv: list[str]):
+        self.argv, self.count = argv, count
+        self.children: list[subprocess.Popen] = []
+        here = os.path.dirname(os.path.abspath(__file__))  # a folder, or the zipapp itself
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+        self._env = {**{k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY},
+                     "PYTHONPATH": path, "SYSMAIL_SENDERS": "1",
+                     "SYSMAIL_SUPERVISOR_PID": str(os.getpid())}
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="sysmail-senders", daemon=True)
+
+    def start(self) -> None:
+        """Start the processes and the thread that restarts them."""
+        self.children = [self._spawn() for _ in range(self.count)]
+        if self.children:
+            self._watcher.start()
+            log_event(logging.INFO, "senders_started", processes=self.count + 1,
+                      pids=[child.pid for child in self.children])
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.argv, env=self._env, stdin=subprocess.DEVNULL)
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.wait(0.2):
+            for index, child in enumerate(self.children):
+                if child.poll() is None or self._stopping.is_set():
+                    continue
+                log_event(logging.ERROR, "sender_died", pid=child.pid, exit_code=child.returncode,
+                          restart_in_seconds=delay)
+                if self._stopping.wait(delay):
+                    return
+                self.children[index] = self._spawn()
+                delay = min(delay * 2, self.RESTART_MAX_SECONDS)
+
+    def terminate(self) -> None:
+        """SIGTERM every process: each stops after its current message."""
+        self._stopping.set()
+        for child in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the processes, and SIGKILL those still there after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+_SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+PR_SET_PDEATHSIG = 1
+
+
+def _extra_senders(args: argparse.Namespace, config: Config) -> SenderProcesses:
+    """serve's or worker's other sender processes: SYSMAIL_SENDERS (one per core) minus this
+    one, each running `worker` with this command's --env-file."""
+    count = (config.senders or os.cpu_count() or 1) - 1
+    env_file = ["--env-file", os.path.abspath(args.env_file)] if args.env_file else []
+    return SenderProcesses(count, [sys.executable, "-m", "sysmail", *env_file, "worker"])
+
+
+def _die_with_supervisor() -> None:
+    """In a sender started by serve: end when serve ends, even by SIGKILL (Linux)."""
+    supervisor = os.environ.get("SYSMAIL_SUPERVISOR_PID", "")
+    prctl = _libc_function("prctl") if supervisor else None
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if str(os.getppid()) != supervisor:  # it died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     """Deliver queued mail: until a signal, or with --once until nothing is due."""
     if not args.once:
@@ -6082,13 +6167,18 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         return EX_OK
     with contextlib.suppress(SpoolError):
         app.spool.recover()
+    _die_with_supervisor()
+    others = _extra_senders(args, config)
     app.sending.start(on_cycle=app.notifier.heartbeat)
+    others.start()
     app.notifier.ready()
     try:
         _wait_for_stop_signal()
     finally:
         app.notifier.stopping()
+        others.terminate()
         app.sending.stop(timeout=STOP_GRACE_SECONDS + 60)
+        others.wait(timeout=STOP_GRACE_SECONDS + 2)
     return EX_OK
 
 
@@ -6201,12 +6291,16 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     """Run the HTTP API and the sender until SIGTERM or SIGINT."""
     _block_stop_signals()
     app = build_app(config)
+    others = _extra_senders(args, config)
     app.start()
+    others.start()
     try:
         _wait_for_stop_signal()
     finally:
         log_event(logging.INFO, "stopping")
+        others.terminate()
         app.stop()
+        others.wait(timeout=STOP_GRACE_SECONDS + 2)
     return EX_OK
 
 
