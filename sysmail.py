@@ -19,8 +19,8 @@ Command line:
 
 Contents (greppable banners, in dependency order):
     Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
-    metrics, Messages and templates, DKIM signing, Spool, Redis fallback, Enqueueing, SMTP
-    transport, Sender, Token store, HTTP API, Wiring, CLI
+    metrics, Messages and templates, Bounces, DKIM signing, Spool, Redis fallback, Enqueueing,
+    SMTP transport, Sender, Token store, HTTP API, Wiring, CLI
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import contextlib
 import ctypes
 import dataclasses
 import email.header
+import email.message
+import email.policy
 import email.utils
 import errno
 import functools
@@ -1507,6 +1509,305 @@ def _mime_part(subtype: str, text: str) -> str:
         body += "\n"
     return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
             f"Content-Transfer-Encoding: {encoding}\r\n\r\n" + body.replace("\n", "\r\n"))
+
+
+# ---- Bounces ---- #
+
+MAX_BOUNCE_BYTES = 256 * 1024  # a report is at the start; the returned message is cut
+
+# RFC 3463 codes that say the address itself does not work: the only 5.x.x that are hard.
+# The other 5.x.x name a full mailbox (5.2.2: its owner can empty it), the content, a loop,
+# or the sender's reputation (5.7.x, 5.1.7, 5.1.8): final for this message, not for the address.
+_HARD_STATUS = re.compile(r"5\.1\.([1-46]|10|\d{3})|5\.2\.1|5\.4\.4")
+_VAGUE_STATUS = re.compile(r"5\.[0-5]\.0|5\.5\.\d+|5\.7\.27")  # "other" codes: the text decides
+_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
+_REPLY_CODE = re.compile(r"(?<![\d.#\[])([45][0-5]\d)(?=[ :-])")
+_HARD_TEXT = re.compile(
+    r"user unknown|unknown (user|recipient|address)|no such (user|mailbox|recipient|address|"
+    r"domain)|(user|recipient|mailbox|address|account) (\S+ )?(not found|does ?n[o']t exist)|"
+    r"(invalid|unknown|bad) (recipient|mailbox|address|destination)|not recognized|"
+    r"(mailbox|account) (is )?(disabled|unavailable|discontinued)|host (unknown|not found)|"
+    r"no valid recipients|no mx|does not accept mail|doesn't have an? \S+ account|"
+    r"unrouteable|name not found", re.IGNORECASE)
+_SOFT_TEXT = re.compile(r"mailbox (is )?full|quota|over ?limit|exceeded|try again|delay",
+                        re.IGNORECASE)
+_DAEMON = re.compile(r"mailer-daemon|postmaster|mail delivery|mmsc|mail-daemon|mailer daemon",
+                     re.IGNORECASE)
+_BOUNCE_SUBJECT = re.compile(r"undeliver|deliver(y|ing) (status|fail|notif|problem|report)|"
+                             r"returned mail|failure notice|fail(ed|ure) delivery|could not be "
+                             r"delivered|delivery has failed|mail delivery|non remis|"
+                             r"bounce", re.IGNORECASE)
+_AUTO_SUBJECT = re.compile(r"auto(matic)?[- ]?(reply|response|antwort)|out of (the )?office|"
+                           r"vacation|away from|abwesen|^away\b|absence", re.IGNORECASE)
+_ORIGINAL_MARKER = re.compile(
+    r"^[ \t>*-]*(.*(original message|below this line|copy of the message|unsent message|"
+    r"original (mail|message) (follows|as follows)|headers follow|returned message|"
+    r"bounced e-mail)|received: ?|return-path: )", re.IGNORECASE | re.MULTILINE)
+_HEADER_LINE = re.compile(r"^\s*(to|from|cc|subject|date|sent|message-id):.*$",
+                          re.IGNORECASE | re.MULTILINE)  # the original's, quoted in a notice
+_ADDRESS = re.compile(r"[\w.+=!#$%&'*/?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_LINE_START_ADDRESS = re.compile(r"^[ \t*<\"]*(" + _ADDRESS.pattern + ")", re.MULTILINE)
+_FINAL_RECIPIENT = re.compile(r"^Final-Recipient:[^;\n]*;\s*<?([^>\s]+)",
+                              re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class BounceReport:
+    """What a message to the bounce address says: its kind, who failed, and why."""
+
+    kind: str  # hard | soft | complaint | auto-reply | none
+    recipients: tuple[str, ...] = ()
+    status: str | None = None
+    reason: str = ""
+    original_message_id: str | None = None
+
+    def as_json(self) -> dict:
+        """The object `bounce --dry-run --json` prints and POST /v1/bounces answers."""
+        return {"kind": self.kind, "recipients": list(self.recipients), "status": self.status,
+                "reason": self.reason, "original_message_id": self.original_message_id}
+
+
+def parse_bounce(raw: bytes) -> BounceReport:
+    """Understand one raw message: a DSN (RFC 3464), a complaint (RFC 5965), a bounce in one
+    of the common non-standard forms, an auto-reply (RFC 3834) or ordinary mail."""
+    message = email.message_from_bytes(raw[:MAX_BOUNCE_BYTES], policy=email.policy.compat32)
+    if not message.keys():  # no header at all: text, JSON, binary
+        raise MessageError("the input is not a mail message")
+    original = _original_message_id(message)
+    for part in message.walk():
+        if part.get_content_type() == "message/feedback-report":
+            return _complaint(message, part, original)
+        if part.get_content_type() == "message/delivery-status":
+            report = _delivery_status(message, part, original)
+            if report.recipients:
+                return report
+    if _is_bounce(message):
+        return _plain_bounce(message, original)
+    if _is_auto_reply(message):
+        sender = email.utils.parseaddr(message.get("From", ""))[1]
+        return BounceReport("auto-reply", (sender,) if sender else (), None,
+                            _oneline(message.get("Subject", "")), original)
+    return BounceReport("none", reason="not a bounce, complaint or auto-reply")
+
+
+def classify_bounce(status: str | None, text: str) -> str:
+    """hard or soft, from the enhanced status code, else the reply code and text."""
+    if status and status[0] == "4":
+        return "soft"
+    if status and _HARD_STATUS.fullmatch(status):
+        return "hard"
+    if status and not _VAGUE_STATUS.fullmatch(status):
+        return "soft"
+    if _SOFT_TEXT.search(text) and not _HARD_TEXT.search(text):
+        return "soft"
+    return "hard" if _HARD_TEXT.search(text) else "soft"
+
+
+def _complaint(message: email.message.Message, part: email.message.Message,
+               original: str | None) -> BounceReport:
+    fields = _fields(part)
+    recipient = fields.get("original-rcpt-to", "") or _original_header(message, "To")
+    address = email.utils.parseaddr(recipient)[1]
+    return BounceReport("complaint", (address,) if address else (), None,
+                        fields.get("feedback-type", "abuse"), original)
+
+
+def _delivery_status(message: email.message.Message, part: email.message.Message,
+                     original: str | None) -> BounceReport:
+    failures = []
+    for block in _fields_blocks(part)[1:]:
+        if block.get("action", "failed").lower() not in ("failed", "delayed"):
+            continue
+        recipient = _strip_type(block.get("final-recipient") or block.get("original-recipient"))
+        diagnostic = _strip_type(block.get("diagnostic-code", ""))
+        # the remote server's own words win over the reporting MTA's summary of them
+        status = _status(diagnostic) or _status(block.get("status", ""))
+        if recipient:
+            failures.append((recipient, status, diagnostic or block.get("status", "")))
+    return _worst(failures, _notice_and_rest(message)[0], original)
+
+
+def _plain_bounce(message: email.message.Message, original: str | None) -> BounceReport:
+    notice, rest = _notice_and_rest(message)
+    recipients = _failed_recipients(message, _HEADER_LINE.sub("", notice), rest)
+    starts = sorted((notice.find(r), r) for r in recipients)
+    failures = []
+    for index, (start, recipient) in enumerate(starts):  # each one's text runs to the next
+        end = starts[index + 1][0] if index + 1 < len(starts) else len(notice)
+        text = notice[start:end] if start >= 0 and _status(notice[start:end]) else notice
+        failures.append((recipient, _status(text), text))
+    return _worst(failures, notice, original)
+
+
+def _failed_recipients(message: email.message.Message, notice: str, rest: str) -> list[str]:
+    """Who failed, from the likeliest source on: X-Failed-Recipients (Exim, Gmail), DSN fields
+    in the text, addresses that begin a line of the notice, any address in it but the
+    bounce's own From and To, and last the To of the returned message."""
+    sender, to = (email.utils.parseaddr(message.get(h, ""))[1].lower() for h in ("From", "To"))
+    candidates = [
+        _ADDRESS.findall(message.get("X-Failed-Recipients", "")),
+        _FINAL_RECIPIENT.findall(notice + rest),
+        [a for a in _LINE_START_ADDRESS.findall(notice) if a.lower() != sender],
+        [a for a in _ADDRESS.findall(notice) if a.lower() not in (sender, to)],
+        _ADDRESS.findall(_original_header(message, "To", rest))]
+    found = next((c for c in candidates if c), [])
+    return list(dict.fromkeys(found))
+
+
+def _worst(failures: list[tuple[str, str | None, str]], notice: str,
+           original: str | None) -> BounceReport:
+    """One report: the hard failures when there are any, else the soft ones."""
+    kinds = [(classify_bounce(s, d + "\n" + notice), r, s, d) for r, s, d in failures]
+    kind = "hard" if any(k == "hard" for k, *_ in kinds) else "soft"
+    chosen = [(r, s, d) for k, r, s, d in kinds if k == kind]
+    if not chosen:
+        return BounceReport(kind, (), None, _reason(notice)[:300], original)
+    status, reason = chosen[0][1], _reason(chosen[0][2] or notice)
+    return BounceReport(kind, tuple(r for r, *_ in chosen), status, reason[:300], original)
+
+
+def _reason(text: str) -> str:
+    """The line of a failure's text that says why (a reply code, a status, known words)."""
+    lines = [_oneline(line) for line in text.splitlines() if line.strip()]
+    telling = (line for line in lines if _STATUS.search(line) or _REPLY_CODE.search(line)
+               or _HARD_TEXT.search(line) or _SOFT_TEXT.search(line))
+    return next(telling, " ".join(lines))
+
+
+def _status(text: str) -> str | None:
+    match = _STATUS.search(text or "")
+    return ".".join(match.groups()) if match else None
+
+
+def _strip_type(value: str | None) -> str:
+    """The value of a typed field ("rfc822; ada@example.com" -> "ada@example.com")."""
+    value = (value or "").partition(";")[2] if ";" in (value or "") else (value or "")
+    return _oneline(value).strip("<> ")
+
+
+def _oneline(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fields_blocks(part: email.message.Message) -> list[dict[str, str]]:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        blocks = [{k.lower(): str(v) for k, v in p.items()} for p in payload]
+    else:
+        blocks = [{k.lower(): v for k, v in email.message_from_string(chunk).items()}
+                  for chunk in re.split(r"\r?\n\s*\r?\n", str(payload))]
+    return blocks if len(blocks) > 1 else [{}, *blocks]
+
+
+def _fields(part: email.message.Message) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for block in _fields_blocks(part):
+        merged.update(block)
+    return merged
+
+
+def _notice_and_rest(message: email.message.Message) -> tuple[str, str]:
+    """The human-readable text of a report, and what follows it (a copy of the original)."""
+    texts = []
+    for part in _parts_outside_originals(message):
+        if part.get_content_type() in ("text/plain", "message/delivery-status") or (
+                part.get_content_maintype() == "text" and not texts):
+            texts.append(_decoded(part))
+    text = "\n".join(texts)
+    cut = _ORIGINAL_MARKER.search(text, 40)
+    return (text[:cut.start()], text[cut.start():]) if cut else (text, "")
+
+
+def _parts_outside_originals(part: email.message.Message) -> Iterator[email.message.Message]:
+    if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+        return
+    if part.is_multipart():
+        for sub in part.get_payload():
+            yield from _parts_outside_originals(sub)
+    else:
+        yield part
+
+
+def _decoded(part: email.message.Message) -> str:
+    payload = part.get_payload(decode=True)
+    if payload is None:
+        return str(part.get_payload())
+    return payload.decode(part.get_content_charset() or "utf-8", "replace") \
+        if _known_charset(part.get_content_charset()) else payload.decode("latin-1")
+
+
+def _known_charset(name: str | None) -> bool:
+    try:
+        "".encode(name or "utf-8")
+    except LookupError:
+        return False
+    return True
+
+
+def _is_auto_reply(message: email.message.Message) -> bool:
+    auto = message.get("Auto-Submitted", "no").strip().lower()
+    return (auto.startswith("auto-replied") or "X-Autoreply" in message or
+            "X-Autorespond" in message or
+            message.get("Precedence", "").strip().lower() == "auto_reply" or
+            bool(_AUTO_SUBJECT.search(message.get("Subject", ""))))
+
+
+def _is_bounce(message: email.message.Message) -> bool:
+    """From a mailer daemon, or a failure notice by its subject, or by its first words when
+    it came from the null sender (as bounces and auto-replies do)."""
+    sender = message.get("From", "") + " " + message.get("Return-Path", "")
+    null_sender = message.get("Return-Path", "").strip() == "<>"
+    return bool(_DAEMON.search(sender) or _BOUNCE_SUBJECT.search(message.get("Subject", ""))
+                or null_sender and _BOUNCE_SUBJECT.search(_notice_and_rest(message)[0][:500]))
+
+
+def _original_header(message: email.message.Message, name: str, rest: str = "") -> str:
+    """A header of the returned original: an attached message, else the copy in the text."""
+    for part in message.walk():
+        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+            inner = part.get_payload(0) if part.is_multipart() else \
+                email.message_from_string(str(part.get_payload()))
+            if inner.get(name):
+                return str(inner.get(name))
+    match = re.search(rf"^\s*{name}:[ \t]*(.+)$", rest, re.MULTILINE | re.IGNORECASE)
+    return match.group(1) if match else ""
+
+
+def _original_message_id(message: email.message.Message) -> str | None:
+    found = _original_header(message, "Message-ID")
+    if not found:
+        own = message.get("Message-ID", "")
+        for part in message.walk():
+            if part.get_content_maintype() == "text":
+                for match in re.finditer(r"^\s*Message-I[dD]:\s*(<[^>\s]+>)",
+                                         _decoded(part), re.MULTILINE):
+                    if match.group(1) != own.strip():
+                        return match.group(1)
+    match = re.search(r"<[^>\s]+>", found)
+    return match.group(0) if match else None
+
+
+class BounceHandler:
+    """What sysmail does with a report: log it, count it, and hand the failures to suppress()."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def handle(self, report: BounceReport, envelope_recipient: str = "",
+               source: str = "report") -> None:
+        """Log and count one report (source: report, or rcpt for a refusal at RCPT TO); pass
+        bounces and complaints on to suppress(), never auto-replies or ordinary mail."""
+        log_event(logging.INFO, "bounce", source=source, envelope=envelope_recipient or None,
+                  **report.as_json())
+        self.metrics.inc("sysmail_bounces_total", kind=report.kind, source=source)
+        if report.kind in ("hard", "soft", "complaint") and report.recipients:
+            self.suppress(report, envelope_recipient)
+
+    def suppress(self, report: BounceReport, envelope_recipient: str) -> None:
+        """The suppression list's hook (issue 12): put report.recipients on the list once the
+        envelope recipient's VERP tag proves the report is about them; raise SpoolError when
+        that cannot be recorded now (the MTA then retries). Until the list exists this does
+        nothing, so nothing is suppressed."""
 
 
 # ---- DKIM signing ---- #
