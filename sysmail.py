@@ -16,6 +16,7 @@ Command line:
     sysmail serve | worker [--once] | status [--json] | failed [--json] | retry ID...|--all
     sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
     sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
+    sysmail bounce [--dry-run] [--json] [--recipient ADDR] < message
 
 Contents (greppable banners, in dependency order):
     Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
@@ -34,6 +35,7 @@ import ctypes
 import dataclasses
 import email.header
 import email.message
+import email.parser
 import email.policy
 import email.utils
 import errno
@@ -72,7 +74,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Self
+from typing import BinaryIO, Protocol, Self
 
 __all__ = [
     "BULK",
@@ -1053,6 +1055,8 @@ class Metrics:
         "sysmail_relay_replies_total": "Final replies per relay: 2xx, 4xx or 5xx.",
         "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
                                     "record at once (kept in memory, retried).",
+        "sysmail_bounces_total": "Bounces, complaints and auto-replies received (source=report) "
+                                 "and refusals at RCPT TO (source=rcpt), by kind.",
     }
 
     def __init__(self) -> None:
@@ -1588,6 +1592,16 @@ def parse_bounce(raw: bytes) -> BounceReport:
         return BounceReport("auto-reply", (sender,) if sender else (), None,
                             _oneline(message.get("Subject", "")), original)
     return BounceReport("none", reason="not a bounce, complaint or auto-reply")
+
+
+def bounce_envelope_recipient(raw: bytes, given: str = "") -> str:
+    """The address a bounce was sent to (the VERP address): as the MTA passed it, else the
+    Delivered-To or X-Original-To header the delivering MTA added."""
+    headers = email.parser.BytesParser().parsebytes(raw[:MAX_BOUNCE_BYTES], headersonly=True)
+    for value in (given, headers.get("Delivered-To", ""), headers.get("X-Original-To", "")):
+        if email.utils.parseaddr(str(value))[1]:
+            return email.utils.parseaddr(str(value))[1]
+    return ""
 
 
 def classify_bounce(status: str | None, text: str) -> str:
@@ -3894,9 +3908,10 @@ class _Settler:
     released; counts it, logs it, and keeps the claims a failing queue could not take back."""
 
     def __init__(self, spool: Spool, metrics: Metrics, clock: Clock, retry: RetryPolicy,
-                 rand: Callable[[], float]):
+                 rand: Callable[[], float], bounces: BounceHandler | None = None):
         self.spool = spool
         self.metrics = metrics
+        self.bounces = bounces
         self.clock = clock
         self.retry = retry
         self.rand = rand
@@ -3938,6 +3953,7 @@ class _Settler:
             refusals = dict(result.refused)
             verdicts = [Verdict("sent", result.accepted, {"code": result.code,
                                                           "reply": result.reply})]
+            self._report_refusals(message, refusals)
         served = bool(verdicts and verdicts[0].rcpts)
         for kind in ("permanent", "limit", "temporary"):
             group = tuple(r for r, (code, _) in refusals.items()
@@ -3945,6 +3961,16 @@ class _Settler:
             if group:
                 verdicts.append(self._refused(message, group, *refusals[group[0]], kind))
         return tuple(v for v in verdicts if v.rcpts)
+
+    def _report_refusals(self, message: SpooledMessage,
+                         refusals: Mapping[str, tuple[int, str]]) -> None:
+        """A 5xx at RCPT TO is a bounce that came back at once: report it like one."""
+        for rcpt, (code, reply) in refusals.items():
+            if self.bounces is not None and classify_reply(code) == "permanent":
+                text = f"{code} {reply}"
+                report = BounceReport(classify_bounce(_status(reply), text), (rcpt,),
+                                      _status(reply), text, message.message_id)
+                self.bounces.handle(report, message.mail_from, source="rcpt")
 
     def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
                  reply: str, kind: str) -> Verdict:
@@ -4064,7 +4090,8 @@ class Sender:
                  fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
                  connections: int = 1,
                  transport_factory: Callable[[], Transport] | None = None,
-                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS):
+                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS,
+                 bounces: BounceHandler | None = None):
         self.spool = spool
         self.sender_address = sender_address
         self.dead_letter_seconds = dead_letter_seconds
@@ -4087,7 +4114,7 @@ class Sender:
         self._last_queue_warning: dict[str, float] = {}
         self._commit = threading.Lock()
         self._paced_until = NOT_PACED
-        self._settler = _Settler(spool, self.metrics, clock, retry, rand)
+        self._settler = _Settler(spool, self.metrics, clock, retry, rand, bounces)
         self._connections = _Connections(transport, connections, transport_factory)
 
     def close(self) -> None:
@@ -4688,6 +4715,7 @@ class SqliteStore:
 # ---- HTTP API ---- #
 
 MAX_BODY_BYTES = 16 * 1024
+_BODY_LIMITS = {"/v1/bounces": MAX_BOUNCE_BYTES}  # a bounce carries the returned message
 REQUEST_DEADLINE_SECONDS = 10.0  # from the connection to the whole request read and answered
 MAX_CONNECTIONS = 128  # per listener; beyond, a JSON 503 on the accepting thread
 # No one client takes the server from the others (issue 9):
@@ -4894,8 +4922,9 @@ class Api:
     def __init__(self, config: Config, enqueuer: Enqueuer, store: TokenStore, *,
                  limiter: RateLimiter | RedisRateLimiter, idempotency: IdempotencyKeys,
                  forgot: Callable[[str, str], None], clock: Clock = time.time,
-                 relays: RelayHealth | None = None):
+                 relays: RelayHealth | None = None, bounces: BounceHandler | None = None):
         self.config = config
+        self.bounces = bounces or BounceHandler(enqueuer.metrics)
         self.relays = relays
         self.enqueuer = enqueuer
         self.store = store
@@ -4910,6 +4939,7 @@ class Api:
             ("GET", "/reset-password"): self.reset_page,
             ("POST", "/reset-password"): self.reset_form,
             ("POST", "/v1/emails"): self.send_email,
+            ("POST", "/v1/bounces"): self.bounce,
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.ready,
         }
@@ -5054,6 +5084,20 @@ class Api:
             raise HttpError(400, "the Idempotency-Key header must be at most 255 characters")
         message_id, created = self.idempotency.remember(key, enqueue)
         return json_response(202, {"messageId": message_id, "duplicate": not created})
+
+    def bounce(self, request: Request) -> Response:
+        """Record a bounce, complaint or reply an internal caller passes on (message/rfc822,
+        the envelope recipient in ?recipient= or the message's Delivered-To); answer what
+        it says, as `sysmail bounce --dry-run --json` prints it."""
+        if not self.config.api_key:
+            raise HttpError(404, "no such endpoint")
+        self._authorize(request)
+        if _media_type(request) != "message/rfc822":
+            raise HttpError(415, "send the message as message/rfc822")
+        report = parse_bounce(request.body)
+        envelope = bounce_envelope_recipient(request.body, request.query.get("recipient", ""))
+        self.bounces.handle(report, envelope)
+        return json_response(200, report.as_json())
 
     def _authorize(self, request: Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -5535,10 +5579,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or ["0"]}
         if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", length_text := lengths.pop()):
             return json_response(400, {"error": "the Content-Length header is invalid"})
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
+        length, limit = int(length_text), _BODY_LIMITS.get(parts.path, MAX_BODY_BYTES)
+        if length > limit:
             self.close_connection = True
-            return json_response(413, {"error": f"the body must be at most {MAX_BODY_BYTES} bytes"})
+            return json_response(413, {"error": f"the body must be at most {limit} bytes"})
         body = self.rfile.read(length) if length else b""
         return Request(self.command, parts.path, query, self.headers, body, self._client())
 
@@ -5696,6 +5740,11 @@ class App:
         return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock)
 
     @functools.cached_property
+    def bounces(self) -> BounceHandler:
+        """What becomes of bounces, complaints and refusals at RCPT TO."""
+        return BounceHandler(self.metrics)
+
+    @functools.cached_property
     def signer(self) -> DkimSigner | None:
         """The DKIM signer, or None when no key is configured."""
         return DkimSigner.from_config(self.config)
@@ -5734,7 +5783,8 @@ class App:
                       retry=retry,
                       fallback=self.fallback, connections=self.config.smtp_connections,
                       transport_factory=self.transport, sender_address=self.config.from_addr,
-                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS)
+                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS,
+                      bounces=self.bounces)
 
     @functools.cached_property
     def sending(self) -> SenderThread:
@@ -5775,7 +5825,7 @@ class App:
         """The HTTP API's logic."""
         return Api(self.config, self.enqueuer, self.store, limiter=self.limiter,
                    idempotency=self.idempotency, forgot=self.forgot.submit, clock=self.clock,
-                   relays=self.relay_health)
+                   relays=self.relay_health, bounces=self.bounces)
 
     @property
     def url(self) -> str:
@@ -6057,6 +6107,13 @@ def _build_parser() -> argparse.ArgumentParser:
     preview.set_defaults(handler=cmd_preview)
     commands.add_parser("serve", help="run the HTTP API and the sender (SYSMAIL_LISTEN)"
                         ).set_defaults(handler=cmd_serve)
+    bounce = commands.add_parser("bounce", help="read a bounce, complaint or reply on stdin "
+                                 "and record it (exit 75: the MTA should retry)")
+    bounce.add_argument("--dry-run", action="store_true", help="print what it says, change nothing")
+    bounce.add_argument("--json", action="store_true")
+    bounce.add_argument("--recipient", default="", metavar="ADDR",
+                        help="the envelope recipient (Postfix pipe: ${recipient})")
+    bounce.set_defaults(handler=cmd_bounce, needs_config=False)
     user = commands.add_parser("user", help="manage the SQLite store's users")
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True,
                                         parser_class=_ArgumentParser)
@@ -6241,6 +6298,37 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         log_event(logging.INFO, "stopping")
         app.stop()
     return EX_OK
+
+
+def cmd_bounce(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Understand one message on stdin; print it (--dry-run) or record it. A failure to
+    record it, a bad configuration included, exits 75: the MTA keeps the message and retries."""
+    raw = _read_bounded(sys.stdin.buffer, MAX_BOUNCE_BYTES)
+    report = parse_bounce(raw)
+    if args.dry_run:
+        print(json.dumps(report.as_json()) if args.json else
+              f"{report.kind} {report.status or '-'} {' '.join(report.recipients) or '-'}: "
+              f"{report.reason}")
+        return EX_OK
+    try:
+        config = Config.from_env(env)
+        _setup_logging(config.log_level)
+        envelope = bounce_envelope_recipient(raw, args.recipient)
+        build_app(config).bounces.handle(report, envelope)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the MTA must keep the message
+        _log.exception("bounce_not_recorded", extra={"fields": {}})
+        _say(f"the bounce was not recorded, try again later ({type(exc).__name__}: {exc})")
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def _read_bounded(stream: BinaryIO, limit: int) -> bytes:
+    """The first limit bytes of a stream, read to its end (a pipe's writer must not see
+    EPIPE: Postfix would call that a failed delivery)."""
+    kept = stream.read(limit)
+    while stream.read(1 << 16):
+        pass
+    return kept
 
 
 def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
