@@ -1539,8 +1539,7 @@ _DAEMON = re.compile(r"mailer-daemon|postmaster|mail delivery|mmsc|mail-daemon|m
                      re.IGNORECASE)
 _BOUNCE_SUBJECT = re.compile(r"undeliver|deliver(y|ing) (status|fail|notif|problem|report)|"
                              r"returned mail|failure notice|fail(ed|ure) delivery|could not be "
-                             r"delivered|delivery has failed|mail delivery|non remis|"
-                             r"bounce", re.IGNORECASE)
+                             r"delivered|delivery has failed|non remis", re.IGNORECASE)
 _AUTO_SUBJECT = re.compile(r"auto(matic)?[- ]?(reply|response|antwort)|out of (the )?office|"
                            r"vacation|away from|abwesen|^away\b|absence", re.IGNORECASE)
 _ORIGINAL_MARKER = re.compile(
@@ -1583,8 +1582,11 @@ def parse_bounce(raw: bytes) -> BounceReport:
             return _complaint(message, part, original)
         if part.get_content_type() == "message/delivery-status":
             report = _delivery_status(message, part, original)
-            if report.recipients:
+            if report.recipients or report.kind == "none":
                 return report
+    notice = _notice_and_rest(message)[0].strip()
+    if notice.startswith("{") and (notification := _json_or_none(notice)) is not None:
+        return parse_notification(notification)  # Amazon SES through SNS e-mail
     if _is_bounce(message):
         return _plain_bounce(message, original)
     if _is_auto_reply(message):
@@ -1592,6 +1594,47 @@ def parse_bounce(raw: bytes) -> BounceReport:
         return BounceReport("auto-reply", (sender,) if sender else (), None,
                             _oneline(message.get("Subject", "")), original)
     return BounceReport("none", reason="not a bounce, complaint or auto-reply")
+
+
+def parse_notification(value: Mapping) -> BounceReport:
+    """An Amazon SES (direct or wrapped by SNS) or Postmark JSON bounce or complaint; raise
+    MessageError for anything else. Without a status code, their own hard/soft word holds."""
+    if isinstance(value.get("Message"), str):  # the SNS envelope around SES's notification
+        value = _json_or_none(value["Message"]) or {}
+    event = value.get("notificationType") or value.get("eventType") or value.get("RecordType")
+    headers = value.get("mail", {}).get("headers", [])
+    original = next((h.get("value") for h in headers if h.get("name", "").lower() == "message-id"),
+                    None)
+    if event == "Bounce" and isinstance(value.get("bounce"), dict):  # SES
+        bounce, failures = value["bounce"], []
+        permanent = bounce.get("bounceType") == "Permanent"
+        for rcpt in bounce.get("bouncedRecipients", []):
+            diagnostic = str(rcpt.get("diagnosticCode", ""))
+            status = _status(str(rcpt.get("status", ""))) or _status(diagnostic)
+            failures.append((rcpt.get("emailAddress", ""), status, diagnostic))
+        return _worst(failures, "", original, "hard" if permanent else "soft")
+    if event == "Complaint" and isinstance(value.get("complaint"), dict):  # SES
+        complaint = value["complaint"]
+        recipients = tuple(r.get("emailAddress", "") for r in complaint.get("complainedRecipients", []))
+        return BounceReport("complaint", recipients, None,
+                            complaint.get("complaintFeedbackType", "abuse"), original)
+    if event in ("Bounce", "SpamComplaint") and isinstance(value.get("Email"), str):  # Postmark
+        details = f"{value.get('Details', '')} {value.get('Description', '')}"
+        if event == "SpamComplaint":
+            return BounceReport("complaint", (value["Email"],), None, "abuse", original)
+        hard = value.get("Type") == "HardBounce"
+        return _worst([(value["Email"], _status(details), details)], "", original,
+                      "hard" if hard else "soft")
+    raise MessageError("not an Amazon SES or Postmark bounce or complaint notification")
+
+
+def _json_or_none(text: str) -> dict | None:
+    """A JSON object at the start of text (SNS appends a footer to its e-mail), or None."""
+    try:
+        value = json.JSONDecoder(strict=False).raw_decode(text)[0]
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def bounce_envelope_recipient(raw: bytes, given: str = "") -> str:
@@ -1628,9 +1671,11 @@ def _complaint(message: email.message.Message, part: email.message.Message,
 
 def _delivery_status(message: email.message.Message, part: email.message.Message,
                      original: str | None) -> BounceReport:
-    failures = []
+    failures, actions = [], set()
     for block in _fields_blocks(part)[1:]:
-        if block.get("action", "failed").lower() not in ("failed", "delayed"):
+        action = block.get("action", "failed").strip().lower()
+        actions.add(action)
+        if action not in ("failed", "delayed"):
             continue
         recipient = _strip_type(block.get("final-recipient") or block.get("original-recipient"))
         diagnostic = _strip_type(block.get("diagnostic-code", ""))
@@ -1638,6 +1683,8 @@ def _delivery_status(message: email.message.Message, part: email.message.Message
         status = _status(diagnostic) or _status(block.get("status", ""))
         if recipient:
             failures.append((recipient, status, diagnostic or block.get("status", "")))
+    if actions and actions <= {"delivered", "relayed", "expanded"}:  # asked-for good news
+        return BounceReport("none", reason="a delivery report: " + ", ".join(sorted(actions)))
     return _worst(failures, _notice_and_rest(message)[0], original)
 
 
@@ -1668,10 +1715,12 @@ def _failed_recipients(message: email.message.Message, notice: str, rest: str) -
     return list(dict.fromkeys(found))
 
 
-def _worst(failures: list[tuple[str, str | None, str]], notice: str,
-           original: str | None) -> BounceReport:
-    """One report: the hard failures when there are any, else the soft ones."""
-    kinds = [(classify_bounce(s, d + "\n" + notice), r, s, d) for r, s, d in failures]
+def _worst(failures: list[tuple[str, str | None, str]], notice: str, original: str | None,
+           unknown: str | None = None) -> BounceReport:
+    """One report: the hard failures when there are any, else the soft ones (a failure
+    without a status code is of the kind unknown, when the caller knows it)."""
+    kinds = [(unknown if unknown and not s else classify_bounce(s, d + "\n" + notice), r, s, d)
+             for r, s, d in failures]
     kind = "hard" if any(k == "hard" for k, *_ in kinds) else "soft"
     chosen = [(r, s, d) for k, r, s, d in kinds if k == kind]
     if not chosen:
