@@ -1574,7 +1574,7 @@ def parse_bounce(raw: bytes) -> BounceReport:
     """Understand one raw message: a DSN (RFC 3464), a complaint (RFC 5965), a bounce in one
     of the common non-standard forms, an auto-reply (RFC 3834) or ordinary mail."""
     message = email.message_from_bytes(raw[:MAX_BOUNCE_BYTES], policy=email.policy.compat32)
-    if not message.keys():  # no header at all: text, JSON, binary
+    if not any(name in message for name in ("From", "To", "Received", "Return-Path")):
         raise MessageError("the input is not a mail message")
     original = _original_message_id(message)
     for part in message.walk():
@@ -5141,9 +5141,12 @@ class Api:
         if not self.config.api_key:
             raise HttpError(404, "no such endpoint")
         self._authorize(request)
-        if _media_type(request) != "message/rfc822":
-            raise HttpError(415, "send the message as message/rfc822")
-        report = parse_bounce(request.body)
+        if _media_type(request) == "application/json":  # Amazon SES (SNS) or Postmark
+            report = parse_notification(_json_object(request))
+        elif _media_type(request) == "message/rfc822":
+            report = parse_bounce(request.body)
+        else:
+            raise HttpError(415, "send the message as message/rfc822 (or a JSON notification)")
         envelope = bounce_envelope_recipient(request.body, request.query.get("recipient", ""))
         self.bounces.handle(report, envelope)
         return json_response(200, report.as_json())
