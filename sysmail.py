@@ -84,6 +84,8 @@ __all__ = [
     "URGENT",
     "Api",
     "App",
+    "BounceHandler",
+    "BounceReport",
     "Claim",
     "Config",
     "ConfigError",
@@ -133,8 +135,10 @@ __all__ = [
     "UsageError",
     "User",
     "Verdict",
+    "bounce_envelope_recipient",
     "build_app",
     "build_message",
+    "classify_bounce",
     "classify_reply",
     "client_address",
     "environment_help",
@@ -144,7 +148,9 @@ __all__ = [
     "log_event",
     "main",
     "make_message_id",
+    "parse_bounce",
     "parse_env_file",
+    "parse_notification",
     "render",
     "store_from_config",
     "tls_context_from_config",
@@ -1548,6 +1554,7 @@ _ORIGINAL_MARKER = re.compile(
     r"bounced e-mail)|received: ?|return-path: )", re.IGNORECASE | re.MULTILINE)
 _HEADER_LINE = re.compile(r"^\s*(to|from|cc|subject|date|sent|message-id):.*$",
                           re.IGNORECASE | re.MULTILINE)  # the original's, quoted in a notice
+_LINK = re.compile(r"\w+://\S+")  # a returned reset link must not reach the log
 _ADDRESS = re.compile(r"[\w.+=!#$%&'*/?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 _LINE_START_ADDRESS = re.compile(r"^[ \t*<\"]*(" + _ADDRESS.pattern + ")", re.MULTILINE)
 _FINAL_RECIPIENT = re.compile(r"^Final-Recipient:[^;\n]*;\s*<?([^>\s]+)",
@@ -1731,10 +1738,10 @@ def _worst(failures: list[tuple[str, str | None, str]], notice: str, original: s
 
 def _reason(text: str) -> str:
     """The line of a failure's text that says why (a reply code, a status, known words)."""
-    lines = [_oneline(line) for line in text.splitlines() if line.strip()]
+    lines = [_oneline(_LINK.sub("<link>", line)) for line in text.splitlines() if line.strip()]
     telling = (line for line in lines if _STATUS.search(line) or _REPLY_CODE.search(line)
                or _HARD_TEXT.search(line) or _SOFT_TEXT.search(line))
-    return next(telling, " ".join(lines))
+    return next(telling, lines[0] if lines else "")
 
 
 def _status(text: str) -> str | None:
@@ -4002,7 +4009,6 @@ class _Settler:
             refusals = dict(result.refused)
             verdicts = [Verdict("sent", result.accepted, {"code": result.code,
                                                           "reply": result.reply})]
-            self._report_refusals(message, refusals)
         served = bool(verdicts and verdicts[0].rcpts)
         for kind in ("permanent", "limit", "temporary"):
             group = tuple(r for r, (code, _) in refusals.items()
@@ -4011,15 +4017,21 @@ class _Settler:
                 verdicts.append(self._refused(message, group, *refusals[group[0]], kind))
         return tuple(v for v in verdicts if v.rcpts)
 
-    def _report_refusals(self, message: SpooledMessage,
-                         refusals: Mapping[str, tuple[int, str]]) -> None:
-        """A 5xx at RCPT TO is a bounce that came back at once: report it like one."""
+    def report_refusals(self, message: SpooledMessage, result: SendResult | DeliveryError
+                        ) -> None:
+        """A 5xx at RCPT TO is a bounce that came back at once: report it like one, after the
+        message is settled (a failing report must not send it again)."""
+        refusals = {} if isinstance(result, DeliveryError) else result.refused
         for rcpt, (code, reply) in refusals.items():
-            if self.bounces is not None and classify_reply(code) == "permanent":
-                text = f"{code} {reply}"
-                report = BounceReport(classify_bounce(_status(reply), text), (rcpt,),
-                                      _status(reply), text, message.message_id)
+            if self.bounces is None or classify_reply(code) != "permanent":
+                continue
+            text = f"{code} {reply}"
+            report = BounceReport(classify_bounce(_status(reply), text), (rcpt,),
+                                  _status(reply), text, message.message_id)
+            try:
                 self.bounces.handle(report, message.mail_from, source="rcpt")
+            except Exception:  # noqa: BLE001 - the refusal is in the dead letter all the same
+                _log.exception("bounce_not_recorded", extra={"fields": {"id": message.id}})
 
     def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
                  reply: str, kind: str) -> Verdict:
@@ -4352,6 +4364,7 @@ class Sender:
             result = self._content(transport, answer, data)
             self._settler.apply(claim, message, self._settler.verdicts(message, result), counts,
                         time.monotonic() - started)
+        self._settler.report_refusals(message, result)
 
     def _check_sendable(self, message: SpooledMessage) -> None:
         """UnauthenticatedEntry unless the envelope is ours: From the configured sender, and

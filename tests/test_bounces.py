@@ -429,3 +429,38 @@ def test_a_4xx_at_rcpt_is_no_bounce(smtp_server: SmtpServer, tmp_path: Path) -> 
     assert app.bounces.suppressed == []
     assert "sysmail_bounces_total{" not in app.metrics.render({})
 
+
+
+class FailingBounces(sysmail.BounceHandler):
+    """A suppression hook whose list cannot be written."""
+
+    def suppress(self, report: sysmail.BounceReport, envelope_recipient: str) -> None:
+        raise sysmail.SpoolError("the suppression list cannot be written")
+
+
+def test_a_failing_hook_never_sends_a_message_again(smtp_server: SmtpServer,
+                                                    tmp_path: Path) -> None:
+    """The report follows the settled message: the accepted recipient gets it once, the refused
+    one is a dead letter, whatever the hook does."""
+    smtp_server.sink.refuse_rcpt({"gone@example.net": "550 5.1.1 user unknown"})
+    app = sysmail.build_app(sysmail.Config.from_env(base_env(smtp_server, tmp_path)),
+                            clock=FakeClock())
+    app.bounces = FailingBounces(app.metrics)
+    app.enqueuer.enqueue_message(["gone@example.net", "ok@example.net"], "Hello", "Text")
+    sender = app.sender()
+    try:
+        first, second = sender.run_once(), sender.run_once()
+    finally:
+        sender.close()
+    assert (first.sent, first.failed, second.sent) == (1, 1, 0)
+    assert len(smtp_server.sink.messages) == 1
+    assert app.spool.counts()["failed"] == 1
+
+
+def test_a_returned_link_never_reaches_the_reason() -> None:
+    raw = (b"From: MAILER-DAEMON@example.org\nTo: bounces@example.com\n"
+           b"Subject: Undeliverable\n\nCould not deliver to gone@example.net\n"
+           b"550 user unknown; your text: https://example.com/reset?token=secret-token-value\n")
+    report = sysmail.parse_bounce(raw)
+    assert report.recipients == ("gone@example.net",)
+    assert report.reason == "550 user unknown; your text: <link>"
