@@ -1597,9 +1597,9 @@ def parse_bounce(raw: bytes) -> BounceReport:
     if _is_bounce(message):
         return _plain_bounce(message, original)
     if _is_auto_reply(message):
-        sender = email.utils.parseaddr(message.get("From", ""))[1]
+        sender = email.utils.parseaddr(_header(message, "From"))[1]
         return BounceReport("auto-reply", (sender,) if sender else (), None,
-                            _oneline(message.get("Subject", "")), original)
+                            _oneline(_header(message, "Subject")), original)
     return BounceReport("none", reason="not a bounce, complaint or auto-reply")
 
 
@@ -1711,9 +1711,9 @@ def _failed_recipients(message: email.message.Message, notice: str, rest: str) -
     """Who failed, from the likeliest source on: X-Failed-Recipients (Exim, Gmail), DSN fields
     in the text, addresses that begin a line of the notice, any address in it but the
     bounce's own From and To, and last the To of the returned message."""
-    sender, to = (email.utils.parseaddr(message.get(h, ""))[1].lower() for h in ("From", "To"))
+    sender, to = (email.utils.parseaddr(_header(message, h))[1].lower() for h in ("From", "To"))
     candidates = [
-        _ADDRESS.findall(message.get("X-Failed-Recipients", "")),
+        _ADDRESS.findall(_header(message, "X-Failed-Recipients")),
         _FINAL_RECIPIENT.findall(notice + rest),
         [a for a in _LINE_START_ADDRESS.findall(notice) if a.lower() != sender],
         [a for a in _ADDRESS.findall(notice) if a.lower() not in (sender, to)],
@@ -1753,6 +1753,11 @@ def _strip_type(value: str | None) -> str:
     """The value of a typed field ("rfc822; ada@example.com" -> "ada@example.com")."""
     value = (value or "").partition(";")[2] if ";" in (value or "") else (value or "")
     return _oneline(value).strip("<> ")
+
+
+def _header(message: email.message.Message, name: str) -> str:
+    """A header as text ("" when absent), whatever bytes it holds."""
+    return str(message.get(name, ""))
 
 
 def _oneline(text: str) -> str:
@@ -1815,19 +1820,19 @@ def _known_charset(name: str | None) -> bool:
 
 
 def _is_auto_reply(message: email.message.Message) -> bool:
-    auto = message.get("Auto-Submitted", "no").strip().lower()
+    auto = _header(message, "Auto-Submitted").strip().lower()
     return (auto.startswith("auto-replied") or "X-Autoreply" in message or
             "X-Autorespond" in message or
-            message.get("Precedence", "").strip().lower() == "auto_reply" or
-            bool(_AUTO_SUBJECT.search(message.get("Subject", ""))))
+            _header(message, "Precedence").strip().lower() == "auto_reply" or
+            bool(_AUTO_SUBJECT.search(_header(message, "Subject"))))
 
 
 def _is_bounce(message: email.message.Message) -> bool:
     """From a mailer daemon, or a failure notice by its subject, or by its first words when
     it came from the null sender (as bounces and auto-replies do)."""
-    sender = message.get("From", "") + " " + message.get("Return-Path", "")
-    null_sender = message.get("Return-Path", "").strip() == "<>"
-    return bool(_DAEMON.search(sender) or _BOUNCE_SUBJECT.search(message.get("Subject", ""))
+    sender = _header(message, "From") + " " + _header(message, "Return-Path")
+    null_sender = _header(message, "Return-Path").strip() == "<>"
+    return bool(_DAEMON.search(sender) or _BOUNCE_SUBJECT.search(_header(message, "Subject"))
                 or null_sender and _BOUNCE_SUBJECT.search(_notice_and_rest(message)[0][:500]))
 
 
@@ -1846,7 +1851,7 @@ def _original_header(message: email.message.Message, name: str, rest: str = "") 
 def _original_message_id(message: email.message.Message) -> str | None:
     found = _original_header(message, "Message-ID")
     if not found:
-        own = message.get("Message-ID", "")
+        own = _header(message, "Message-ID")
         for part in message.walk():
             if part.get_content_maintype() == "text":
                 for match in re.finditer(r"^\s*Message-I[dD]:\s*(<[^>\s]+>)",

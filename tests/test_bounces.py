@@ -5,6 +5,7 @@ refusals at RCPT TO from the real test SMTP server reported as bounces.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -464,3 +465,17 @@ def test_a_returned_link_never_reaches_the_reason() -> None:
     report = sysmail.parse_bounce(raw)
     assert report.recipients == ("gone@example.net",)
     assert report.reason == "550 user unknown; your text: <link>"
+
+
+@needs_samples
+def test_damaged_samples_give_a_report_or_a_message_error() -> None:
+    """Raw 8-bit bytes in headers (compat32 hands those out as Header objects) and messages
+    cut anywhere: never an exception other than MessageError."""
+    for path in sorted(SAMPLES.glob("*.eml")):
+        raw = path.read_bytes()
+        damaged = raw.replace(b"\nFrom:", b"\nFrom: \xff\xfe", 1).replace(
+            b"\nSubject:", b"\nSubject: \xe9t\xe9", 1)
+        for sample in (damaged, raw[:len(raw) // 3], raw[:len(raw) // 2], raw[:700]):
+            with contextlib.suppress(sysmail.MessageError):
+                assert sysmail.parse_bounce(sample).kind in ("hard", "soft", "complaint",
+                                                           "auto-reply", "none")
