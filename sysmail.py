@@ -1606,12 +1606,19 @@ def parse_bounce(raw: bytes) -> BounceReport:
 def parse_notification(value: Mapping) -> BounceReport:
     """An Amazon SES (direct or wrapped by SNS) or Postmark JSON bounce or complaint; raise
     MessageError for anything else. Without a status code, their own hard/soft word holds."""
+    try:
+        return _notification(value)
+    except (AttributeError, TypeError):  # a field of another JSON type than theirs
+        raise MessageError("the notification is malformed") from None
+
+
+def _notification(value: Mapping) -> BounceReport:
     if isinstance(value.get("Message"), str):  # the SNS envelope around SES's notification
         value = _json_or_none(value["Message"]) or {}
     event = value.get("notificationType") or value.get("eventType") or value.get("RecordType")
     headers = value.get("mail", {}).get("headers", [])
-    original = next((h.get("value") for h in headers if h.get("name", "").lower() == "message-id"),
-                    None)
+    original = next((h.get("value") for h in headers
+                     if str(h.get("name", "")).lower() == "message-id"), None)
     if event == "Bounce" and isinstance(value.get("bounce"), dict):  # SES
         bounce, failures = value["bounce"], []
         permanent = bounce.get("bounceType") == "Permanent"
@@ -1622,7 +1629,8 @@ def parse_notification(value: Mapping) -> BounceReport:
         return _worst(failures, "", original, "hard" if permanent else "soft")
     if event == "Complaint" and isinstance(value.get("complaint"), dict):  # SES
         complaint = value["complaint"]
-        recipients = tuple(r.get("emailAddress", "") for r in complaint.get("complainedRecipients", []))
+        recipients = tuple(r.get("emailAddress", "")
+                           for r in complaint.get("complainedRecipients", []))
         return BounceReport("complaint", recipients, None,
                             complaint.get("complaintFeedbackType", "abuse"), original)
     if event in ("Bounce", "SpamComplaint") and isinstance(value.get("Email"), str):  # Postmark
@@ -1661,8 +1669,6 @@ def classify_bounce(status: str | None, text: str) -> str:
     if status and _HARD_STATUS.fullmatch(status):
         return "hard"
     if status and not _VAGUE_STATUS.fullmatch(status):
-        return "soft"
-    if _SOFT_TEXT.search(text) and not _HARD_TEXT.search(text):
         return "soft"
     return "hard" if _HARD_TEXT.search(text) else "soft"
 

@@ -227,8 +227,10 @@ def test_ses_and_postmark_notifications() -> None:
     assert head(sysmail.parse_notification(postmark)) == ("hard", ("gone@example.net",), None)
     soft = {**postmark, "Type": "SoftBounce", "Details": "smtp;452 4.2.2 mailbox full"}
     assert head(sysmail.parse_notification(soft)) == ("soft", ("gone@example.net",), "4.2.2")
-    with pytest.raises(sysmail.MessageError):
-        sysmail.parse_notification({"Type": "SubscriptionConfirmation"})
+    for other in ({"Type": "SubscriptionConfirmation"}, {"mail": []},
+                  {"notificationType": "Bounce", "bounce": {"bouncedRecipients": [1]}}):
+        with pytest.raises(sysmail.MessageError):
+            sysmail.parse_notification(other)
 
 
 @pytest.mark.parametrize("raw", [b"", b"hello, this is just text\n", b"\x00\xff" * 50,
