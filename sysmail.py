@@ -1769,8 +1769,8 @@ def _status(text: str) -> str | None:
 
 def _strip_type(value: str | None) -> str:
     """The value of a typed field ("rfc822; ada@example.com" -> "ada@example.com")."""
-    value = (value or "").partition(";")[2] if ";" in (value or "") else (value or "")
-    return _oneline(value).strip("<> ")
+    text = value or ""
+    return _oneline(text.partition(";")[2] if ";" in text else text).strip("<> ")
 
 
 def _header(message: email.message.Message, name: str) -> str:
@@ -1825,16 +1825,10 @@ def _decoded(part: email.message.Message) -> str:
     payload = part.get_payload(decode=True)
     if payload is None:
         return str(part.get_payload())
-    return payload.decode(part.get_content_charset() or "utf-8", "replace") \
-        if _known_charset(part.get_content_charset()) else payload.decode("latin-1")
-
-
-def _known_charset(name: str | None) -> bool:
     try:
-        "".encode(name or "utf-8")
-    except LookupError:
-        return False
-    return True
+        return payload.decode(part.get_content_charset() or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return payload.decode("latin-1")
 
 
 def _is_auto_reply(message: email.message.Message) -> bool:
