@@ -4996,7 +4996,8 @@ class SqliteStore:
 # ---- HTTP API ---- #
 
 MAX_BODY_BYTES = 16 * 1024
-_BODY_LIMITS = {"/v1/bounces": MAX_BOUNCE_BYTES}  # a bounce carries the returned message
+MAX_BATCH_BODY_BYTES = 4 * 1024 * 1024  # POST /v1/emails with a valid bearer: a batch
+MAX_BATCH_RECIPIENTS = 20_000
 REQUEST_DEADLINE_SECONDS = 10.0  # from the connection to the whole request read and answered
 MAX_CONNECTIONS = 128  # per listener; beyond, a JSON 503 on the accepting thread
 # No one client takes the server from the others (issue 9):
@@ -5355,16 +5356,55 @@ class Api:
         self._authorize(request)
         fields = _json_object(request)
         template, to, variables = fields.get("template"), fields.get("to"), fields.get("vars", {})
+        if "recipients" in fields and isinstance(template, str) and _is_str_map(variables):
+            return self._send_batch(request, template, fields["recipients"], variables)
         if not isinstance(template, str) or not _is_recipients(to) or not _is_str_map(variables):
-            raise HttpError(400, 'send {"template": NAME, "to": ADDR or [ADDR], "vars": {...}}')
-        key = request.headers.get("Idempotency-Key", "")
+            raise HttpError(400, 'send {"template": NAME, "to": ADDR or [ADDR], "vars": {...}}, '
+                                 'or "recipients": [ADDR or {"to": ADDR, "vars": {...}}]')
         enqueue = functools.partial(self.enqueuer.enqueue_template, template, to, variables)
+        message_id, duplicate = self._once(request, enqueue)
+        return json_response(202, {"messageId": message_id, **duplicate})
+
+    def _send_batch(self, request: Request, template: str, recipients: object,
+                    variables: dict) -> Response:
+        """One message per recipient, queued together (Enqueuer.enqueue_many)."""
+        if not isinstance(recipients, list) or not 0 < len(recipients) <= MAX_BATCH_RECIPIENTS:
+            raise HttpError(400, f'"recipients" is a list of 1 to {MAX_BATCH_RECIPIENTS} '
+                                 'addresses or {"to": ADDR, "vars": {...}}')
+        pairs = [(item, {}) if isinstance(item, str) else
+                 (item.get("to"), item.get("vars", {})) if isinstance(item, dict) else (None, {})
+                 for item in recipients]
+        if not all(isinstance(to, str) and _is_str_map(own) for to, own in pairs):
+            raise HttpError(400, 'each recipient is an address or {"to": ADDR, "vars": {...}}')
+
+        def enqueue() -> str:
+            return json.dumps(self.enqueuer.enqueue_many(template, pairs, variables))
+        try:
+            message_ids, duplicate = self._once(request, enqueue)
+        except QueueUnavailable as exc:
+            return json_response(503, {"error": str(exc), "messageIds": getattr(exc, "queued", [])})
+        return json_response(202, {"messageIds": json.loads(message_ids), **duplicate})
+
+    def _once(self, request: Request, enqueue: Callable[[], str]) -> tuple[str, dict]:
+        """enqueue(), at most once per Idempotency-Key: (its result, {"duplicate": ...})."""
+        key = request.headers.get("Idempotency-Key", "")
         if not key:
-            return json_response(202, {"messageId": enqueue()})
+            return enqueue(), {}
         if len(key) > 255 or _has_control_chars(key):
             raise HttpError(400, "the Idempotency-Key header must be at most 255 characters")
-        message_id, created = self.idempotency.remember(key, enqueue)
-        return json_response(202, {"messageId": message_id, "duplicate": not created})
+        result, created = self.idempotency.remember(key, enqueue)
+        return result, {"duplicate": not created}
+
+    def body_limit(self, path: str, headers: Mapping[str, str]) -> int:
+        """The largest body a request may send: for an internal caller holding the key,
+        MAX_BATCH_BODY_BYTES on /v1/emails (a batch of recipients) and MAX_BOUNCE_BYTES on
+        /v1/bounces (a bounce carries the returned message); MAX_BODY_BYTES for everyone else."""
+        limit = {"/v1/emails": MAX_BATCH_BODY_BYTES, "/v1/bounces": MAX_BOUNCE_BYTES}.get(path)
+        if limit and self.config.api_key:
+            with contextlib.suppress(HttpError):
+                self._authorize(Request("POST", path, {}, headers, b"", ""))
+                return limit
+        return MAX_BODY_BYTES
 
     def bounce(self, request: Request) -> Response:
         """Record a bounce, complaint or reply an internal caller passes on (message/rfc822,
@@ -5863,7 +5903,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or ["0"]}
         if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", length_text := lengths.pop()):
             return json_response(400, {"error": "the Content-Length header is invalid"})
-        length, limit = int(length_text), _BODY_LIMITS.get(parts.path, MAX_BODY_BYTES)
+        length, limit = int(length_text), self.server.api.body_limit(parts.path, self.headers)
         if length > limit:
             self.close_connection = True
             return json_response(413, {"error": f"the body must be at most {limit} bytes"})

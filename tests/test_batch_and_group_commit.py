@@ -3,6 +3,7 @@ enqueues share their syncs), each still durable before the caller hears "queued"
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,13 @@ from test_durability_syscalls import (  # the strace machinery of the durability
     opened_dir,
     run_snippet,
     synced,
+)
+from test_http_api import (  # its HTTP client and started-service fixture
+    error_reply,
+    http_call,
+    json_reply,
+    make_service,  # noqa: F401  (the started-service fixture)
+    wait_mails,
 )
 
 import sysmail
@@ -246,3 +254,41 @@ def test_a_failed_flush_fails_every_caller_of_its_round_and_the_next_round_works
         group.wait(1)
     group.wait(2)
     assert calls == [[1], [2]]
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+def test_the_batch_form_of_post_v1_emails(make_service, smtp_server: SmtpServer) -> None:  # noqa: F811
+    """"recipients" instead of "to": one message per recipient, each with its own vars,
+    202 with the Message-IDs in order; an Idempotency-Key makes a retried batch a no-op;
+    a batch larger than 16 KiB is accepted from a caller holding the key, and only from it."""
+    svc = make_service()
+    recipients = [{"to": f"user{n}@example.org", "vars": {"name": f"P{n}"}} for n in range(3)]
+    payload = {"template": "service-announcement", "vars": ANNOUNCEMENT,
+               "recipients": [*recipients, "plain@example.org"]}
+    body = json_reply(svc.send(payload, {"Idempotency-Key": "batch-1"}), 202)
+    assert len(body["messageIds"]) == 4 and body["duplicate"] is False
+    again = json_reply(svc.send(payload, {"Idempotency-Key": "batch-1"}), 202)
+    assert again == {**body, "duplicate": True}
+    mails = wait_mails(smtp_server, 4)
+    by_recipient = {m["To"]: m for m in mails}
+    assert set(by_recipient) == {"user0@example.org", "user1@example.org", "user2@example.org",
+                                 "plain@example.org"}
+    assert [m["Message-ID"] for m in mails if m["To"] == "user1@example.org"] == [
+        body["messageIds"][1]]
+    big = {**payload, "recipients": [f"u{n}@example.org" for n in range(1000)]}  # ~22 KiB
+    assert len(json.dumps(big)) > sysmail.MAX_BODY_BYTES
+    assert len(json_reply(svc.send(big), 202)["messageIds"]) == 1000
+    refused = http_call(svc.url, "POST", "/v1/emails", big, {"Authorization": "Bearer wrong"})
+    assert refused.status == 413  # unread: a stranger may not send a large body
+
+
+@pytest.mark.parametrize("recipients", [[], "ada@example.org", [{"to": 3}], [["a@b.org"]],
+                                        ["ada@example.org", "not an address"]])
+def test_a_bad_batch_is_a_400_and_queues_nothing(make_service, recipients: object) -> None:  # noqa: F811
+    svc = make_service()
+    reply = svc.send({"template": "service-announcement", "vars": ANNOUNCEMENT,
+                      "recipients": recipients})
+    assert error_reply(reply, 400)
+    assert svc.app.spool.counts()["new"] == 0
