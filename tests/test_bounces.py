@@ -385,7 +385,11 @@ def test_post_refuses_without_the_key_other_types_and_non_mail(bounce_app: sysma
         "the input is not a mail message")
     big = dsn() + b"x" * sysmail.MAX_BOUNCE_BYTES
     assert error_reply(post_bounce(bounce_app, big), 413)
-    assert bounce_app.bounces.suppressed == []
+    mid = dsn() + b"x" * sysmail.MAX_BODY_BYTES  # 256 KiB only for a caller holding the key
+    assert error_reply(post_bounce(bounce_app, mid, key=None), 413)
+    assert bounce_app.bounces.suppressed == []  # nothing refused reached the hook
+    assert json_reply(post_bounce(bounce_app, mid), 200)["kind"] == "hard"
+    assert len(bounce_app.bounces.suppressed) == 1
 
 
 def test_post_takes_ses_notifications_as_json(bounce_app: sysmail.App) -> None:
