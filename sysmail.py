@@ -4396,6 +4396,9 @@ class Sender:
         self._paced_until = NOT_PACED
         self._settler = _Settler(spool, self.metrics, clock, retry, rand, bounces)
         self._connections = _Connections(transport, connections, transport_factory)
+        # two messages a connection: enough to keep each busy, few enough that urgent mail
+        # queued during a bulk drain waits for little more than one message per connection
+        self._claim_size = min(batch_size, 2 * len(self._connections.all))
 
     def close(self) -> None:
         """Close every SMTP connection and the connection threads."""
@@ -4487,7 +4490,7 @@ class Sender:
         source.recover()
         while True:
             pacing = self.clock() < self._paced_until + PACING_SECONDS
-            claims, due = source.claim(1 if pacing else self.batch_size)
+            claims, due = source.claim(1 if pacing else self._claim_size)
             if due is not None:
                 next_due.append(due)
             if not claims:
