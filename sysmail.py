@@ -5816,7 +5816,7 @@ class Api:
             response = json_response(exc.status, {"error": str(exc)}, **exc.headers)
         except MessageError as exc:
             response = json_response(400, {"error": str(exc)})
-        except (StoreError, QueueUnavailable) as exc:
+        except (StoreError, QueueUnavailable, SpoolError) as exc:
             log_event(logging.ERROR, "unavailable", route=route, reason=str(exc))
             response = json_response(503, {"error": "temporarily unavailable, try again later"},
                                      **{"Retry-After": "5"})
