@@ -180,3 +180,34 @@ def test_a_550_at_rcpt_to_suppresses_its_recipient(tmp_path: Path,
     assert (entry.address, entry.reason, entry.source) == (ADA, "hard-bounce",
                                                            "hard refusal at RCPT TO")
     assert mailer.enqueue("billing-notification", to=ADA, summary="S").suppressed == (ADA,)
+
+
+def test_an_ses_notification_suppresses_through_its_mail_source(tmp_path: Path) -> None:
+    """SES rewrites the envelope sender but reports the one it was given (mail.source): the
+    tag there proves whom the notification is about; without it, nothing changes."""
+    api_key = "bounce-api-key-0123456789"
+    app = app_for(tmp_path, SYSMAIL_API_KEY=api_key, SYSMAIL_LISTEN="127.0.0.1:0",
+                  SYSMAIL_METRICS_LISTEN="off", SYSMAIL_DB=str(tmp_path / "db"))
+    app.start()
+    try:
+        tagged = sysmail.verp_address("bounces@b.example", app.config.queue_key, "<m@x>", ADA,
+                                      app.clock())
+        for source, expected in ((None, []), ("bounces+" + "d" * 24 + "@b.example", []),
+                                 (tagged, [ADA])):
+            ses = {"notificationType": "Complaint",
+                   "complaint": {"complainedRecipients": [{"emailAddress": ADA}]},
+                   **({"mail": {"source": source}} if source else {})}
+            sns = {"Type": "Notification", "Message": json.dumps(ses)}
+            parts = urllib.parse.urlsplit(app.url)
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+            connection.request("POST", "/v1/bounces", json.dumps(sns).encode(),
+                               {"Authorization": f"Bearer {api_key}",
+                                "Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200, response.read()
+            assert json.loads(response.read())["kind"] == "complaint"
+            connection.close()
+            assert [e.address for e in app.suppressions.entries()] == expected
+        assert app.suppressions.entries()[0].reason == "complaint"
+    finally:
+        app.stop()
