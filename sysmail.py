@@ -3482,9 +3482,9 @@ class SuppressionList:
         first = int(self.clock() // 3600) - 23
         counts = dict.fromkeys(BOUNCE_KINDS, 0)
         for name, value in list(self._state.items()):
-            tag, hour, kind = (name.split(" ") + ["", ""])[:3]
-            if tag == "bounces" and hour.isdigit() and int(hour) >= first and kind in counts:
-                counts[kind] += int(value)
+            kind = name.rpartition(" ")[2]
+            if (_bounce_hour(name) or 0) >= first and kind in counts and isinstance(value, int):
+                counts[kind] += value
         return counts
 
     # -- changing -- #
@@ -3557,7 +3557,7 @@ class SuppressionList:
         now, first = self.clock(), int(self.clock() // 3600) - 23
         lapsed = {e.field: None for e in self._entries.values() if not e.live(now)}
         lapsed.update({name: None for name in self._state if name.startswith("bounces ")
-                       and int(name.split(" ")[1]) < first})
+                       and (_bounce_hour(name) or 0) < first})
         return lapsed
 
     def _redis_change(self, changes: Mapping[str, object], bump: str) -> None:
@@ -3592,7 +3592,7 @@ class SuppressionList:
             try:
                 self._refresh_from_redis()
                 return
-            except (QueueUnavailable, *self._errors) as exc:
+            except (QueueUnavailable, ValueError, *self._errors) as exc:  # down, or garbled
                 log_event(logging.WARNING, "suppressions_from_file",
                           reason=f"Redis is unavailable ({exc.__class__.__name__})")
         try:
@@ -3653,6 +3653,14 @@ class SuppressionList:
         _make_private_dir(self.path.parent / "tmp")
         _write_file_atomically(self.path, json.dumps(state, indent=0).encode(),
                                self.path.parent / "tmp")
+
+
+def _bounce_hour(name: str) -> int | None:
+    """The hour of a "bounces HOUR KIND" field of the state; None for any other field."""
+    parts = name.split(" ")
+    if len(parts) == 3 and parts[0] == "bounces" and parts[1].isdigit():
+        return int(parts[1])
+    return None
 
 
 def _merged(state: Mapping[str, object], changes: Mapping[str, object],

@@ -632,3 +632,26 @@ def test_the_service_sees_another_process_suppress_within_its_cadence(tmp_path: 
         assert app.enqueuer.enqueue_message(ADA, "S", "T").suppressed == (ADA,)
     finally:
         app.stop()
+
+
+def test_garbled_redis_fields_fall_back_to_the_local_copy(tmp_path: Path, clock: FakeClock,
+                                                          redis_server: RedisServer,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import redis
+
+    host = sysmail.SuppressionList(tmp_path, clock, redis_url=redis_server.url)
+    host.suppress(ADA, "manual", "cli")
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset("sysmail:suppressions", "all x@y.example", "{not json")
+    client.hset("sysmail:suppressions", "bounces soon hard", "1")
+    client.incr("sysmail:suppressions:version")
+    with caplog.at_level(logging.WARNING, logger="sysmail"):
+        host.refresh()
+    assert "suppressions_from_file" in caplog.text
+    assert [e.address for e in host.entries()] == [ADA]  # the local copy still answers
+    client.hdel("sysmail:suppressions", "all x@y.example")
+    client.incr("sysmail:suppressions:version")
+    host.refresh()
+    assert host.bounces_last_24h() == {"hard": 0, "soft": 0, "complaint": 0}
+    host.record_bounce("hard", BOB, "", "hard bounce")  # drops the foreign counter
+    assert b"bounces soon hard" not in client.hkeys("sysmail:suppressions")
