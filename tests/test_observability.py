@@ -98,6 +98,10 @@ def test_every_series_exists_before_the_first_mail(serve: Serve, smtp_server: Sm
     assert value(first, "sysmail_unrecorded_total") == 0
     for limit in ("forgot_client", "forgot_address", "reset_client"):
         assert value(first, "sysmail_rate_limited_total", limit=limit) == 0
+    for kind in ("hard", "soft", "complaint"):
+        assert value(first, "sysmail_bounces_total", kind=kind, source="report") == 0
+    for template in (*sysmail.TEMPLATES, "ad-hoc"):
+        assert value(first, "sysmail_suppressed_total", template=template) == 0
     for relay in serve.relays:
         for reply in ("2xx", "4xx", "5xx"):
             assert value(first, "sysmail_relay_replies_total", relay=relay, reply=reply) == 0
