@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """sysmail: a platform's system emails, queued durably and sent DKIM-signed.
 
-System emails (password resets, verifications, two-factor codes, security alerts, billing
-notices, announcements, suspension notices) are infrastructure: configuration comes from the
+System emails (password resets, verifications, two-factor codes, sign-in links, security
+alerts, email-change notices, billing notices, announcements, suspension notices), each in the
+recipient's language (built-in English, shipped German in templates/de/), are infrastructure: configuration comes from the
 environment only, mail is written atomically into a Maildir-style spool (Redis when the spool
 cannot be written), and a sender delivers it over reused SMTP connections, signing each
 message at send time. A small HTTP service runs the password-reset flow on a pluggable token
@@ -11,11 +12,12 @@ store (SQLite by default) and takes mail from internal callers.
 Environment (see Config.from_env; every bad value is reported at once, exit 78):
 @ENVIRONMENT@
 Command line:
-    sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...]
+    sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...] [--locale TAG]
     sysmail send --to ADDR --subject S --text T [--html H] [--urgent]
     sysmail serve | worker [--once] | status [--json] | failed [--json] | retry ID...|--all
     sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
-    sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
+        [--locale TAG]
+    sysmail user add EMAIL [--name NAME] [--locale TAG] (password on stdin) | user list [--json]
 
 Contents (greppable banners, in dependency order):
     Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
@@ -74,12 +76,16 @@ from typing import Protocol, Self
 
 __all__ = [
     "BULK",
+    "ENGLISH",
+    "LAYOUT_STRINGS",
+    "SHIPPED_LANGUAGES",
     "DEFAULTS",
     "ENVIRONMENT",
     "TEMPLATES",
     "URGENT",
     "Api",
     "App",
+    "Catalog",
     "Claim",
     "Config",
     "ConfigError",
@@ -92,6 +98,7 @@ __all__ = [
     "HttpError",
     "IdempotencyKeys",
     "JsonLogFormatter",
+    "Language",
     "Mailer",
     "MemoryStore",
     "MessageError",
@@ -136,10 +143,12 @@ __all__ = [
     "environment_help",
     "hash_password",
     "json_response",
+    "load_catalog",
     "load_templates",
     "log_event",
     "main",
     "make_message_id",
+    "mask_address",
     "parse_env_file",
     "render",
     "store_from_config",
