@@ -76,11 +76,11 @@ from typing import Protocol, Self
 
 __all__ = [
     "BULK",
+    "DEFAULTS",
     "ENGLISH",
+    "ENVIRONMENT",
     "LAYOUT_STRINGS",
     "SHIPPED_LANGUAGES",
-    "DEFAULTS",
-    "ENVIRONMENT",
     "TEMPLATES",
     "URGENT",
     "Api",
