@@ -1522,16 +1522,18 @@ def _folder_reader(folder: Path) -> Callable[[str], str | None]:
 
 
 def _shipped_reader(tag: str) -> Callable[[str], str | None]:
-    """Files of templates/<tag>/ shipped beside sysmail.py, read through the module's loader
-    so that they are found inside sysmail.pyz too."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", tag)
+    """Files of the translation shipped beside sysmail.py: templates/<tag>/ in a checkout and
+    in sysmail.pyz (read through the module's loader, which reads inside the zip too),
+    sysmail_templates/<tag>/ once pip has installed it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    folders = [os.path.join(here, top, tag) for top in ("templates", "sysmail_templates")]
     loader = globals().get("__loader__")
 
     def read(name: str) -> str | None:
-        try:
-            return loader.get_data(os.path.join(folder, name)).decode("utf-8")
-        except OSError:
-            return None
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                return loader.get_data(os.path.join(folder, name)).decode("utf-8")
+        return None
     return read
 
 

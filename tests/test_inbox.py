@@ -20,6 +20,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -634,3 +635,21 @@ def test_the_scorer_sees_what_spamassassin_sees_in_yesterdays_copy(tmp_path: Pat
     (suspension, suspension_rules), (billing, billing_rules) = spam_scores(messages)
     assert suspension >= 2.0 and "URI_PHISH" in suspension_rules
     assert billing >= 1.0 and "PDS_BRAND_SUBJ_NAKED_TO" in billing_rules
+
+
+def test_an_installed_sysmail_finds_its_translation_in_sysmail_templates(tmp_path: Path) -> None:
+    """pip installs templates/ as the sysmail_templates folder beside sysmail.py (pyproject's
+    package-dir): German mail comes from there."""
+    repo = Path(sysmail.__file__).parent
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    shutil.copy2(repo / "sysmail.py", site / "sysmail.py")
+    shutil.copytree(repo / "templates", site / "sysmail_templates")
+    pyproject = (repo / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'package-dir = {"sysmail_templates" = "templates"}' in pyproject
+    result = subprocess.run(
+        [sys.executable, str(site / "sysmail.py"), "preview", "magic-link", "--locale", "de",
+         "--part", "text"], capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "SYSTEM_DOMAIN": DOMAIN})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hallo Ada,\n\nHier ist der Link")
