@@ -1571,9 +1571,9 @@ def _derive_values(template: Template, values: dict[str, str], language: Languag
 
 def _subject(template: Template, values: Mapping[str, str], secrets_in_subject: bool) -> str:
     """The subject; without the template's secrets (a sign-in code) unless they may show."""
-    hidden = not secrets_in_subject and _compiled(template.subject).names & set(template.secrets)
-    subject = _substitute(template, template.subject, {**values, **dict.fromkeys(hidden, "")}
-                          ) if hidden else _substitute(template, template.subject, values)
+    hidden = set() if secrets_in_subject else (_compiled(template.subject).names
+                                                & set(template.secrets))
+    subject = _substitute(template, template.subject, {**values, **dict.fromkeys(hidden, "")})
     if hidden:
         subject = _SUBJECT_TAIL.sub("", subject)
     if _unsafe_in_header(subject):
