@@ -653,3 +653,32 @@ def test_an_installed_sysmail_finds_its_translation_in_sysmail_templates(tmp_pat
         cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "SYSTEM_DOMAIN": DOMAIN})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hallo Ada,\n\nHier ist der Link")
+
+
+def test_batches_take_a_locale_for_all_and_one_per_recipient(tmp_path: Path,
+                                                            rsa_key: RsaKey) -> None:
+    """Mailer.enqueue_many and the batch form of POST /v1/emails: the batch's locale, a
+    recipient's own over it, and a bad one refuses the whole batch before anything is queued."""
+    config = sysmail.Config.from_env(make_env(tmp_path, rsa_key, SYSMAIL_API_KEY="k" * 24))
+    app = sysmail.build_app(config)
+    mailer = sysmail.Mailer(config, app=app)
+    variables = {"title": "Wartung", "body": "Kurz."}
+    with pytest.raises(sysmail.MessageError, match="language tag"):
+        mailer.enqueue_many("service-announcement", ["a@example.org", {
+            "to": "b@example.org", "locale": "../x"}], locale="de", **variables)
+    assert not list((tmp_path / "spool" / "new").iterdir())
+    mailer.enqueue_many("service-announcement", ["a@example.org", {
+        "to": "b@example.org", "locale": "en", "name": "Bob"}], locale="de", **variables)
+    reply = app.api.handle(sysmail.Request("POST", "/v1/emails", {}, {
+        "Authorization": "Bearer " + "k" * 24, "Content-Type": "application/json"},
+        json.dumps({"template": "service-announcement", "vars": variables, "locale": "en",
+                    "recipients": ["c@example.org", {"to": "d@example.org", "locale": "de-CH"}]
+                    }).encode(), "127.0.0.1"))
+    assert reply.status == 202, reply.body
+    langs = {}
+    for path in (tmp_path / "spool" / "new").iterdir():
+        message = parse(path.read_bytes().partition(b"\n")[2])
+        langs[message["To"].addresses[0].addr_spec] = re.search(
+            r'<html lang="(\w+)"', parts(message)[1])[1]
+    assert langs == {"a@example.org": "de", "b@example.org": "en", "c@example.org": "en",
+                     "d@example.org": "de"}
