@@ -3142,10 +3142,11 @@ class Enqueuer:
     def render(self, template: str, variables: Mapping[str, object], locale: str | None = None
                ) -> tuple[Template, Rendered]:
         """A template rendered in the locale's language (fr-CA, else fr, else the default)."""
-        chosen = self.catalog.pick(locale).templates[self._template(template).name]
+        language = self.catalog.pick(locale)
+        chosen = language.templates[self._template(template).name]
         brand = {"brand": self.config.from_name, "domain": self.config.domain,
                  "reply_to": self.config.reply_to, "dashboard_url": self.config.dashboard_url}
-        return chosen, render(chosen, variables, brand, self.catalog.pick(locale),
+        return chosen, render(chosen, variables, brand, language,
                               secrets_in_subject=self.config.code_in_subject)
 
     def enqueue_template(self, template: str, to: str | list[str],
