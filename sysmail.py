@@ -18,11 +18,12 @@ Command line:
     sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
         [--locale TAG]
     sysmail user add EMAIL [--name NAME] [--locale TAG] (password on stdin) | user list [--json]
+    sysmail bounce [--dry-run] [--json] [--recipient ADDR] < message
 
 Contents (greppable banners, in dependency order):
     Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
-    metrics, Messages and templates, DKIM signing, Spool, Redis fallback, Enqueueing, SMTP
-    transport, Sender, Token store, HTTP API, Wiring, CLI
+    metrics, Messages and templates, Bounces, DKIM signing, Spool, Redis fallback, Enqueueing,
+    SMTP transport, Sender, Token store, HTTP API, Wiring, CLI
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import contextlib
 import ctypes
 import dataclasses
 import email.header
+import email.message
+import email.parser
+import email.policy
 import email.utils
 import errno
 import functools
@@ -72,7 +76,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Self
+from typing import BinaryIO, Protocol, Self
 
 __all__ = [
     "BULK",
@@ -85,6 +89,8 @@ __all__ = [
     "URGENT",
     "Api",
     "App",
+    "BounceHandler",
+    "BounceReport",
     "Catalog",
     "Claim",
     "Config",
@@ -136,8 +142,10 @@ __all__ = [
     "UsageError",
     "User",
     "Verdict",
+    "bounce_envelope_recipient",
     "build_app",
     "build_message",
+    "classify_bounce",
     "classify_reply",
     "client_address",
     "environment_help",
@@ -149,7 +157,9 @@ __all__ = [
     "main",
     "make_message_id",
     "mask_address",
+    "parse_bounce",
     "parse_env_file",
+    "parse_notification",
     "render",
     "store_from_config",
     "tls_context_from_config",
@@ -516,6 +526,7 @@ class Config:
     smtp_ca_file: str = ""
     smtp_timeout: float = 30.0
     smtp_connections: int = 4
+    senders: int = 0  # sender processes of serve and worker; 0: one per core
     spool_dir: Path = Path("spool")
     outbox_dir: Path = Path("outbox")
     templates_dir: Path | None = None
@@ -728,6 +739,7 @@ class _EnvReader(_EnvValues):
             smtp_ca_file=self._file("SMTP_CA_FILE"),
             smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", DEFAULTS.smtp_timeout),
             smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", DEFAULTS.smtp_connections, 64),
+            senders=self._count("SYSMAIL_SENDERS", DEFAULTS.senders, 64),
             spool_dir=self._path("SYSMAIL_SPOOL", DEFAULTS.spool_dir),
             outbox_dir=self._path("SYSMAIL_OUTBOX", DEFAULTS.outbox_dir),
             templates_dir=self._folder("SYSMAIL_TEMPLATES"),
@@ -902,6 +914,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SMTP_CA_FILE", "", "a private CA to trust for the relay"),
     ("SMTP_TIMEOUT_SECONDS", "smtp_timeout", "socket timeout for the relay"),
     ("SYSMAIL_SMTP_CONNECTIONS", "smtp_connections", "SMTP connections a sender uses at once"),
+    ("SYSMAIL_SENDERS", "", "sender processes of serve and worker (one per core)"),
     ("SYSMAIL_SPOOL", "spool_dir", "the spool folder"),
     ("SYSMAIL_OUTBOX", "outbox_dir", "where .eml files go without SMTP_URL"),
     ("SYSMAIL_DEAD_LETTER_DAYS", "dead_letter_days", "how long dead letters are kept"),
@@ -1077,6 +1090,8 @@ class Metrics:
         "sysmail_relay_replies_total": "Final replies per relay: 2xx, 4xx or 5xx.",
         "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
                                     "record at once (kept in memory, retried).",
+        "sysmail_bounces_total": "Bounces, complaints and auto-replies received (source=report) "
+                                 "and refusals at RCPT TO (source=rcpt), by kind.",
     }
 
     def __init__(self) -> None:
@@ -1768,6 +1783,370 @@ def _mime_part(subtype: str, text: str) -> str:
         body += "\n"
     return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
             f"Content-Transfer-Encoding: {encoding}\r\n\r\n" + body.replace("\n", "\r\n"))
+
+
+# ---- Bounces ---- #
+
+MAX_BOUNCE_BYTES = 256 * 1024  # a report is at the start; the returned message is cut
+
+# RFC 3463 codes that say the address itself does not work: the only 5.x.x that are hard.
+# The other 5.x.x name a full mailbox (5.2.2: its owner can empty it), the content, a loop,
+# or the sender's reputation (5.7.x, 5.1.7, 5.1.8): final for this message, not for the address.
+_HARD_STATUS = re.compile(r"5\.1\.([1-46]|10|\d{3})|5\.2\.1|5\.4\.4")
+_VAGUE_STATUS = re.compile(r"5\.[0-5]\.0|5\.5\.\d+|5\.7\.27")  # "other" codes: the text decides
+_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
+_REPLY_CODE = re.compile(r"(?<![\d.#\[])([45][0-5]\d)(?=[ :-])")
+_HARD_TEXT = re.compile(
+    r"user unknown|unknown (user|recipient|address)|no such (user|mailbox|recipient|address|"
+    r"domain)|(user|recipient|mailbox|address|account) (\S+ )?(not found|does ?n[o']t exist)|"
+    r"(invalid|unknown|bad) (recipient|mailbox|address|destination)|not recognized|"
+    r"(mailbox|account) (is )?(disabled|unavailable|discontinued)|host (unknown|not found)|"
+    r"no valid recipients|no mx|does not accept mail|doesn't have an? \S+ account|"
+    r"unrouteable|name not found", re.IGNORECASE)
+_SOFT_TEXT = re.compile(r"mailbox (is )?full|quota|over ?limit|exceeded|try again|delay",
+                        re.IGNORECASE)
+_DAEMON = re.compile(r"mailer-daemon|postmaster|mail delivery|mmsc|mail-daemon|mailer daemon",
+                     re.IGNORECASE)
+_BOUNCE_SUBJECT = re.compile(r"undeliver|deliver(y|ing) (status|fail|notif|problem|report)|"
+                             r"returned mail|failure notice|fail(ed|ure) delivery|could not be "
+                             r"delivered|delivery has failed|non remis", re.IGNORECASE)
+_AUTO_SUBJECT = re.compile(r"auto(matic)?[- ]?(reply|response|antwort)|out of (the )?office|"
+                           r"vacation|away from|abwesen|^away\b|absence", re.IGNORECASE)
+_ORIGINAL_MARKER = re.compile(
+    r"^[ \t>*-]*(.*(original message|below this line|copy of the message|unsent message|"
+    r"original (mail|message) (follows|as follows)|headers follow|returned message|"
+    r"bounced e-mail)|received: ?|return-path: )", re.IGNORECASE | re.MULTILINE)
+_HEADER_LINE = re.compile(r"^\s*(to|from|cc|subject|date|sent|message-id):.*$",
+                          re.IGNORECASE | re.MULTILINE)  # the original's, quoted in a notice
+_LINK = re.compile(r"\w+://\S+")  # a returned reset link must not reach the log
+_ADDRESS = re.compile(r"[\w.+=!#$%&'*/?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_LINE_START_ADDRESS = re.compile(r"^[ \t*<\"]*(" + _ADDRESS.pattern + ")", re.MULTILINE)
+_FINAL_RECIPIENT = re.compile(r"^Final-Recipient:[^;\n]*;\s*<?([^>\s]+)",
+                              re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class BounceReport:
+    """What a message to the bounce address says: its kind, who failed, and why."""
+
+    kind: str  # hard | soft | complaint | auto-reply | none
+    recipients: tuple[str, ...] = ()
+    status: str | None = None
+    reason: str = ""
+    original_message_id: str | None = None
+
+    def as_json(self) -> dict:
+        """The object `bounce --dry-run --json` prints and POST /v1/bounces answers."""
+        return {"kind": self.kind, "recipients": list(self.recipients), "status": self.status,
+                "reason": self.reason, "original_message_id": self.original_message_id}
+
+
+def parse_bounce(raw: bytes) -> BounceReport:
+    """Understand one raw message: a DSN (RFC 3464), a complaint (RFC 5965), a bounce in one
+    of the common non-standard forms, an auto-reply (RFC 3834) or ordinary mail."""
+    message = email.message_from_bytes(raw[:MAX_BOUNCE_BYTES], policy=email.policy.compat32)
+    if not any(name in message for name in ("From", "To", "Received", "Return-Path")):
+        raise MessageError("the input is not a mail message")
+    original = _original_message_id(message)
+    for part in message.walk():
+        if part.get_content_type() == "message/feedback-report":
+            return _complaint(message, part, original)
+        if part.get_content_type() == "message/delivery-status":
+            report = _delivery_status(message, part, original)
+            if report.recipients or report.kind == "none":
+                return report
+    notice = _notice_and_rest(message)[0].strip()
+    if notice.startswith("{") and (notification := _json_or_none(notice)) is not None:
+        return parse_notification(notification)  # Amazon SES through SNS e-mail
+    if _is_bounce(message):
+        return _plain_bounce(message, original)
+    if _is_auto_reply(message):
+        sender = email.utils.parseaddr(_header(message, "From"))[1]
+        return BounceReport("auto-reply", (sender,) if sender else (), None,
+                            _oneline(_header(message, "Subject")), original)
+    return BounceReport("none", reason="not a bounce, complaint or auto-reply")
+
+
+def parse_notification(value: Mapping) -> BounceReport:
+    """An Amazon SES (direct or wrapped by SNS) or Postmark JSON bounce or complaint; raise
+    MessageError for anything else. Without a status code, their own hard/soft word holds."""
+    try:
+        return _notification(value)
+    except (AttributeError, TypeError):  # a field of another JSON type than theirs
+        raise MessageError("the notification is malformed") from None
+
+
+def _notification(value: Mapping) -> BounceReport:
+    if isinstance(value.get("Message"), str):  # the SNS envelope around SES's notification
+        value = _json_or_none(value["Message"]) or {}
+    event = value.get("notificationType") or value.get("eventType") or value.get("RecordType")
+    headers = value.get("mail", {}).get("headers", [])
+    original = next((h.get("value") for h in headers
+                     if str(h.get("name", "")).lower() == "message-id"), None)
+    if event == "Bounce" and isinstance(value.get("bounce"), dict):  # SES
+        bounce, failures = value["bounce"], []
+        permanent = bounce.get("bounceType") == "Permanent"
+        for rcpt in bounce.get("bouncedRecipients", []):
+            diagnostic = str(rcpt.get("diagnosticCode", ""))
+            status = _status(str(rcpt.get("status", ""))) or _status(diagnostic)
+            failures.append((rcpt.get("emailAddress", ""), status, diagnostic))
+        return _worst(failures, "", original, "hard" if permanent else "soft")
+    if event == "Complaint" and isinstance(value.get("complaint"), dict):  # SES
+        complaint = value["complaint"]
+        recipients = tuple(r.get("emailAddress", "")
+                           for r in complaint.get("complainedRecipients", []))
+        return BounceReport("complaint", recipients, None,
+                            complaint.get("complaintFeedbackType", "abuse"), original)
+    if event in ("Bounce", "SpamComplaint") and isinstance(value.get("Email"), str):  # Postmark
+        details = f"{value.get('Details', '')} {value.get('Description', '')}"
+        if event == "SpamComplaint":
+            return BounceReport("complaint", (value["Email"],), None, "abuse", original)
+        hard = value.get("Type") == "HardBounce"
+        return _worst([(value["Email"], _status(details), details)], "", original,
+                      "hard" if hard else "soft")
+    raise MessageError("not an Amazon SES or Postmark bounce or complaint notification")
+
+
+def _json_or_none(text: str) -> dict | None:
+    """A JSON object at the start of text (SNS appends a footer to its e-mail), or None."""
+    try:
+        value = json.JSONDecoder(strict=False).raw_decode(text)[0]
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def bounce_envelope_recipient(raw: bytes, given: str = "") -> str:
+    """The address a bounce was sent to (the VERP address): as the MTA passed it, else the
+    Delivered-To or X-Original-To header the delivering MTA added."""
+    headers = email.parser.BytesParser().parsebytes(raw[:MAX_BOUNCE_BYTES], headersonly=True)
+    for value in (given, headers.get("Delivered-To", ""), headers.get("X-Original-To", "")):
+        if email.utils.parseaddr(str(value))[1]:
+            return email.utils.parseaddr(str(value))[1]
+    return ""
+
+
+def classify_bounce(status: str | None, text: str) -> str:
+    """hard or soft, from the enhanced status code, else the reply code and text."""
+    if status and status[0] == "4":
+        return "soft"
+    if status and _HARD_STATUS.fullmatch(status):
+        return "hard"
+    if status and not _VAGUE_STATUS.fullmatch(status):
+        return "soft"
+    return "hard" if _HARD_TEXT.search(text) else "soft"
+
+
+def _complaint(message: email.message.Message, part: email.message.Message,
+               original: str | None) -> BounceReport:
+    fields = _fields(part)
+    recipient = fields.get("original-rcpt-to", "") or _original_header(message, "To")
+    address = email.utils.parseaddr(recipient)[1]
+    return BounceReport("complaint", (address,) if address else (), None,
+                        fields.get("feedback-type", "abuse"), original)
+
+
+def _delivery_status(message: email.message.Message, part: email.message.Message,
+                     original: str | None) -> BounceReport:
+    failures, actions = [], set()
+    for block in _fields_blocks(part)[1:]:
+        action = block.get("action", "failed").strip().lower()
+        actions.add(action)
+        if action not in ("failed", "delayed"):
+            continue
+        recipient = _strip_type(block.get("final-recipient") or block.get("original-recipient"))
+        diagnostic = _strip_type(block.get("diagnostic-code", ""))
+        # the remote server's own words win over the reporting MTA's summary of them
+        status = _status(diagnostic) or _status(block.get("status", ""))
+        if recipient:
+            failures.append((recipient, status, diagnostic or block.get("status", "")))
+    if actions and actions <= {"delivered", "relayed", "expanded"}:  # asked-for good news
+        return BounceReport("none", reason="a delivery report: " + ", ".join(sorted(actions)))
+    return _worst(failures, _notice_and_rest(message)[0], original)
+
+
+def _plain_bounce(message: email.message.Message, original: str | None) -> BounceReport:
+    notice, rest = _notice_and_rest(message)
+    recipients = _failed_recipients(message, _HEADER_LINE.sub("", notice), rest)
+    starts = sorted((notice.find(r), r) for r in recipients)
+    failures = []
+    for index, (start, recipient) in enumerate(starts):  # each one's text runs to the next
+        end = starts[index + 1][0] if index + 1 < len(starts) else len(notice)
+        text = notice[start:end] if start >= 0 and _status(notice[start:end]) else notice
+        failures.append((recipient, _status(text), text))
+    return _worst(failures, notice, original)
+
+
+def _failed_recipients(message: email.message.Message, notice: str, rest: str) -> list[str]:
+    """Who failed, from the likeliest source on: X-Failed-Recipients (Exim, Gmail), DSN fields
+    in the text, addresses that begin a line of the notice, any address in it but the
+    bounce's own From and To, and last the To of the returned message."""
+    sender, to = (email.utils.parseaddr(_header(message, h))[1].lower() for h in ("From", "To"))
+    candidates = [
+        _ADDRESS.findall(_header(message, "X-Failed-Recipients")),
+        _FINAL_RECIPIENT.findall(notice + rest),
+        [a for a in _LINE_START_ADDRESS.findall(notice) if a.lower() != sender],
+        [a for a in _ADDRESS.findall(notice) if a.lower() not in (sender, to)],
+        _ADDRESS.findall(_original_header(message, "To", rest))]
+    found = next((c for c in candidates if c), [])
+    return list(dict.fromkeys(found))
+
+
+def _worst(failures: list[tuple[str, str | None, str]], notice: str, original: str | None,
+           unknown: str | None = None) -> BounceReport:
+    """One report: the hard failures when there are any, else the soft ones (a failure
+    without a status code is of the kind unknown, when the caller knows it)."""
+    kinds = [(unknown if unknown and not s else classify_bounce(s, d + "\n" + notice), r, s, d)
+             for r, s, d in failures]
+    kind = "hard" if any(k == "hard" for k, *_ in kinds) else "soft"
+    chosen = [(r, s, d) for k, r, s, d in kinds if k == kind]
+    if not chosen:
+        return BounceReport(kind, (), None, _reason(notice)[:300], original)
+    status, reason = chosen[0][1], _reason(chosen[0][2] or notice)
+    return BounceReport(kind, tuple(r for r, *_ in chosen), status, reason[:300], original)
+
+
+def _reason(text: str) -> str:
+    """The line of a failure's text that says why (a reply code, a status, known words)."""
+    lines = [_oneline(_LINK.sub("<link>", line)) for line in text.splitlines() if line.strip()]
+    telling = (line for line in lines if _STATUS.search(line) or _REPLY_CODE.search(line)
+               or _HARD_TEXT.search(line) or _SOFT_TEXT.search(line))
+    return next(telling, lines[0] if lines else "")
+
+
+def _status(text: str) -> str | None:
+    match = _STATUS.search(text or "")
+    return ".".join(match.groups()) if match else None
+
+
+def _strip_type(value: str | None) -> str:
+    """The value of a typed field ("rfc822; ada@example.com" -> "ada@example.com")."""
+    text = value or ""
+    return _oneline(text.partition(";")[2] if ";" in text else text).strip("<> ")
+
+
+def _header(message: email.message.Message, name: str) -> str:
+    """A header as text ("" when absent), whatever bytes it holds."""
+    return str(message.get(name, ""))
+
+
+def _oneline(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fields_blocks(part: email.message.Message) -> list[dict[str, str]]:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        blocks = [{k.lower(): str(v) for k, v in p.items()} for p in payload]
+    else:
+        blocks = [{k.lower(): v for k, v in email.message_from_string(chunk).items()}
+                  for chunk in re.split(r"\r?\n\s*\r?\n", str(payload))]
+    return blocks if len(blocks) > 1 else [{}, *blocks]
+
+
+def _fields(part: email.message.Message) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for block in _fields_blocks(part):
+        merged.update(block)
+    return merged
+
+
+def _notice_and_rest(message: email.message.Message) -> tuple[str, str]:
+    """The human-readable text of a report, and what follows it (a copy of the original)."""
+    texts = []
+    for part in _parts_outside_originals(message):
+        if part.get_content_type() in ("text/plain", "message/delivery-status") or (
+                part.get_content_maintype() == "text" and not texts):
+            texts.append(_decoded(part))
+    text = "\n".join(texts)
+    cut = _ORIGINAL_MARKER.search(text, 40)
+    return (text[:cut.start()], text[cut.start():]) if cut else (text, "")
+
+
+def _parts_outside_originals(part: email.message.Message) -> Iterator[email.message.Message]:
+    if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+        return
+    if part.is_multipart():
+        for sub in part.get_payload():
+            yield from _parts_outside_originals(sub)
+    else:
+        yield part
+
+
+def _decoded(part: email.message.Message) -> str:
+    payload = part.get_payload(decode=True)
+    if payload is None:
+        return str(part.get_payload())
+    try:
+        return payload.decode(part.get_content_charset() or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return payload.decode("latin-1")
+
+
+def _is_auto_reply(message: email.message.Message) -> bool:
+    auto = _header(message, "Auto-Submitted").strip().lower()
+    return (auto.startswith("auto-replied") or "X-Autoreply" in message or
+            "X-Autorespond" in message or
+            _header(message, "Precedence").strip().lower() == "auto_reply" or
+            bool(_AUTO_SUBJECT.search(_header(message, "Subject"))))
+
+
+def _is_bounce(message: email.message.Message) -> bool:
+    """From a mailer daemon, or a failure notice by its subject, or by its first words when
+    it came from the null sender (as bounces and auto-replies do)."""
+    sender = _header(message, "From") + " " + _header(message, "Return-Path")
+    null_sender = _header(message, "Return-Path").strip() == "<>"
+    return bool(_DAEMON.search(sender) or _BOUNCE_SUBJECT.search(_header(message, "Subject"))
+                or null_sender and _BOUNCE_SUBJECT.search(_notice_and_rest(message)[0][:500]))
+
+
+def _original_header(message: email.message.Message, name: str, rest: str = "") -> str:
+    """A header of the returned original: an attached message, else the copy in the text."""
+    for part in message.walk():
+        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+            inner = part.get_payload(0) if part.is_multipart() else \
+                email.message_from_string(str(part.get_payload()))
+            if inner.get(name):
+                return str(inner.get(name))
+    match = re.search(rf"^\s*{name}:[ \t]*(.+)$", rest, re.MULTILINE | re.IGNORECASE)
+    return match.group(1) if match else ""
+
+
+def _original_message_id(message: email.message.Message) -> str | None:
+    found = _original_header(message, "Message-ID")
+    if not found:
+        own = _header(message, "Message-ID")
+        for part in message.walk():
+            if part.get_content_maintype() == "text":
+                for match in re.finditer(r"^\s*Message-I[dD]:\s*(<[^>\s]+>)",
+                                         _decoded(part), re.MULTILINE):
+                    if match.group(1) != own.strip():
+                        return match.group(1)
+    match = re.search(r"<[^>\s]+>", found)
+    return match.group(0) if match else None
+
+
+class BounceHandler:
+    """What sysmail does with a report: log it, count it, and hand the failures to suppress()."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def handle(self, report: BounceReport, envelope_recipient: str = "",
+               source: str = "report") -> None:
+        """Log and count one report (source: report, or rcpt for a refusal at RCPT TO); pass
+        bounces and complaints on to suppress(), never auto-replies or ordinary mail."""
+        log_event(logging.INFO, "bounce", source=source, envelope=envelope_recipient or None,
+                  **report.as_json())
+        self.metrics.inc("sysmail_bounces_total", kind=report.kind, source=source)
+        if report.kind in ("hard", "soft", "complaint") and report.recipients:
+            self.suppress(report, envelope_recipient)
+
+    def suppress(self, report: BounceReport, envelope_recipient: str) -> None:
+        """The suppression list's hook (issue 12): put report.recipients on the list once the
+        envelope recipient's VERP tag proves the report is about them; raise SpoolError when
+        that cannot be recorded now (the MTA then retries). Until the list exists this does
+        nothing, so nothing is suppressed."""
 
 
 # ---- DKIM signing ---- #
@@ -4090,9 +4469,10 @@ class _Settler:
     released; counts it, logs it, and keeps the claims a failing queue could not take back."""
 
     def __init__(self, spool: Spool, metrics: Metrics, clock: Clock, retry: RetryPolicy,
-                 rand: Callable[[], float]):
+                 rand: Callable[[], float], bounces: BounceHandler | None = None):
         self.spool = spool
         self.metrics = metrics
+        self.bounces = bounces
         self.clock = clock
         self.retry = retry
         self.rand = rand
@@ -4141,6 +4521,22 @@ class _Settler:
             if group:
                 verdicts.append(self._refused(message, group, *refusals[group[0]], kind))
         return tuple(v for v in verdicts if v.rcpts)
+
+    def report_refusals(self, message: SpooledMessage, result: SendResult | DeliveryError
+                        ) -> None:
+        """A 5xx at RCPT TO is a bounce that came back at once: report it like one, after the
+        message is settled (a failing report must not send it again)."""
+        refusals = {} if isinstance(result, DeliveryError) else result.refused
+        for rcpt, (code, reply) in refusals.items():
+            if self.bounces is None or classify_reply(code) != "permanent":
+                continue
+            text = f"{code} {reply}"
+            report = BounceReport(classify_bounce(_status(reply), text), (rcpt,),
+                                  _status(reply), text, message.message_id)
+            try:
+                self.bounces.handle(report, message.mail_from, source="rcpt")
+            except Exception:  # noqa: BLE001 - the refusal is in the dead letter all the same
+                _log.exception("bounce_not_recorded", extra={"fields": {"id": message.id}})
 
     def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
                  reply: str, kind: str) -> Verdict:
@@ -4260,7 +4656,8 @@ class Sender:
                  fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
                  connections: int = 1,
                  transport_factory: Callable[[], Transport] | None = None,
-                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS):
+                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS,
+                 bounces: BounceHandler | None = None):
         self.spool = spool
         self.sender_address = sender_address
         self.dead_letter_seconds = dead_letter_seconds
@@ -4283,7 +4680,7 @@ class Sender:
         self._last_queue_warning: dict[str, float] = {}
         self._commit = threading.Lock()
         self._paced_until = NOT_PACED
-        self._settler = _Settler(spool, self.metrics, clock, retry, rand)
+        self._settler = _Settler(spool, self.metrics, clock, retry, rand, bounces)
         self._connections = _Connections(transport, connections, transport_factory)
         # two messages a connection: enough to keep each busy, few enough that urgent mail
         # queued during a bulk drain waits for little more than one message per connection
@@ -4475,6 +4872,7 @@ class Sender:
             result = self._content(transport, answer, data)
             self._settler.apply(claim, message, self._settler.verdicts(message, result), counts,
                         time.monotonic() - started)
+        self._settler.report_refusals(message, result)
 
     def _check_sendable(self, message: SpooledMessage) -> None:
         """UnauthenticatedEntry unless the envelope is ours: From the configured sender, and
@@ -5132,8 +5530,9 @@ class Api:
     def __init__(self, config: Config, enqueuer: Enqueuer, store: TokenStore, *,
                  limiter: RateLimiter | RedisRateLimiter, idempotency: IdempotencyKeys,
                  forgot: Callable[[str, str], None], clock: Clock = time.time,
-                 relays: RelayHealth | None = None):
+                 relays: RelayHealth | None = None, bounces: BounceHandler | None = None):
         self.config = config
+        self.bounces = bounces or BounceHandler(enqueuer.metrics)
         self.relays = relays
         self.enqueuer = enqueuer
         self.store = store
@@ -5148,6 +5547,7 @@ class Api:
             ("GET", "/reset-password"): self.reset_page,
             ("POST", "/reset-password"): self.reset_form,
             ("POST", "/v1/emails"): self.send_email,
+            ("POST", "/v1/bounces"): self.bounce,
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.ready,
         }
@@ -5172,7 +5572,7 @@ class Api:
             response = json_response(exc.status, {"error": str(exc)}, **exc.headers)
         except MessageError as exc:
             response = json_response(400, {"error": str(exc)})
-        except (StoreError, QueueUnavailable) as exc:
+        except (StoreError, QueueUnavailable, SpoolError) as exc:
             log_event(logging.ERROR, "unavailable", route=route, reason=str(exc))
             response = json_response(503, {"error": "temporarily unavailable, try again later"},
                                      **{"Retry-After": "5"})
@@ -5331,13 +5731,32 @@ class Api:
         return result, {"duplicate": not created}
 
     def body_limit(self, path: str, headers: Mapping[str, str]) -> int:
-        """The largest body a request may send: MAX_BATCH_BODY_BYTES for an internal caller's
-        /v1/emails (a batch of recipients), MAX_BODY_BYTES for everyone else."""
-        if path == "/v1/emails" and self.config.api_key:
+        """The largest body a request may send: for an internal caller holding the key,
+        MAX_BATCH_BODY_BYTES on /v1/emails (a batch of recipients) and MAX_BOUNCE_BYTES on
+        /v1/bounces (a bounce carries the returned message); MAX_BODY_BYTES for everyone else."""
+        limit = {"/v1/emails": MAX_BATCH_BODY_BYTES, "/v1/bounces": MAX_BOUNCE_BYTES}.get(path)
+        if limit and self.config.api_key:
             with contextlib.suppress(HttpError):
                 self._authorize(Request("POST", path, {}, headers, b"", ""))
-                return MAX_BATCH_BODY_BYTES
+                return limit
         return MAX_BODY_BYTES
+
+    def bounce(self, request: Request) -> Response:
+        """Record a bounce, complaint or reply an internal caller passes on (message/rfc822,
+        the envelope recipient in ?recipient= or the message's Delivered-To); answer what
+        it says, as `sysmail bounce --dry-run --json` prints it."""
+        if not self.config.api_key:
+            raise HttpError(404, "no such endpoint")
+        self._authorize(request)
+        if _media_type(request) == "application/json":  # Amazon SES (SNS) or Postmark
+            report = parse_notification(_json_object(request))
+        elif _media_type(request) == "message/rfc822":
+            report = parse_bounce(request.body)
+        else:
+            raise HttpError(415, "send the message as message/rfc822 (or a JSON notification)")
+        envelope = bounce_envelope_recipient(request.body, request.query.get("recipient", ""))
+        self.bounces.handle(report, envelope)
+        return json_response(200, report.as_json())
 
     def _authorize(self, request: Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -5980,6 +6399,11 @@ class App:
         return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock)
 
     @functools.cached_property
+    def bounces(self) -> BounceHandler:
+        """What becomes of bounces, complaints and refusals at RCPT TO."""
+        return BounceHandler(self.metrics)
+
+    @functools.cached_property
     def signer(self) -> DkimSigner | None:
         """The DKIM signer, or None when no key is configured."""
         return DkimSigner.from_config(self.config)
@@ -6019,7 +6443,8 @@ class App:
                       retry=retry,
                       fallback=self.fallback, connections=self.config.smtp_connections,
                       transport_factory=self.transport, sender_address=self.config.from_addr,
-                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS)
+                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS,
+                      bounces=self.bounces)
 
     @functools.cached_property
     def sending(self) -> SenderThread:
@@ -6060,7 +6485,7 @@ class App:
         """The HTTP API's logic."""
         return Api(self.config, self.enqueuer, self.store, limiter=self.limiter,
                    idempotency=self.idempotency, forgot=self.forgot.submit, clock=self.clock,
-                   relays=self.relay_health)
+                   relays=self.relay_health, bounces=self.bounces)
 
     @property
     def url(self) -> str:
@@ -6361,6 +6786,13 @@ def _build_parser() -> argparse.ArgumentParser:
     preview.set_defaults(handler=cmd_preview)
     commands.add_parser("serve", help="run the HTTP API and the sender (SYSMAIL_LISTEN)"
                         ).set_defaults(handler=cmd_serve)
+    bounce = commands.add_parser("bounce", help="read a bounce, complaint or reply on stdin "
+                                 "and record it (exit 75: the MTA should retry)")
+    bounce.add_argument("--dry-run", action="store_true", help="print what it says, change nothing")
+    bounce.add_argument("--json", action="store_true")
+    bounce.add_argument("--recipient", default="", metavar="ADDR",
+                        help="the envelope recipient (Postfix pipe: ${recipient})")
+    bounce.set_defaults(handler=cmd_bounce, needs_config=False)
     user = commands.add_parser("user", help="manage the SQLite store's users")
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True,
                                         parser_class=_ArgumentParser)
@@ -6405,6 +6837,88 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
     return EX_OK
 
 
+class SenderProcesses:
+    """The extra senders of serve and worker: `worker` processes on the same spool, each
+    restarted when it dies (after 1 s, doubling to a minute while they keep dying), told to
+    stop with the parent, and ended by the kernel if the parent dies first."""
+
+    RESTART_MAX_SECONDS = 60.0
+
+    def __init__(self, count: int, argv: list[str]):
+        self.argv, self.count = argv, count
+        self.children: list[subprocess.Popen] = []
+        here = os.path.dirname(os.path.abspath(__file__))  # a folder, or the zipapp itself
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+        self._env = {**{k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY},
+                     "PYTHONPATH": path, "SYSMAIL_SENDERS": "1",
+                     "SYSMAIL_SUPERVISOR_PID": str(os.getpid())}
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="sysmail-senders", daemon=True)
+
+    def start(self) -> None:
+        """Start the processes and the thread that restarts them."""
+        self.children = [self._spawn() for _ in range(self.count)]
+        if self.children:
+            self._watcher.start()
+            log_event(logging.INFO, "senders_started", processes=self.count + 1,
+                      pids=[child.pid for child in self.children])
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.argv, env=self._env, stdin=subprocess.DEVNULL)
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.wait(0.2):
+            for index, child in enumerate(self.children):
+                if child.poll() is None or self._stopping.is_set():
+                    continue
+                log_event(logging.ERROR, "sender_died", pid=child.pid, exit_code=child.returncode,
+                          restart_in_seconds=delay)
+                if self._stopping.wait(delay):
+                    return
+                self.children[index] = self._spawn()
+                delay = min(delay * 2, self.RESTART_MAX_SECONDS)
+
+    def terminate(self) -> None:
+        """SIGTERM every process: each stops after its current message."""
+        self._stopping.set()
+        for child in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the processes, and SIGKILL those still there after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+_SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+PR_SET_PDEATHSIG = 1
+
+
+def _extra_senders(args: argparse.Namespace, config: Config) -> SenderProcesses:
+    """serve's or worker's other sender processes: SYSMAIL_SENDERS (one per core) minus this
+    one, each running `worker` with this command's --env-file."""
+    count = (config.senders or os.cpu_count() or 1) - 1
+    env_file = ["--env-file", os.path.abspath(args.env_file)] if args.env_file else []
+    return SenderProcesses(count, [sys.executable, "-m", "sysmail", *env_file, "worker"])
+
+
+def _die_with_supervisor() -> None:
+    """In a sender started by serve: end when serve ends, even by SIGKILL (Linux)."""
+    supervisor = os.environ.get("SYSMAIL_SUPERVISOR_PID", "")
+    prctl = _libc_function("prctl") if supervisor else None
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if str(os.getppid()) != supervisor:  # it died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     """Deliver queued mail: until a signal, or with --once until nothing is due."""
     if not args.once:
@@ -6423,13 +6937,18 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         return EX_OK
     with contextlib.suppress(SpoolError):
         app.spool.recover()
+    _die_with_supervisor()
+    others = _extra_senders(args, config)
     app.sending.start(on_cycle=app.notifier.heartbeat)
+    others.start()
     app.notifier.ready()
     try:
         _wait_for_stop_signal()
     finally:
         app.notifier.stopping()
+        others.terminate()
         app.sending.stop(timeout=STOP_GRACE_SECONDS + 60)
+        others.wait(timeout=STOP_GRACE_SECONDS + 2)
     return EX_OK
 
 
@@ -6539,13 +7058,48 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     """Run the HTTP API and the sender until SIGTERM or SIGINT."""
     _block_stop_signals()
     app = build_app(config)
+    others = _extra_senders(args, config)
     app.start()
+    others.start()
     try:
         _wait_for_stop_signal()
     finally:
         log_event(logging.INFO, "stopping")
+        others.terminate()
         app.stop()
+        others.wait(timeout=STOP_GRACE_SECONDS + 2)
     return EX_OK
+
+
+def cmd_bounce(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Understand one message on stdin; print it (--dry-run) or record it. A failure to
+    record it, a bad configuration included, exits 75: the MTA keeps the message and retries."""
+    raw = _read_bounded(sys.stdin.buffer, MAX_BOUNCE_BYTES)
+    report = parse_bounce(raw)
+    if args.dry_run:
+        print(json.dumps(report.as_json()) if args.json else
+              f"{report.kind} {report.status or '-'} {' '.join(report.recipients) or '-'}: "
+              f"{report.reason}")
+        return EX_OK
+    try:
+        config = Config.from_env(env)
+        _setup_logging(config.log_level)
+        envelope = bounce_envelope_recipient(raw, args.recipient)
+        build_app(config).bounces.handle(report, envelope)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the MTA must keep the message
+        _log.exception("bounce_not_recorded", extra={"fields": {}})
+        _say(f"the bounce was not recorded, try again later ({type(exc).__name__}: {exc})")
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def _read_bounded(stream: BinaryIO, limit: int) -> bytes:
+    """The first limit bytes of a stream, read to its end (a pipe's writer must not see
+    EPIPE: Postfix would call that a failed delivery)."""
+    kept = stream.read(limit)
+    while stream.read(1 << 16):
+        pass
+    return kept
 
 
 def cmd_user_add(args: argparse.Namespace, config: Config) -> int:

@@ -1007,6 +1007,7 @@ def test_metrics_in_prometheus_text_format(make_service: Callable[..., Service])
         "sysmail_http_requests": "counter",
         "sysmail_rate_limited": "counter",
         "sysmail_unrecorded": "counter",
+        "sysmail_bounces": "counter",
         "sysmail_relay_up": "gauge",
         "sysmail_relay_last_reply_age_seconds": "gauge",
         "sysmail_relay_replies": "counter",

@@ -123,8 +123,9 @@ def _wait_quiet(probe: Callable[[], object], quiet: float, timeout: float, what:
 
 
 def _env(server: SmtpServer, spool: Path) -> dict[str, str]:
+    """One sender process per worker: these tests count processes and their claims."""
     return {"SMTP_URL": server.url, "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1",
-            "SYSMAIL_SPOOL": str(spool)}
+            "SYSMAIL_SPOOL": str(spool), "SYSMAIL_SENDERS": "1"}
 
 
 def _process_env(env: dict[str, str]) -> dict[str, str]:
