@@ -108,7 +108,7 @@ def _score_mbox(messages: list[bytes], home: str) -> list[tuple[float, str]]:
     separator = b"From sysmail-test@example.com Tue Dec  1 00:00:00 2026\n"
     mbox = b"".join(separator + re.sub(rb"(?m)^(>*From )", rb">\1", m.replace(b"\r\n", b"\n"))
                     + b"\n" for m in messages)
-    command = [SPAMASSASSIN, "-L", "-t", "--mbox", "--cf=use_bayes 0",
+    command = [SPAMASSASSIN, "-L", "-t", "--mbox", "-x", "--cf=use_bayes 0",
                "--cf=bayes_auto_learn 0"]
     result = subprocess.run(command, input=mbox, capture_output=True, timeout=300, check=False,
                             env={"HOME": home, "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
