@@ -70,7 +70,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 __all__ = [
     "BULK",
@@ -362,13 +362,21 @@ def _ed25519_seed(text: str) -> bytes:
     return seed
 
 
-def _nacl_available() -> bool:
-    """True when PyNaCl, which dkimpy needs for ed25519, can be imported."""
-    try:
-        import nacl.signing  # noqa: F401
-    except ImportError:
-        return False
-    return True
+ED25519_INSTALL_HINT = ("pip install '.[ed25519]' from a checkout, or apt install "
+                        "python3-cryptography")
+FAST_HINT = "pip install '.[fast]' from a checkout, or apt install python3-cryptography"
+
+
+def _ed25519_library() -> str:
+    """The library that signs ed25519: cryptography (OpenSSL), else PyNaCl, else ""."""
+    for module, name in (("cryptography.hazmat.primitives.asymmetric.ed25519", "cryptography"),
+                         ("nacl.signing", "pynacl")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return name
+    return ""
 
 
 def _txt_record(name: str, value: str) -> str:
@@ -400,10 +408,18 @@ def _rsa_public_key_b64(pem: bytes) -> str:
 
 def _ed25519_public_key_b64(seed_b64: bytes) -> str:
     """The base64 raw public key of an ed25519 seed, for the DKIM p= tag."""
-    import nacl.signing
-
     seed = base64.b64decode(seed_b64)
-    return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
+    if _ed25519_library() == "cryptography":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        import nacl.signing
+
+        public = nacl.signing.SigningKey(seed).verify_key.encode()
+    return base64.b64encode(public).decode()
 
 
 # ---- Configuration ---- #
@@ -849,9 +865,9 @@ class _EnvReader(_EnvValues):
             self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY is neither a PEM ed25519 key "
                                  "nor the base64 of a 32-byte seed")
             return None
-        if not _nacl_available():
-            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY needs PyNaCl: "
-                                 "pip install 'sysmail[ed25519]'")
+        if not _ed25519_library():
+            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY needs the cryptography "
+                                 f"package (or PyNaCl): {ED25519_INSTALL_HINT}")
             return None
         return base64.b64encode(seed)
 
@@ -1632,7 +1648,8 @@ def _signing_backend(requested: str) -> str:
         import cryptography.hazmat.primitives.asymmetric.padding  # noqa: F401
     except ImportError:
         if requested == "openssl":
-            raise ConfigError(["OpenSSL signing needs: pip install 'sysmail[fast]'"]) from None
+            raise ConfigError([f"OpenSSL signing needs the cryptography package: {FAST_HINT}"]
+                              ) from None
         return "dkimpy"
     return "openssl"
 
@@ -6024,10 +6041,11 @@ def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     domain = env.get("SYSTEM_DOMAIN") or "YOUR_DOMAIN"
     if args.type == "ed25519":
         selector = env.get("SYSTEM_DKIM_ED25519_SELECTOR") or "ed25519"
-        seed = _ed25519_seed(_openssl(["genpkey", "-algorithm", "ed25519"]))
-        key_b64 = base64.b64encode(seed)
+        pem = _openssl(["genpkey", "-algorithm", "ed25519"])
+        key_b64 = base64.b64encode(_ed25519_seed(pem))
         print(f'SYSTEM_DKIM_ED25519_PRIVATE_KEY="{key_b64.decode()}"')
-        record = f"v=DKIM1; k=ed25519; p={_ed25519_public_key_b64(key_b64)}"
+        public_der = _openssl(["pkey", "-pubout", "-outform", "DER"], pem.encode(), text=False)
+        record = f"v=DKIM1; k=ed25519; p={base64.b64encode(public_der[-32:]).decode()}"
     else:
         if args.bits < RSA_MIN_BITS:
             raise UsageError(f"--bits must be at least {RSA_MIN_BITS}")
@@ -6041,13 +6059,14 @@ def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EX_OK
 
 
-def _openssl(args: list[str]) -> str:
+def _openssl(args: list[str], stdin: bytes = b"", text: bool = True) -> Any:
+    """The openssl command's output (str, or bytes with text=False); needs no Python library."""
     try:
-        result = subprocess.run(["openssl", *args], capture_output=True, text=True, check=True,
+        result = subprocess.run(["openssl", *args], input=stdin, capture_output=True, check=True,
                                 timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise SysmailError("keygen needs the openssl command, which failed or is missing") from exc
-    return result.stdout
+    return result.stdout.decode("ascii") if text else result.stdout
 
 
 def _setup_logging(level: int) -> None:
