@@ -5750,14 +5750,14 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=cmd_worker)
     status = commands.add_parser("status", help="queue counts and the last successful send")
     status.add_argument("--json", action="store_true")
-    status.set_defaults(handler=cmd_status)
+    status.set_defaults(handler=cmd_status, spool_only=True)
     failed = commands.add_parser("failed", help="list dead letters with their reasons")
     failed.add_argument("--json", action="store_true")
-    failed.set_defaults(handler=cmd_failed)
+    failed.set_defaults(handler=cmd_failed, spool_only=True)
     retry = commands.add_parser("retry", help="put dead letters back in the queue")
     retry.add_argument("ids", nargs="*", metavar="ID")
     retry.add_argument("--all", action="store_true")
-    retry.set_defaults(handler=cmd_retry)
+    retry.set_defaults(handler=cmd_retry, spool_only=True)
     commands.add_parser("dns", help="print the SPF, DKIM and DMARC records").set_defaults(
         handler=cmd_dns)
     keygen = commands.add_parser("keygen", help="print a new DKIM key and its DNS record")
@@ -5794,6 +5794,16 @@ def _parse_vars(pairs: list[str]) -> dict[str, str]:
             raise UsageError(f"--var takes KEY=VALUE, not {pair[:40]!r}")
         variables[key] = value
     return variables
+
+
+def _existing_spool_app(config: Config) -> App:
+    """The App of a queue command; ConfigError when there is no spool at all: a queue command
+    never makes an empty one (a spool that exists but cannot be read leaves Redis to show)."""
+    if not os.path.lexists(config.spool_dir):
+        where = config.spool_dir.absolute()
+        problem = f"there is no spool at {where} (SYSMAIL_SPOOL; serve, worker and send create it)"
+        raise ConfigError([problem])
+    return build_app(config)
 
 
 def cmd_send(args: argparse.Namespace, config: Config) -> int:
@@ -5857,7 +5867,7 @@ def _wait_for_stop_signal() -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     """Print the queue counts, the oldest message's age and the last successful send."""
-    app = build_app(config)
+    app = _existing_spool_app(config)
     spool = app.spool
     try:
         status: dict[str, object] = spool.counts()
@@ -5899,7 +5909,7 @@ def _failed_of(source: Queue) -> list[dict]:
 
 def cmd_failed(args: argparse.Namespace, config: Config) -> int:
     """List the dead letters with their reasons."""
-    letters = [letter for source in build_app(config).queues
+    letters = [letter for source in _existing_spool_app(config).queues
                for letter in _failed_of(source)]
     if args.json:
         print(json.dumps(letters))
@@ -5919,7 +5929,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     if args.all == bool(args.ids):
         raise UsageError("retry takes message ids or --all (not both)")
     ids = None if args.all else args.ids
-    moved = [i for source in build_app(config).queues for i in source.retry(ids)]
+    moved = [i for source in _existing_spool_app(config).queues for i in source.retry(ids)]
     missing = sorted(set(args.ids) - set(moved))
     print(f"requeued {len(moved)} message(s)")
     if missing:
@@ -6092,11 +6102,19 @@ def _read_env(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str
     return {**parse_env_file(text), **env}
 
 
+# what the queue commands (status, queue, show, failed, retry, delete) read: a service's env
+# file works for them even though its DKIM key comes as a systemd credential
+SPOOL_VARIABLES = ("SYSMAIL_SPOOL", "REDIS_URL", "SYSMAIL_QUEUE_KEY", "SYSMAIL_DEAD_LETTER_DAYS",
+                   "SYSMAIL_LOG_LEVEL")
+
+
 def _run(argv: list[str] | None, env: Mapping[str, str]) -> int:
     args = _build_parser().parse_args(argv)
     env = with_credentials(_read_env(args, env))
     if not getattr(args, "needs_config", True):  # keygen works without a valid environment
         return args.handler(args, env)
+    if getattr(args, "spool_only", False):
+        env = {k: v for k, v in env.items() if k in SPOOL_VARIABLES}
     config = Config.from_env(env)
     _setup_logging(config.log_level)
     return args.handler(args, config)

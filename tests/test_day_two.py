@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import dkim
+import pytest
 from conftest import REPO, Ed25519Key, SmtpServer, dkim_dns, run_cli
 
 DOMAIN = "example.com"
@@ -93,3 +94,47 @@ def test_the_extras_are_named_as_the_readme_installs_them() -> None:
     for extra in re.findall(r"pip install '\.\[(\w+)\]'", readme):
         assert extra in extras, extra
     assert "sysmail[" not in readme  # sysmail is not on PyPI: extras come from a checkout
+
+
+# --------------------------------------------------------------------------- queue commands
+# need the spool settings only
+
+QUEUE_COMMANDS = [["status"], ["failed"], ["retry", "--all"]]
+
+
+def _service_env_file(tmp_path: Path, spool: Path) -> Path:
+    """An env file like the service's: a real relay, and no DKIM key (it comes as a credential)."""
+    env_file = tmp_path / "sysmail.env"
+    env_file.write_text(f"SMTP_URL=smtp://user:secret@relay.example.com:587\n"
+                        f"SYSTEM_DOMAIN={DOMAIN}\nSYSMAIL_SPOOL={spool}\n")
+    return env_file
+
+
+@pytest.mark.parametrize("command", QUEUE_COMMANDS, ids=lambda c: c[0])
+def test_queue_commands_work_with_the_service_env_file_without_its_key(
+        tmp_path: Path, command: list[str]) -> None:
+    spool = tmp_path / "spool"
+    _ok(run_cli(["send", "--to", "ada@example.org", "--subject", "Hi", "--text", "Hi."],
+                _env(spool)))
+    env_file = _service_env_file(tmp_path, spool)
+    assert _one_sentence(run_cli(["--env-file", str(env_file), "send", "--to", "a@example.org",
+                                  "--subject", "Hi", "--text", "Hi."], {}), 78)  # needs the key
+    _ok(run_cli(["--env-file", str(env_file), *command], {}))
+
+
+@pytest.mark.parametrize("command", QUEUE_COMMANDS, ids=lambda c: c[0])
+def test_a_missing_spool_is_a_configuration_error_and_is_not_created(
+        tmp_path: Path, command: list[str]) -> None:
+    spool = tmp_path / "no" / "spool"
+    error = _one_sentence(run_cli(command, _env(spool)), 78)
+    assert str(spool) in error and len(error.strip().splitlines()) == 2, error
+    assert not (tmp_path / "no").exists()
+
+
+def test_serve_worker_and_send_create_the_spool(tmp_path: Path) -> None:
+    for number, command in enumerate([["worker", "--once"],
+                                      ["send", "--to", "a@example.org", "--subject", "S",
+                                       "--text", "T"]]):
+        spool = tmp_path / f"spool{number}"
+        _ok(run_cli(command, _env(spool), cwd=tmp_path))
+        assert (spool / "new").is_dir()
