@@ -2181,6 +2181,7 @@ class Spool:
         except FileNotFoundError:
             with contextlib.suppress(OSError):
                 stamp.touch(mode=SPOOL_FILE_MODE)
+                _give_to_folder_owner(stamp, self.root)
         except OSError:
             pass  # a broken spool must not fail a delivery that already happened
 
@@ -2264,6 +2265,7 @@ class _WakeListener:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sent it
         self._socket.bind(self._address)
         self._marker.touch(mode=SPOOL_FILE_MODE)
+        _give_to_folder_owner(self._marker, folder)
         self._on_wake = on_wake
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="sysmail-wake", daemon=True)
@@ -2326,6 +2328,19 @@ def _parse_entry(raw: bytes, name: SpoolName, key: bytes) -> SpooledMessage:
 
 def _make_private_dir(path: Path) -> None:
     path.mkdir(mode=SPOOL_DIR_MODE, parents=True, exist_ok=True)
+    if path.parent.exists() and path.stat().st_uid == 0:
+        _give_to_folder_owner(path, path.parent)
+
+
+def _give_to_folder_owner(target: int | Path | str, folder: Path | str) -> None:
+    """As root, give a file or folder just made inside someone else's folder to that folder's
+    owner: a service reads what an operator's root shell queued in its spool (a file only
+    root can read would become an "unreadable" dead letter). OSError when it cannot."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(folder)
+    if owner.st_uid or owner.st_gid:
+        os.chown(target, owner.st_uid, owner.st_gid)  # target may be an open descriptor
 
 
 def _read_regular(path: Path | str) -> bytes:
@@ -2358,6 +2373,7 @@ def _write_synced(path: Path | str, payload: bytes) -> None:
     """Create a new private file with payload and fsync it (never over an existing one)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
     try:
+        _give_to_folder_owner(fd, os.path.dirname(path))
         _write_all(fd, payload)
         os.fsync(fd)
     except BaseException:

@@ -8,8 +8,13 @@ the same name whose import fails, as it does on a machine without it.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
@@ -138,3 +143,47 @@ def test_serve_worker_and_send_create_the_spool(tmp_path: Path) -> None:
         spool = tmp_path / f"spool{number}"
         _ok(run_cli(command, _env(spool), cwd=tmp_path))
         assert (spool / "new").is_dir()
+
+
+# --------------------------------------------------------------------------- root in a service's spool
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+NOBODY = 65534
+
+
+def _as_nobody(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """sysmail run by the system Python as the unprivileged user nobody (the service's user)."""
+    command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+               str(SYSTEM_PYTHON), str(REPO / "sysmail.py"), *args]
+    return subprocess.run(command, env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def service_spool() -> Iterator[Path]:
+    """A spool the service user (nobody) made for itself, in a folder it can reach."""
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not SYSTEM_PYTHON.exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to act as two users")
+    base = Path(tempfile.mkdtemp(prefix="sysmail-service-", dir="/tmp"))
+    base.chmod(0o755)
+    state = base / "state"  # what systemd's StateDirectory= makes: the service user's own
+    state.mkdir(mode=0o700)
+    os.chown(state, NOBODY, NOBODY)
+    yield state / "spool"
+    shutil.rmtree(base)
+
+
+def test_root_queues_into_a_service_spool_what_the_service_user_can_send(
+        service_spool: Path, smtp_server: SmtpServer) -> None:
+    env = _env(service_spool, smtp_server)
+    _ok(_as_nobody(["worker", "--once"], env))  # the service starts: its spool, its user
+    assert service_spool.stat().st_uid == NOBODY
+    message_id = _ok(run_cli(["send", "--to", "ada@example.org", "--subject", "From root",
+                              "--text", "Queued by an operator."], env)).strip()  # as root
+    assert json.loads(_ok(run_cli(["status", "--json"], env)))["new"] == 1
+    owners = {(p.relative_to(service_spool), p.stat().st_uid) for p in service_spool.rglob("*")}
+    assert {uid for _, uid in owners} == {NOBODY}, owners
+    assert "sent 1" in _ok(_as_nobody(["worker", "--once"], env))
+    [received] = smtp_server.wait_for(1)
+    assert message_id.encode() in received.data
+    assert json.loads(_ok(run_cli(["failed", "--json"], env))) == []
