@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import dataclasses
 import email.header
+import email.policy
 import email.utils
 import errno
 import functools
@@ -1700,7 +1701,7 @@ SPOOL_FORMAT = b"sysmail-spool/2 "  # then the entry's MAC in hex, a space, the 
 TMP_MAX_AGE_SECONDS = 36 * 3600
 SPOOL_MIN_FREE_BYTES = 1024 * 1024
 SPOOL_DIR_MODE = 0o700
-SPOOL_FOLDERS = ("tmp", "new", "cur", "failed", "wake", "idempotency")
+SPOOL_FOLDERS = ("tmp", "new", "cur", "failed", "wake", "idempotency", "replies")
 SPOOL_FILE_MODE = 0o600
 _WAKE_PREFIX = "\0sysmail-wake-"
 
@@ -1810,8 +1811,9 @@ class Queue(Protocol):
     def ack(self, claim: Claim) -> None:
         """Forget a delivered message."""
 
-    def defer(self, claim: Claim, due: float) -> None:
-        """Put a message back for another attempt at `due` (attempt + 1)."""
+    def defer(self, claim: Claim, due: float, reply: str = "") -> None:
+        """Put a message back for another attempt at `due` (attempt + 1), keeping the relay's
+        reply for the operators' queue listing."""
 
     def release(self, claim: Claim, due: float | None = None) -> None:
         """Put a message back with its attempt unchanged, due now (or at due): its try was
@@ -2026,11 +2028,16 @@ class Spool:
     def ack(self, claim: Claim) -> None:
         """Forget a delivered message."""
         _unlink_quietly(claim.path)
+        if claim.name.attempt:  # only a deferred message has a last reply kept
+            _unlink_quietly(f"{self.root}/replies/{claim.name.id}")
 
-    def defer(self, claim: Claim, due: float) -> None:
-        """Put a message back for another attempt at `due`."""
+    def defer(self, claim: Claim, due: float, reply: str = "") -> None:
+        """Put a message back for another attempt at `due`; keep reply for `sysmail queue`."""
         name = dataclasses.replace(claim.name, due_ms=int(due * 1000),
                                    attempt=claim.name.attempt + 1)
+        if reply:
+            _write_file_atomically(self.root / "replies" / claim.name.id, reply.encode(),
+                                   self.root / "tmp")
         self._return(claim, str(name))
 
     def release(self, claim: Claim, due: float | None = None) -> None:
@@ -2049,6 +2056,7 @@ class Spool:
         self._write_reason(str(claim.name), reason)
         os.rename(claim.path, self.root / "failed" / str(claim.name))
         _fsync_dir(self.root / "failed")
+        _unlink_quietly(self.root / "replies" / claim.name.id)  # the reason has the reply
 
     def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
         """Write a dead letter for some recipients of a message whose others were served."""
@@ -2137,6 +2145,69 @@ class Spool:
             self._wakeups.notify(fresh)
             moved.append(name.id)
         return moved
+
+    # -- the operators' view: sysmail queue, show, delete -- #
+
+    def messages(self, states: tuple[str, ...] = ("new", "cur", "failed"),
+                 ) -> Iterator[tuple[str, SpoolName, Path]]:
+        """(state, name, path) of every message in the given folders."""
+        for state in states:
+            for entry in _scan(self.root / state):
+                name = None if entry.endswith(".json") else _parse_name(entry)
+                if name is not None:
+                    yield state, name, self.root / state / entry
+
+    def peek(self, name: SpoolName, path: Path) -> SpooledMessage | None:
+        """A message as stored, for an operator's eyes: not authenticated (the sender does
+        that before it sends); None when it is gone or not a queue entry."""
+        try:
+            return _entry_message(_read_regular(path)[_ENTRY_BODY_AT:], name)
+        except (OSError, SpoolError):
+            return None
+
+    def entries(self, states: tuple[str, ...] = ("new", "cur")) -> list[dict]:
+        """The messages in the given states, most urgent and soonest due first: id, state,
+        header fields, attempt, next try and the relay's last reply."""
+        rows = []
+        for state, name, path in self.messages(states):
+            message = self.peek(name, path)
+            rows.append({
+                "id": name.id, "state": "sending" if state == "cur" else state,
+                "message_id": message.message_id if message else "",
+                "kind": (message.template or "ad-hoc") if message else "unreadable",
+                "to": list(message.rcpts) if message else [],
+                "queued_at": message.queued_at if message else _id_time(name.id),
+                "attempt": name.attempt, "next_try": name.due_ms / 1000,
+                "priority": PRIORITY_NAMES.get(name.priority, str(name.priority)),
+                "last_reply": self._last_reply(name, state)})
+        return sorted(rows, key=lambda row: (row["state"] != "sending", row["priority"] != "urgent",
+                                             row["next_try"]))
+
+    def _last_reply(self, name: SpoolName, state: str) -> str:
+        try:
+            if state == "failed":
+                return self._reason(str(name)).get("reply", "")
+            return _read_regular(self.root / "replies" / name.id).decode() if name.attempt else ""
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def delete(self, ident: str) -> str:
+        """Remove a queued or dead message: "deleted"; "sending" when a worker holds it (it is
+        left alone: its SMTP transaction may be under way); "missing" when there is none."""
+        for state, name, path in self.messages():
+            if name.id != ident:
+                continue
+            if state == "cur":
+                return "sending"
+            try:
+                os.unlink(path)  # a claim renames it away first: then this fails, never both
+            except FileNotFoundError:
+                return "sending"
+            _fsync_dir(path.parent)
+            _unlink_quietly(f"{path}.json")
+            _unlink_quietly(self.root / "replies" / ident)
+            return "deleted"
+        return "missing"
 
     # -- status -- #
 
@@ -2311,9 +2382,17 @@ def _entry_mac(key: bytes, body: bytes) -> bytes:
 def _parse_entry(raw: bytes, name: SpoolName, key: bytes) -> SpooledMessage:
     """Parse a queue entry; UnauthenticatedEntry when its MAC is wrong (forged, truncated,
     or written under another key), SpoolError when it is not an entry at all."""
-    tag, mac, body = raw[:len(SPOOL_FORMAT)], raw[len(SPOOL_FORMAT):][:64], raw[81:]
+    tag, mac, body = raw[:len(SPOOL_FORMAT)], raw[len(SPOOL_FORMAT):][:64], raw[_ENTRY_BODY_AT:]
     if tag != SPOOL_FORMAT or not hmac.compare_digest(mac, _entry_mac(key, body)):
         raise UnauthenticatedEntry(f"queue entry {name.id} fails its authentication")
+    return _entry_message(body, name)
+
+
+_ENTRY_BODY_AT = len(SPOOL_FORMAT) + 64 + 1  # after the format tag, the hex MAC and a space
+
+
+def _entry_message(body: bytes, name: SpoolName) -> SpooledMessage:
+    """The message in an entry's body (JSON header line, then the bytes); SpoolError if none."""
     try:
         head, _, data = body.partition(b"\n")
         meta = json.loads(head)
@@ -2618,8 +2697,10 @@ class RedisQueue:
             pipe.execute()
         self._call(forget)
 
-    def defer(self, claim: Claim, due: float) -> None:
+    def defer(self, claim: Claim, due: float, reply: str = "") -> None:
         """Put a message back for another attempt at `due`."""
+        if reply:
+            self._call(lambda: self._redis.hset(self._key("msg", claim.name.id), "reply", reply))
         self._unclaim(claim.name.id, due, claim.name.attempt + 1, self._owner)
 
     def release(self, claim: Claim, due: float | None = None) -> None:
@@ -3745,7 +3826,7 @@ class _Settler:
             attempt = message.attempt + (0 if split else 1)
             due = self.clock() if split else verdict.reason["due"]
             if whole:
-                claim.queue.defer(claim, due)
+                claim.queue.defer(claim, due, f"{reason.get('code') or ''} {reason.get('reply') or ''}")
             else:
                 claim.queue.enqueue(message.header(verdict.rcpts), message.data,
                                     message.priority, due=due, attempt=attempt)
@@ -5674,9 +5755,11 @@ class Mailer:
     """The embedding API: enqueue system emails, and optionally run the sender in a thread.
 
         mailer = sysmail.Mailer.from_env()
-        mailer.start()                                   # background sender (optional)
         mailer.enqueue("password-reset", to="ada@example.com", reset_url=url)
-        mailer.stop()
+        mailer.flush(timeout=30)            # a script: deliver now, in this thread
+
+        mailer.start()                      # a long-running program: a sender thread instead
+        mailer.stop()                       # ends it; what is still queued stays queued
     """
 
     def __init__(self, config: Config, *, clock: Clock = time.time, app: App | None = None):
@@ -5721,8 +5804,28 @@ class Mailer:
         self.app.sending.start(on_cycle)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
+        """Stop the sender thread after its current SMTP transaction. It does not deliver what
+        is still queued: that stays in the spool for the next start, a worker or the service
+        (call flush() first to deliver it now)."""
         self.app.sending.stop(timeout)
+
+    def flush(self, timeout: float = 30.0) -> DeliveryCounts:
+        """Deliver what is queued and due, in this thread, and return the counts. Returns
+        when a pass finds nothing more to do, when the relay cannot be reached (released),
+        or once timeout seconds have passed; mail deferred by a 4xx waits for its next try."""
+        totals = DeliveryCounts()
+        deadline = time.monotonic() + timeout
+        sender = self.app.sender()
+        try:
+            while time.monotonic() < deadline:
+                counts = sender.run_once()
+                for outcome in ("sent", "deferred", "failed", "expired", "released", "paced"):
+                    totals.add(outcome, getattr(counts, outcome))
+                if counts.released or counts == DeliveryCounts():
+                    break
+        finally:
+            sender.close()
+        return totals
 
     def __enter__(self) -> Self:
         return self
@@ -5760,6 +5863,7 @@ def _build_parser() -> argparse.ArgumentParser:
     send.add_argument("--text")
     send.add_argument("--html", default="")
     send.add_argument("--urgent", action="store_true", help="ad-hoc mail goes first")
+    send.add_argument("--shared", action="store_true")
     send.set_defaults(handler=cmd_send)
     worker = commands.add_parser("worker", help="deliver queued mail")
     worker.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
@@ -5774,6 +5878,17 @@ def _build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", metavar="ID")
     retry.add_argument("--all", action="store_true")
     retry.set_defaults(handler=cmd_retry, spool_only=True)
+    mailq = commands.add_parser("queue", help="list the messages waiting or being sent (mailq)")
+    mailq.add_argument("--json", action="store_true")
+    mailq.set_defaults(handler=cmd_queue, spool_only=True)
+    show = commands.add_parser("show", help="print one message, secrets redacted (postcat)")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--raw", action="store_true")
+    show.set_defaults(handler=cmd_show, spool_only=True)
+    delete = commands.add_parser("delete", help="delete messages from the queue (postsuper -d)")
+    delete.add_argument("ids", nargs="*", metavar="ID")
+    delete.add_argument("--all-failed", action="store_true")
+    delete.set_defaults(handler=cmd_delete, spool_only=True)
     commands.add_parser("dns", help="print the SPF, DKIM and DMARC records").set_defaults(
         handler=cmd_dns)
     keygen = commands.add_parser("keygen", help="print a new DKIM key and its DNS record")
@@ -5823,19 +5938,27 @@ def _existing_spool_app(config: Config) -> App:
 
 
 def cmd_send(args: argparse.Namespace, config: Config) -> int:
-    """Queue one mail (template or ad hoc) and print its Message-ID."""
-    mailer = build_app(config).enqueuer
-    if args.template:
-        if args.subject or args.text or args.html:
-            raise UsageError("--template cannot be combined with --subject, --text or --html")
-        message_id = mailer.enqueue_template(args.template, args.to, _parse_vars(args.var))
-    elif args.subject is None or args.text is None:
+    """Queue a mail per recipient (one shared mail with --shared); print each Message-ID.
+
+    System mail never shows one user's address to another: several --to make several mails."""
+    if args.template and (args.subject or args.text or args.html):
+        raise UsageError("--template cannot be combined with --subject, --text or --html")
+    if not args.template and (args.subject is None or args.text is None):
         raise UsageError("send needs --template NAME, or --subject and --text")
-    else:
-        priority = URGENT if args.urgent else BULK
-        message_id = mailer.enqueue_message(args.to, args.subject, args.text, args.html,
-                                            priority=priority)
-    print(message_id)
+    if args.text == "-" and args.html == "-":
+        raise UsageError("only one of --text and --html can read standard input")
+    text, html = (sys.stdin.read() if part == "-" else part for part in (args.text, args.html))
+    variables = _parse_vars(args.var)
+    for address in args.to:  # every address checked first: none is queued if one is wrong
+        validate_address(address)
+    mailer = build_app(config).enqueuer
+    for to in [args.to] if args.shared else [[address] for address in args.to]:
+        if args.template:
+            message_id = mailer.enqueue_template(args.template, to, variables)
+        else:
+            message_id = mailer.enqueue_message(to, args.subject, text, html,
+                                                priority=URGENT if args.urgent else BULK)
+        print(message_id, flush=True)
     return EX_OK
 
 
@@ -5944,12 +6067,119 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     """Put dead letters back in the queue."""
     if args.all == bool(args.ids):
         raise UsageError("retry takes message ids or --all (not both)")
-    ids = None if args.all else args.ids
-    moved = [i for source in _existing_spool_app(config).queues for i in source.retry(ids)]
-    missing = sorted(set(args.ids) - set(moved))
+    queues = _existing_spool_app(config).queues
+    letters = [letter for source in queues for letter in _failed_of(source)]
+    named = {key: [letter["id"] for letter in letters if key == letter["id"]
+                   or _same_message_id(key, letter.get("rfcMessageId", ""))] for key in args.ids}
+    ids = None if args.all else [ident for found in named.values() for ident in found]
+    moved = [i for source in queues for i in source.retry(ids)]
+    missing = [key for key, found in named.items() if not set(found) & set(moved)]
     print(f"requeued {len(moved)} message(s)")
     if missing:
         raise MessageError(f"no failed message with id {missing[0]}")
+    return EX_OK
+
+
+def _same_message_id(key: str, message_id: str) -> bool:
+    """True when key is message_id, with or without its angle brackets."""
+    return bool(message_id) and key.strip("<>") == message_id.strip("<>")
+
+
+def _spool_matches(spool: Spool, key: str,
+                   states: tuple[str, ...] = ("new", "cur", "failed")) -> list[tuple]:
+    """(state, name, path) of the spool's messages that key names: the internal id, or the
+    Message-ID that send printed (one message may have several entries after a split)."""
+    if "@" not in key:
+        return [found for found in spool.messages(states) if found[1].id == key]
+    return [(state, name, path) for state, name, path in spool.messages(states)
+            if (message := spool.peek(name, path)) and _same_message_id(key, message.message_id)]
+
+
+def cmd_queue(args: argparse.Namespace, config: Config) -> int:
+    """List the messages waiting or being sent, like mailq."""
+    rows = _existing_spool_app(config).spool.entries()
+    if args.json:
+        print(json.dumps(rows))
+        return EX_OK
+    if not rows:
+        print("the queue is empty")
+        return EX_OK
+    now = time.time()
+    _print_table(("ID", "MESSAGE-ID", "KIND", "TO", "AGE", "ATTEMPT", "NEXT TRY", "LAST REPLY"),
+                 [(row["id"], row["message_id"], row["kind"], ", ".join(row["to"]),
+                   _duration(now - row["queued_at"]), str(row["attempt"]), _next_try(row, now),
+                   row["last_reply"] or "-") for row in rows])
+    return EX_OK
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns aligned to their widest cell, two spaces apart."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _duration(seconds: float) -> str:
+    """12s, 5m, 3h, 2d: a duration as an operator reads it at a glance."""
+    for unit, size in (("d", DAY_SECONDS), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(int(seconds), 0)}s"
+
+
+def _next_try(row: dict, now: float) -> str:
+    if row["state"] == "sending":
+        return "sending"
+    return "now" if row["next_try"] <= now else f"in {_duration(row['next_try'] - now)}"
+
+
+def cmd_show(args: argparse.Namespace, config: Config) -> int:
+    """Print one message: its queue facts, headers and text; secrets redacted unless --raw."""
+    spool = _existing_spool_app(config).spool
+    found = _spool_matches(spool, args.id)
+    if not found:
+        raise MessageError(f"no message with id {args.id} in the spool {spool.root}")
+    state, name, path = found[0]
+    message = spool.peek(name, path)
+    if message is None:
+        raise MessageError(f"message {name.id} cannot be read (gone, or not a queue entry)")
+    if args.raw:
+        sys.stdout.buffer.write(message.data)
+        return EX_OK
+    secret = _carries_secret(message)  # a reset link or code: shown only with --raw
+    print(f"id: {name.id}  state: {'sending' if state == 'cur' else state}  attempt: "
+          f"{name.attempt}  envelope: {message.mail_from} -> {', '.join(message.rcpts)}")
+    parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+    for header, value in parsed.items():
+        if not secret or header.lower().encode() in _REDACTED_KEEPS:
+            print(f"{header}: {value}")
+    print()
+    text = parsed.get_body(("plain",))
+    if secret:
+        print(f"(subject and body hidden: this {message.template} mail carries a one-time link "
+              "or code; sysmail show --raw prints it)")
+    else:
+        print(text.get_content().rstrip("\n") if text is not None else "(no text part)")
+    return EX_OK
+
+
+def cmd_delete(args: argparse.Namespace, config: Config) -> int:
+    """Delete queued or dead messages (by id or Message-ID), or every dead letter."""
+    if args.all_failed == bool(args.ids):
+        raise UsageError("delete takes message ids or --all-failed (not both)")
+    spool = _existing_spool_app(config).spool
+    named = {key: [name.id for _, name, _ in _spool_matches(spool, key)] for key in args.ids}
+    if args.all_failed:
+        named = {"--all-failed": [name.id for _, name, _ in spool.messages(("failed",))]}
+    outcomes = {ident: spool.delete(ident) for found in named.values() for ident in found}
+    print(f"deleted {sum(o == 'deleted' for o in outcomes.values())} message(s)")
+    busy = [ident for ident, outcome in outcomes.items() if outcome == "sending"]
+    if busy:
+        raise SpoolError(f"message {busy[0]} is being sent right now and was left alone; "
+                         "delete it again once it is settled (sysmail queue)")
+    missing = [key for key, found in named.items() if not found and key != "--all-failed"]
+    if missing:
+        raise MessageError(f"no message with id {missing[0]} in the spool {spool.root}")
     return EX_OK
 
 

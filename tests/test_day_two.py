@@ -19,7 +19,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from conftest import REPO, Ed25519Key, SmtpServer, dkim_dns, run_cli
+from conftest import REPO, Ed25519Key, SmtpServer, dkim_dns, run_cli, run_python
 
 DOMAIN = "example.com"
 
@@ -104,7 +104,8 @@ def test_the_extras_are_named_as_the_readme_installs_them() -> None:
 # --------------------------------------------------------------------------- queue commands
 # need the spool settings only
 
-QUEUE_COMMANDS = [["status"], ["failed"], ["retry", "--all"]]
+QUEUE_COMMANDS = [["status"], ["queue"], ["show", "{id}"], ["failed"], ["retry", "--all"],
+                  ["delete", "--all-failed"]]
 
 
 def _service_env_file(tmp_path: Path, spool: Path) -> Path:
@@ -119,12 +120,13 @@ def _service_env_file(tmp_path: Path, spool: Path) -> Path:
 def test_queue_commands_work_with_the_service_env_file_without_its_key(
         tmp_path: Path, command: list[str]) -> None:
     spool = tmp_path / "spool"
-    _ok(run_cli(["send", "--to", "ada@example.org", "--subject", "Hi", "--text", "Hi."],
-                _env(spool)))
+    message_id = _ok(run_cli(["send", "--to", "ada@example.org", "--subject", "Hi", "--text",
+                              "Hi."], _env(spool))).strip()
     env_file = _service_env_file(tmp_path, spool)
     assert _one_sentence(run_cli(["--env-file", str(env_file), "send", "--to", "a@example.org",
                                   "--subject", "Hi", "--text", "Hi."], {}), 78)  # needs the key
-    _ok(run_cli(["--env-file", str(env_file), *command], {}))
+    argv = [arg.format(id=message_id) for arg in command]
+    _ok(run_cli(["--env-file", str(env_file), *argv], {}))
 
 
 @pytest.mark.parametrize("command", QUEUE_COMMANDS, ids=lambda c: c[0])
@@ -187,3 +189,184 @@ def test_root_queues_into_a_service_spool_what_the_service_user_can_send(
     [received] = smtp_server.wait_for(1)
     assert message_id.encode() in received.data
     assert json.loads(_ok(run_cli(["failed", "--json"], env))) == []
+
+
+# --------------------------------------------------------------------------- queue, show, delete
+
+
+def _send(env: dict[str, str], to: str, *more: str) -> str:
+    """`sysmail send` an ad-hoc mail (or with more options); the Message-ID it printed."""
+    options = list(more) or ["--subject", f"For {to}", "--text", f"Hello {to}."]
+    return _ok(run_cli(["send", "--to", to, *options], env)).strip()
+
+
+def _queue(env: dict[str, str]) -> list[dict]:
+    return json.loads(_ok(run_cli(["queue", "--json"], env)))
+
+
+@pytest.fixture
+def operated(tmp_path: Path, smtp_server: SmtpServer) -> tuple[dict[str, str], dict[str, str]]:
+    """A spool after one worker pass: a deferral (451), a dead letter (550), one sent, one
+    queued after the pass; returns the env and the Message-IDs by role."""
+    env = _env(tmp_path / "spool", smtp_server, SYSMAIL_RETRY_SCHEDULE="1h")
+    smtp_server.sink.refuse_rcpt({"busy@example.org": "451 4.2.1 Mailbox busy, try later",
+                                  "gone@example.org": "550 5.1.1 No such user"})
+    ids = {role: _send(env, f"{role}@example.org") for role in ("busy", "gone", "ok")}
+    assert "sent 1, deferred 1, failed 1" in _ok(run_cli(["worker", "--once"], env))
+    ids["code"] = _send(env, "code@example.org", "--template", "two-factor-code",
+                        "--var", "code=918273")
+    return env, ids
+
+
+def test_queue_lists_what_waits_like_mailq(operated: tuple) -> None:
+    env, ids = operated
+    rows = {row["message_id"]: row for row in _queue(env)}
+    assert set(rows) == {ids["busy"], ids["code"]}  # sent and dead ones are not queued
+    busy, code = rows[ids["busy"]], rows[ids["code"]]
+    assert (busy["kind"], busy["to"], busy["attempt"]) == ("ad-hoc", ["busy@example.org"], 1)
+    assert busy["last_reply"] == "451 4.2.1 Mailbox busy, try later"
+    assert (code["kind"], code["attempt"], code["last_reply"]) == ("two-factor-code", 0, "")
+    table = _ok(run_cli(["queue"], env)).splitlines()
+    assert table[0].split() == ["ID", "MESSAGE-ID", "KIND", "TO", "AGE", "ATTEMPT", "NEXT",
+                                "TRY", "LAST", "REPLY"]
+    [busy_line] = [line for line in table if ids["busy"] in line]
+    assert busy["id"] in busy_line and re.search(r" in (\d\dm|1h) ", busy_line)  # 1h ± 20 %
+    assert busy_line.endswith("451 4.2.1 Mailbox busy, try later")
+    [code_line] = [line for line in table if ids["code"] in line]
+    assert code_line.split()[-3:] == ["0", "now", "-"]
+    assert table[1].startswith(code["id"])  # urgent mail is listed (and sent) first
+
+
+def test_show_prints_headers_and_text_and_hides_a_code_unless_raw(operated: tuple) -> None:
+    env, ids = operated
+    shown = _ok(run_cli(["show", ids["busy"]], env))
+    assert "Subject: For busy@example.org" in shown and "Hello busy@example.org." in shown
+    assert "state: new  attempt: 1" in shown
+    by_id = _queue(env)
+    [code_id] = [row["id"] for row in by_id if row["message_id"] == ids["code"]]
+    hidden = _ok(run_cli(["show", code_id], env))
+    assert ids["code"] in hidden and "918273" not in hidden and "--raw" in hidden
+    assert "918273" in _ok(run_cli(["show", "--raw", ids["code"].strip("<>")], env))
+    assert "Subject: For gone@example.org" in _ok(run_cli(["show", ids["gone"]], env))
+    missing = _one_sentence(run_cli(["show", "nosuchid"], env), 65)
+    assert "no message with id nosuchid" in missing
+
+
+def test_retry_and_delete_take_the_message_id_that_send_printed(operated: tuple) -> None:
+    env, ids = operated
+    assert "requeued 1 message(s)" in _ok(run_cli(["retry", ids["gone"]], env))
+    assert ids["gone"] in {row["message_id"] for row in _queue(env)}
+    assert "deleted 2 message(s)" in _ok(run_cli(["delete", ids["gone"], ids["busy"]], env))
+    assert [row["message_id"] for row in _queue(env)] == [ids["code"]]
+    _one_sentence(run_cli(["delete", ids["gone"]], env), 65)
+    status = json.loads(_ok(run_cli(["status", "--json"], env)))
+    assert (status["new"], status["deferred"], status["failed"]) == (1, 0, 0)
+
+
+def test_delete_all_failed_empties_the_dead_letters_only(operated: tuple) -> None:
+    env, ids = operated
+    assert [letter["rfcMessageId"] for letter in json.loads(
+        _ok(run_cli(["failed", "--json"], env)))] == [ids["gone"]]
+    assert "deleted 1 message(s)" in _ok(run_cli(["delete", "--all-failed"], env))
+    assert json.loads(_ok(run_cli(["failed", "--json"], env))) == []
+    assert len(_queue(env)) == 2
+    _one_sentence(run_cli(["delete", "--all-failed", "abc"], env), 64)
+
+
+def test_delete_leaves_a_message_that_a_worker_is_sending_alone(operated: tuple) -> None:
+    """A claim in cur/ held by a live process is under way: deleting it would race its SMTP
+    transaction (and its settling rename), so delete refuses it (75) and it stays whole."""
+    import sysmail
+
+    env, ids = operated
+    spool = Path(env["SYSMAIL_SPOOL"])
+    [busy] = [row["id"] for row in _queue(env) if row["message_id"] == ids["busy"]]
+    [entry] = [e for e in os.listdir(spool / "new") if e.endswith(busy)]
+    claimed = spool / "cur" / f"{entry}.{sysmail._process_token(os.getpid())}"
+    os.rename(spool / "new" / entry, claimed)  # this live process claims it, as a worker does
+    assert [r["state"] for r in _queue(env) if r["message_id"] == ids["busy"]] == ["sending"]
+    error = _one_sentence(run_cli(["delete", ids["busy"]], env), 75)
+    assert "being sent right now" in error
+    assert claimed.exists()
+    os.rename(claimed, spool / "new" / entry)  # the worker settles it: back in new/
+    assert "deleted 1 message(s)" in _ok(run_cli(["delete", ids["busy"]], env))
+
+
+# --------------------------------------------------------------------------- send
+
+
+def test_send_to_several_makes_one_mail_per_recipient_unless_shared(
+        tmp_path: Path, smtp_server: SmtpServer) -> None:
+    env = _env(tmp_path / "spool", smtp_server)
+    printed = _ok(run_cli(["send", "--to", "ada@example.org", "--to", "bob@example.org",
+                           "--template", "security-alert", "--var", "event=New sign-in"], env))
+    assert len(set(printed.split())) == 2
+    shared = _ok(run_cli(["send", "--to", "ops1@example.org", "--to", "ops2@example.org",
+                          "--shared", "--subject", "Export", "--text", "Done."], env)).split()
+    assert len(shared) == 1
+    assert "sent 3" in _ok(run_cli(["worker", "--once"], env))
+    received = smtp_server.wait_for(3)
+    alerts = [r for r in received if r.rcpt_tos != ["ops1@example.org", "ops2@example.org"]]
+    assert sorted(r.rcpt_tos[0] for r in alerts) == ["ada@example.org", "bob@example.org"]
+    for alert in alerts:  # no user sees another's address
+        other = "bob" if alert.rcpt_tos == ["ada@example.org"] else "ada"
+        assert len(alert.rcpt_tos) == 1 and f"{other}@example.org".encode() not in alert.data
+    bad = _one_sentence(run_cli(["send", "--to", "ok@example.org", "--to", "not an address",
+                                 "--subject", "S", "--text", "T"], env), 65)
+    assert "address" in bad
+    assert _queue(env) == []  # none was queued, not even the good one
+
+
+def test_send_reads_the_text_or_the_html_from_standard_input(
+        tmp_path: Path, smtp_server: SmtpServer) -> None:
+    env = _env(tmp_path / "spool", smtp_server)
+    report = "Nightly export: 14 files.\nAll checks passed.\n"
+    _ok(run_cli(["send", "--to", "ops@example.org", "--subject", "Export", "--text", "-"], env,
+                input=report))
+    _ok(run_cli(["send", "--to", "ops@example.org", "--subject", "Export", "--text", "See HTML",
+                 "--html", "-"], env, input="<p>Nightly <b>export</b></p>"))
+    both = _one_sentence(run_cli(["send", "--to", "ops@example.org", "--subject", "S",
+                                  "--text", "-", "--html", "-"], env, input="x"), 64)
+    assert "standard input" in both
+    _ok(run_cli(["worker", "--once"], env))
+    text, html = sorted(smtp_server.wait_for(2), key=lambda r: b"text/html" in r.data)
+    assert b"Nightly export: 14 files.\r\nAll checks passed." in text.data
+    assert b"<b>export</b>" in html.data
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def _readme_block(section: str, language: str) -> str:
+    """The first ```language block of a README section, exactly as written."""
+    readme = (REPO / "README.md").read_text()
+    text = readme[readme.index(f"\n## {section}\n"):]
+    return text.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_embedding_example_run_verbatim_delivers_its_mail(
+        tmp_path: Path, smtp_server: SmtpServer) -> None:
+    example = tmp_path / "example.py"
+    example.write_text(_readme_block("Embedding", "python"))
+    env = _env(tmp_path / "spool", smtp_server, PYTHONPATH=str(REPO))
+    printed = _ok(run_python(example, [], env, cwd=tmp_path))
+    assert printed.strip() == "sent 2, deferred 0, failed 0, expired 0, released 0"
+    received = smtp_server.wait_for(2)
+    assert sorted(r.rcpt_tos[0] for r in received) == ["ada@example.com", "ops@example.com"]
+    assert _queue(env) == []
+
+
+def test_flush_returns_at_once_with_the_mail_queued_when_the_relay_is_down(
+        tmp_path: Path, smtp_server: SmtpServer) -> None:
+    import sysmail
+
+    smtp_server.stop()
+    config = sysmail.Config.from_env(_env(tmp_path / "spool", smtp_server))
+    mailer = sysmail.Mailer(config)
+    mailer.enqueue_message("ada@example.org", "Hi", "Hello.")
+    counts = mailer.flush(timeout=30)
+    assert (counts.sent, counts.released) == (0, 1)
+    assert mailer.spool.counts()["new"] == 1
+    smtp_server.start()  # a new program (this one's relay backoff would hold it a while)
+    assert sysmail.Mailer(config).flush(timeout=30).sent == 1
+    assert smtp_server.wait_for(1)[0].rcpt_tos == ["ada@example.org"]
