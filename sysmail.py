@@ -32,11 +32,13 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import difflib
 import email.header
 import email.policy
 import email.utils
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -72,6 +74,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
+
+__version__ = "0.1.0"
 
 __all__ = [
     "BULK",
@@ -937,6 +941,22 @@ def environment_help() -> str:
     return "\n".join(lines)
 
 
+def lookalike_variables(env: Mapping[str, str]) -> list[str]:
+    """Warnings for variables that look like sysmail's but are not (SYSTEM_DOMIAN): a typo
+    there would otherwise leave a setting at its default without a word."""
+    names = [variable for variable, _, _ in ENVIRONMENT]
+    warnings = []
+    for key in sorted(set(env) - set(names)):
+        if key.startswith("SYSMAIL_RETRY_SCHEDULE_"):
+            continue  # per kind; Config reports a kind that does not exist
+        guess = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+        if guess:
+            warnings.append(f"{key} is not a sysmail variable: did you mean {guess[0]}?")
+        elif key.startswith(("SYSMAIL_", "SYSTEM_")):
+            warnings.append(f"{key} is not a sysmail variable (sysmail --help lists them)")
+    return warnings
+
+
 def _shown_default(name: str, value: object) -> str:
     if name == "log_level":
         return logging.getLevelName(value).lower()
@@ -1347,17 +1367,39 @@ def load_templates(folder: Path | None) -> dict[str, Template]:
     """Return the built-in templates with NAME.subject/.txt/.html files in folder overriding parts."""
     if folder is None:
         return dict(TEMPLATES)
-    suffixes = {"subject": ".subject", "text": ".txt", "html": ".html"}
     templates = {}
     for name, template in TEMPLATES.items():
         parts = {}
-        for part, suffix in suffixes.items():
+        for part, suffix in TEMPLATE_SUFFIXES.items():
             path = folder / f"{name}{suffix}"
             if path.is_file():
                 parts[part] = path.read_text(encoding="utf-8").strip("\n") if part == "subject" \
                     else path.read_text(encoding="utf-8")
         templates[name] = dataclasses.replace(template, **parts)
     return templates
+
+
+TEMPLATE_SUFFIXES = {"subject": ".subject", "text": ".txt", "html": ".html"}
+BRAND_VARIABLES = ("brand", "domain")
+
+
+def template_problems(folder: Path) -> list[str]:
+    """What is wrong in a folder of overrides: a file that overrides nothing (a misspelled
+    name) and a ${variable} that its template does not have."""
+    known = {f"{name}{suffix}": name for name in TEMPLATES for suffix in TEMPLATE_SUFFIXES.values()}
+    problems = []
+    for path in sorted(folder.iterdir()):
+        name = known.get(path.name)
+        if name is None:
+            guess = difflib.get_close_matches(path.name, known, n=1)
+            hint = f"did you mean {guess[0]}?" if guess else "names are TEMPLATE.subject, .txt, .html"
+            problems.append(f"SYSMAIL_TEMPLATES: {path.name} overrides no template ({hint})")
+            continue
+        allowed = (*TEMPLATES[name].variables, *BRAND_VARIABLES)
+        used = _compiled(path.read_text(encoding="utf-8", errors="replace")).names
+        problems += [f"SYSMAIL_TEMPLATES: {path.name} uses ${{{var}}}, which {name} does not "
+                     f"have (it has {', '.join(allowed)})" for var in sorted(used - set(allowed))]
+    return problems
 
 
 def render(template: Template, variables: Mapping[str, object], brand: Mapping[str, str]) -> Rendered:
@@ -1653,6 +1695,14 @@ def _signing_backend(requested: str) -> str:
                               ) from None
         return "dkimpy"
     return "openssl"
+
+
+def signing_backend_note(backend: str) -> str:
+    """Which code signs, and why: for check and the sender's startup log line."""
+    if backend == "openssl":
+        return "OpenSSL (the cryptography package is installed)"
+    return ("pure Python (dkimpy), as the cryptography package is not installed; for OpenSSL, "
+            f"about 11x faster: {FAST_HINT}")
 
 
 def _rsa_signer(pem: bytes, backend: str) -> Callable[[bytes], bytes]:
@@ -3028,6 +3078,10 @@ class SmtpTransport:
             self._smtp = self._connect()
         except smtplib.SMTPAuthenticationError as exc:
             raise RelayUnavailable("the relay refused the SMTP credentials", exc.smtp_code) from None
+        except smtplib.SMTPNotSupportedError:
+            raise RelayUnavailable(f"reached the relay {self.url.host}:{self.url.port}, but it "
+                                   "offers no STARTTLS (smtps:// for implicit TLS; smtp+plain:// "
+                                   "only for a loopback relay)") from None
         except (OSError, smtplib.SMTPException) as exc:
             raise RelayUnavailable(f"cannot reach the relay {self.url.host}:{self.url.port}: "
                                    f"{_reply_text(str(exc))}") from None
@@ -3922,7 +3976,9 @@ class Sender:
         self._stop = stop
         listener = self.spool.listen(self.wake)
         log_event(logging.INFO, "sender_started", spool=str(self.spool.root),
-                  transport=repr(self.transport), signing=self.signer is not None)
+                  transport=repr(self.transport), signing=self.signer is not None,
+                  signing_backend=signing_backend_note(self.signer.backend) if self.signer
+                  else "unsigned")
         try:
             while not stop.is_set():
                 self._cycle()
@@ -5851,70 +5907,138 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="sysmail", description="Queue and send system emails.",
                              epilog="environment:\n" + environment_help(),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sysmail {__version__}")
     parser.add_argument("--env-file", metavar="FILE",
                         help="read variables from a systemd EnvironmentFile (the environment wins)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=_ArgumentParser)
-    send = commands.add_parser("send", help="queue one mail and print its Message-ID")
-    send.add_argument("--to", action="append", required=True, metavar="ADDR")
-    send.add_argument("--template", metavar="NAME")
-    send.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
-    send.add_argument("--subject")
-    send.add_argument("--text")
-    send.add_argument("--html", default="")
-    send.add_argument("--urgent", action="store_true", help="ad-hoc mail goes first")
-    send.add_argument("--shared", action="store_true")
-    send.set_defaults(handler=cmd_send)
-    worker = commands.add_parser("worker", help="deliver queued mail")
+    _add_mail_commands(commands)
+    _add_queue_commands(commands)
+    _add_setup_commands(commands)
+    _add_user_commands(commands)
+    return parser
+
+
+def _command(commands: argparse._SubParsersAction, name: str, summary: str,
+             examples: list[str], extra: str = "", **defaults: object) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and ends with examples (after extra)."""
+    epilog = (f"{extra}\n\n" if extra else "") + "examples:\n" + "\n".join(
+        f"  {example}" for example in examples)
+    command = commands.add_parser(name, help=summary, description=f"{summary[0].upper()}"
+                                  f"{summary[1:]}.", epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.set_defaults(**defaults)
+    return command
+
+
+def _templates_help() -> str:
+    """The templates and their variables, for the --help of send and preview."""
+    lines = ["templates (required variables, then [optional ones]):"]
+    for name, template in TEMPLATES.items():
+        optional = " ".join(v for v in template.variables if v not in template.required)
+        lines.append(f"  {name:22} {' '.join(template.required)}"
+                     + (f" [{optional}]" if optional else ""))
+    return "\n".join(lines)
+
+
+def _add_mail_commands(commands: argparse._SubParsersAction) -> None:
+    send = _command(commands, "send", "queue a mail per recipient and print each Message-ID", [
+        "sysmail send --to ada@example.com --template two-factor-code --var code=123456",
+        "make report | sysmail send --to ops@example.com --subject 'Nightly export' --text -"],
+        _templates_help(), handler=cmd_send)
+    send.add_argument("--to", action="append", required=True, metavar="ADDR",
+                      help="a recipient; several --to make one mail each")
+    send.add_argument("--shared", action="store_true",
+                      help="one mail to every --to instead (each sees the others' addresses)")
+    send.add_argument("--template", metavar="NAME", help="a template (listed below)")
+    send.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                      help="a template variable; repeat for each")
+    send.add_argument("--subject", help="subject of an ad-hoc mail (without --template)")
+    send.add_argument("--text", help="its plain text; - reads standard input")
+    send.add_argument("--html", default="", help="an optional HTML part; - reads standard input")
+    send.add_argument("--urgent", action="store_true",
+                      help="ad-hoc mail goes first, with the sign-in codes (default: bulk)")
+    preview = _command(commands, "preview", "print a template rendered with sample values", [
+        "sysmail preview password-reset",
+        "sysmail preview two-factor-code --var code=424242 --part text"],
+        _templates_help(), handler=cmd_preview)
+    preview.add_argument("template", metavar="TEMPLATE", help="the template's name")
+    preview.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                         help="a variable instead of its sample value; repeat for each")
+    preview.add_argument("--part", choices=("message", "text", "html"), default="message",
+                         help="the whole message (default), or only its text or HTML part")
+    _command(commands, "serve", "run the HTTP API and the sender until SIGTERM (SYSMAIL_LISTEN)",
+             ["sysmail serve", "sysmail --env-file /etc/sysmail/sysmail.env serve"],
+             handler=cmd_serve)
+    worker = _command(commands, "worker", "deliver queued mail until SIGTERM", [
+        "sysmail worker", "sysmail worker --once"], handler=cmd_worker)
     worker.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
-    worker.set_defaults(handler=cmd_worker)
-    status = commands.add_parser("status", help="queue counts and the last successful send")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(handler=cmd_status, spool_only=True)
-    failed = commands.add_parser("failed", help="list dead letters with their reasons")
-    failed.add_argument("--json", action="store_true")
-    failed.set_defaults(handler=cmd_failed, spool_only=True)
-    retry = commands.add_parser("retry", help="put dead letters back in the queue")
-    retry.add_argument("ids", nargs="*", metavar="ID")
-    retry.add_argument("--all", action="store_true")
-    retry.set_defaults(handler=cmd_retry, spool_only=True)
-    mailq = commands.add_parser("queue", help="list the messages waiting or being sent (mailq)")
-    mailq.add_argument("--json", action="store_true")
-    mailq.set_defaults(handler=cmd_queue, spool_only=True)
-    show = commands.add_parser("show", help="print one message, secrets redacted (postcat)")
-    show.add_argument("id", metavar="ID")
-    show.add_argument("--raw", action="store_true")
-    show.set_defaults(handler=cmd_show, spool_only=True)
-    delete = commands.add_parser("delete", help="delete messages from the queue (postsuper -d)")
-    delete.add_argument("ids", nargs="*", metavar="ID")
-    delete.add_argument("--all-failed", action="store_true")
-    delete.set_defaults(handler=cmd_delete, spool_only=True)
-    commands.add_parser("dns", help="print the SPF, DKIM and DMARC records").set_defaults(
-        handler=cmd_dns)
-    keygen = commands.add_parser("keygen", help="print a new DKIM key and its DNS record")
-    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
-    keygen.add_argument("--bits", type=int, default=2048)
-    keygen.set_defaults(handler=cmd_keygen, needs_config=False)
-    commands.add_parser("check", help="validate the configuration and probe the relay"
-                        ).set_defaults(handler=cmd_check)
-    preview = commands.add_parser("preview", help="print a rendered template")
-    preview.add_argument("template", metavar="TEMPLATE")
-    preview.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
-    preview.add_argument("--part", choices=("message", "text", "html"), default="message")
-    preview.set_defaults(handler=cmd_preview)
-    commands.add_parser("serve", help="run the HTTP API and the sender (SYSMAIL_LISTEN)"
-                        ).set_defaults(handler=cmd_serve)
-    user = commands.add_parser("user", help="manage the SQLite store's users")
+
+
+def _add_queue_commands(commands: argparse._SubParsersAction) -> None:
+    ops = "sysmail --env-file /etc/sysmail/sysmail.env"
+    json_help = "print JSON instead of a table"
+    status = _command(commands, "status", "queue counts, the oldest message and the last send",
+                      [f"{ops} status", "sysmail status --json"], handler=cmd_status,
+                      spool_only=True)
+    status.add_argument("--json", action="store_true", help=json_help)
+    mailq = _command(commands, "queue", "list the messages waiting or being sent, like mailq",
+                     [f"{ops} queue", "sysmail queue --json"], handler=cmd_queue, spool_only=True)
+    mailq.add_argument("--json", action="store_true", help=json_help)
+    show = _command(commands, "show", "print one message's headers and text, like postcat", [
+        "sysmail show '<1733011200000.5f2c@example.com>'", "sysmail show 6618a5a263ab --raw"],
+        handler=cmd_show, spool_only=True)
+    show.add_argument("id", metavar="ID", help="the internal id, or the Message-ID send printed")
+    show.add_argument("--raw", action="store_true",
+                      help="the message as stored, a reset link or code included")
+    failed = _command(commands, "failed", "list the dead letters with their reasons", [
+        f"{ops} failed", "sysmail failed --json"], handler=cmd_failed, spool_only=True)
+    failed.add_argument("--json", action="store_true", help=json_help)
+    retry = _command(commands, "retry", "put dead letters back in the queue, due now", [
+        "sysmail retry --all", "sysmail retry '<1733011200000.5f2c@example.com>'"],
+        handler=cmd_retry, spool_only=True)
+    retry.add_argument("ids", nargs="*", metavar="ID",
+                       help="internal ids or Message-IDs (see sysmail failed)")
+    retry.add_argument("--all", action="store_true", help="every dead letter that can be retried")
+    delete = _command(commands, "delete", "delete queued messages or dead letters, like "
+                      "postsuper -d", ["sysmail delete '<1733011200000.5f2c@example.com>'",
+                                       "sysmail delete --all-failed"],
+                      handler=cmd_delete, spool_only=True)
+    delete.add_argument("ids", nargs="*", metavar="ID",
+                        help="internal ids or Message-IDs (see sysmail queue)")
+    delete.add_argument("--all-failed", action="store_true", help="every dead letter")
+
+
+def _add_setup_commands(commands: argparse._SubParsersAction) -> None:
+    _command(commands, "check", "validate the configuration and templates, probe the relay", [
+        "sysmail check", "sysmail --env-file /etc/sysmail/sysmail.env check"], handler=cmd_check)
+    _command(commands, "dns", "print the SPF, DKIM and DMARC records to publish", [
+        "sysmail dns", "SYSTEM_DOMAIN=example.com sysmail dns"], handler=cmd_dns)
+    keygen = _command(commands, "keygen", "make a DKIM key: an env line, or a file, and its "
+                      "DNS record", ["SYSTEM_DOMAIN=example.com sysmail keygen",
+                                     "sysmail keygen --out /etc/sysmail/dkim.pem"],
+                      handler=cmd_keygen, needs_config=False)
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (default; every receiver checks it) or ed25519 (a second one)")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--out", metavar="FILE",
+                        help="also write the key as a PEM file, mode 0600, for LoadCredential=")
+
+
+def _add_user_commands(commands: argparse._SubParsersAction) -> None:
+    user = _command(commands, "user", "manage the SQLite store's users", [
+        "sysmail user add ada@example.com --name Ada", "sysmail user list --json"])
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True,
                                         parser_class=_ArgumentParser)
-    add = user_commands.add_parser("add", help="add a user; a password may come on stdin")
-    add.add_argument("email")
-    add.add_argument("--name", default="")
-    add.set_defaults(handler=cmd_user_add)
-    listing = user_commands.add_parser("list", help="list the users")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(handler=cmd_user_list)
-    return parser
+    add = _command(user_commands, "add", "add a user, asking for a password at a terminal", [
+        "sysmail user add ada@example.com --name Ada",
+        "printf '%s\\n' \"$PASSWORD\" | sysmail user add ada@example.com"],
+        handler=cmd_user_add)
+    add.add_argument("email", help="the user's address")
+    add.add_argument("--name", default="", help="the name mails greet them with")
+    listing = _command(user_commands, "list", "list the users", [
+        "sysmail user list", "sysmail user list --json"], handler=cmd_user_list)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
 
 def _parse_vars(pairs: list[str]) -> dict[str, str]:
@@ -5949,6 +6073,8 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("only one of --text and --html can read standard input")
     text, html = (sys.stdin.read() if part == "-" else part for part in (args.text, args.html))
     variables = _parse_vars(args.var)
+    if len(args.to) > MAX_RECIPIENTS:  # as for one shared mail: send is not a mailing list
+        raise MessageError(f"send takes 1 to {MAX_RECIPIENTS} recipients")
     for address in args.to:  # every address checked first: none is queued if one is wrong
         validate_address(address)
     mailer = build_app(config).enqueuer
@@ -6217,7 +6343,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
     """Add a user to the SQLite store; a password, if any, is read from stdin."""
-    password = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read().rstrip("\r\n")
+    password = _ask_password() if sys.stdin is not None and sys.stdin.isatty() else (
+        "" if sys.stdin is None else sys.stdin.read().rstrip("\r\n"))
     if password and not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
         raise MessageError(f"the password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
                            "characters long")
@@ -6225,6 +6352,14 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
     user = store.add_user(args.email, args.name, password or None)
     print(f"added user {user.id}: {user.email}" + (" with a password" if password else ""))
     return EX_OK
+
+
+def _ask_password() -> str:
+    """At a terminal: the password twice, without echo (empty: no password)."""
+    password = getpass.getpass("Password (empty for none): ")
+    if password and getpass.getpass("Password again: ") != password:
+        raise UsageError("the two passwords differ")
+    return password
 
 
 def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
@@ -6260,6 +6395,15 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         print(f"DKIM ed25519-sha256: selector {config.ed25519_selector}")
     if not config.signing:
         print("DKIM: no key configured, mail goes out unsigned")
+    else:
+        print(f"DKIM signing: {signing_backend_note(build_app(config).signer.backend)}")
+    for warning in lookalike_variables(args.environment):
+        print(f"warning: {warning}")
+    problems = template_problems(config.templates_dir) if config.templates_dir else []
+    if problems:
+        raise ConfigError(problems)
+    if config.templates_dir:
+        print(f"templates: the overrides in {config.templates_dir} are valid")
     try:
         steps = build_app(config).transport().probe()
     except RelayUnavailable as exc:
@@ -6293,13 +6437,17 @@ def cmd_dns(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """Print a new DKIM key as an environment line, and the DNS record that publishes it."""
+    """Print a new DKIM key as an environment line (and write it to --out as a PEM file for
+    LoadCredential=), and the DNS record that publishes it."""
     domain = env.get("SYSTEM_DOMAIN") or "YOUR_DOMAIN"
+    if args.out and os.path.lexists(args.out):
+        raise UsageError(f"--out {args.out}: the file exists (keygen never overwrites a key)")
     if args.type == "ed25519":
         selector = env.get("SYSTEM_DKIM_ED25519_SELECTOR") or "ed25519"
         pem = _openssl(["genpkey", "-algorithm", "ed25519"])
         key_b64 = base64.b64encode(_ed25519_seed(pem))
         print(f'SYSTEM_DKIM_ED25519_PRIVATE_KEY="{key_b64.decode()}"')
+        _write_key_file(args.out, pem, "dkim-ed25519.pem")
         public_der = _openssl(["pkey", "-pubout", "-outform", "DER"], pem.encode(), text=False)
         record = f"v=DKIM1; k=ed25519; p={base64.b64encode(public_der[-32:]).decode()}"
     else:
@@ -6308,11 +6456,26 @@ def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         selector = env.get("SYSTEM_DKIM_SELECTOR") or "default"
         pem = _openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{args.bits}"])
         print('SYSTEM_DKIM_PRIVATE_KEY="' + pem.strip().replace("\n", "\\n") + '"')
+        _write_key_file(args.out, pem, "dkim.pem")
         record = f"v=DKIM1; k=rsa; p={_rsa_public_key_b64(pem.encode())}"
     variable = "SYSTEM_DKIM_ED25519_SELECTOR" if args.type == "ed25519" else "SYSTEM_DKIM_SELECTOR"
     print(f"; publish in DNS, then set {variable}={selector}")
     print(_txt_record(f"{selector}._domainkey.{domain}", record))
     return EX_OK
+
+
+def _write_key_file(path: str | None, pem: str, credential: str) -> None:
+    """Write a new key as a PEM file only its owner reads, for systemd's LoadCredential=."""
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
+    except OSError as exc:
+        raise UsageError(f"--out {path}: {exc.strerror} (keygen never overwrites a key)") from None
+    with os.fdopen(fd, "w", encoding="ascii") as file:
+        file.write(pem)
+    print(f"; wrote {path} (mode 0600); in sysmail.service: "
+          f"LoadCredential={credential}:{Path(path).absolute()}")
 
 
 def _openssl(args: list[str], stdin: bytes = b"", text: bool = True) -> Any:
@@ -6363,6 +6526,7 @@ def _run(argv: list[str] | None, env: Mapping[str, str]) -> int:
         env = {k: v for k, v in env.items() if k in SPOOL_VARIABLES}
     config = Config.from_env(env)
     _setup_logging(config.log_level)
+    args.environment = env  # check looks for misspelled variables in it
     return args.handler(args, config)
 
 
@@ -6389,6 +6553,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return EX_TEMPFAIL
+    except BrokenPipeError:  # `sysmail keygen | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EX_OK
     except Exception:  # noqa: BLE001 - the one boundary where anything unexpected is caught
         _log.exception("internal_error", extra={"fields": {}})
         _say("internal error; the log has the details")

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -370,3 +371,167 @@ def test_flush_returns_at_once_with_the_mail_queued_when_the_relay_is_down(
     smtp_server.start()  # a new program (this one's relay backoff would hold it a while)
     assert sysmail.Mailer(config).flush(timeout=30).sent == 1
     assert smtp_server.wait_for(1)[0].rcpt_tos == ["ada@example.org"]
+
+
+# --------------------------------------------------------------------------- a command line that teaches
+
+
+def _subcommands() -> list[list[str]]:
+    import sysmail
+
+    def walk(parser: object, prefix: list[str]) -> list[list[str]]:
+        found = []
+        for action in parser._actions:  # argparse keeps its subcommands there
+            for name, sub in getattr(action, "choices", None).items() if isinstance(
+                    getattr(action, "choices", None), dict) else ():
+                found += [[*prefix, name]] + walk(sub, [*prefix, name])
+        return found
+    return walk(sysmail._build_parser(), [])
+
+
+def test_version_matches_the_package_metadata() -> None:
+    import sysmail
+
+    assert _ok(run_cli(["--version"], {})).strip() == f"sysmail {sysmail.__version__}"
+    assert "sysmail.__version__" in (REPO / "pyproject.toml").read_text()
+
+
+def test_every_subcommand_help_explains_each_option_and_ends_with_examples() -> None:
+    import sysmail
+
+    commands = _subcommands()
+    assert {"send", "queue", "show", "delete", "keygen", "check"} <= {c[0] for c in commands}
+    parsers = {tuple(c): None for c in commands}
+    for command in parsers:
+        shown = _ok(run_cli([*command, "--help"], {}))
+        examples = shown.split("\nexamples:\n", 1)[1].strip().splitlines()
+        assert 1 <= len(examples) <= 2, (command, shown)
+        assert all("sysmail " in example for example in examples), examples
+    parser = sysmail._build_parser()
+    stack = [parser]
+    while stack:  # every option of every subcommand has its phrase
+        current = stack.pop()
+        for action in current._actions:
+            if isinstance(action.choices, dict):
+                stack += action.choices.values()
+            elif current is not parser or action.dest != "command":
+                assert action.help and action.help.strip(), (current.prog, action.dest)
+    for command in (["send"], ["preview"]):
+        shown = _ok(run_cli([*command, "--help"], {}))
+        for name, template in sysmail.TEMPLATES.items():
+            [line] = [line for line in shown.splitlines() if line.strip().startswith(name + " ")]
+            assert all(variable in line for variable in template.variables), line
+
+
+def test_keygen_out_writes_a_private_pem_for_load_credential(
+        tmp_path: Path, smtp_server: SmtpServer) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    made = _ok(run_cli(["keygen", "--out", str(credentials / "dkim.pem")],
+                       {"SYSTEM_DOMAIN": DOMAIN}))
+    assert made.startswith('SYSTEM_DKIM_PRIVATE_KEY="-----BEGIN PRIVATE KEY-----')
+    assert f"LoadCredential=dkim.pem:{credentials / 'dkim.pem'}" in made
+    assert f"default._domainkey.{DOMAIN}. IN TXT" in made
+    pem = credentials / "dkim.pem"
+    assert pem.stat().st_mode & 0o777 == 0o600
+    assert pem.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    again = _one_sentence(run_cli(["keygen", "--out", str(pem)], {}), 64)
+    assert "never overwrites" in again
+    _ok(run_cli(["keygen", "--type", "ed25519", "--out", str(credentials / "dkim-ed25519.pem")],
+                {}))
+    env = _env(tmp_path / "spool", smtp_server, CREDENTIALS_DIRECTORY=str(credentials))
+    checked = _ok(run_cli(["check"], env))
+    assert "DKIM rsa-sha256: selector default, 2048 bits" in checked
+    assert "DKIM ed25519-sha256" in checked
+
+
+def test_keygen_into_a_closed_pipe_exits_0_without_a_traceback() -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # like `sysmail keygen | head -c 0`: nobody reads
+    try:
+        result = subprocess.run(["python3", str(REPO / "sysmail.py"), "keygen"], stdout=writer,
+                                stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_check_validates_template_overrides(tmp_path: Path) -> None:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "password_reset.txt").write_text("Reset: ${reset_url}\n")
+    (folder / "two-factor-code.txt").write_text("Your code: ${cod} (${brand})\n")
+    env = _env(tmp_path / "spool", SYSMAIL_TEMPLATES=str(folder))
+    error = _one_sentence(run_cli(["check"], env), 78)
+    assert "password_reset.txt overrides no template (did you mean password-reset.txt?)" in error
+    assert "two-factor-code.txt uses ${cod}, which two-factor-code does not have" in error
+    (folder / "password_reset.txt").rename(folder / "password-reset.txt")
+    (folder / "two-factor-code.txt").write_text("Your code: ${code} (${brand})\n")
+    assert f"templates: the overrides in {folder} are valid" in _ok(run_cli(["check"], env))
+
+
+def test_check_warns_about_lookalike_variables_and_names_the_signing_backend(
+        tmp_path: Path, rsa_key) -> None:
+    env = _env(tmp_path / "spool", SYSTEM_DOMIAN="example.org", SYSTEM_DKIM_PRIVATE_KEY=rsa_key.pem)
+    checked = _ok(run_cli(["check"], env))
+    assert "warning: SYSTEM_DOMIAN is not a sysmail variable: did you mean SYSTEM_DOMAIN?" in checked
+    assert "DKIM signing: OpenSSL (the cryptography package is installed)" in checked
+    env["PYTHONPATH"] = _without(tmp_path, "cryptography")
+    checked = _ok(run_cli(["check"], env))
+    assert "DKIM signing: pure Python (dkimpy), as the cryptography package is not installed" in checked
+
+
+def test_the_sender_startup_log_line_names_the_signing_backend(
+        tmp_path: Path, smtp_server: SmtpServer, rsa_key) -> None:
+    env = {"PATH": os.environ["PATH"], **_env(tmp_path / "spool", smtp_server,
+                                                SYSTEM_DKIM_PRIVATE_KEY=rsa_key.pem)}
+    worker = subprocess.Popen(["python3", str(REPO / "sysmail.py"), "worker"], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for line in worker.stderr:
+            if '"sender_started"' in line:
+                break
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert json.loads(line)["signing_backend"].startswith("OpenSSL")
+
+
+def test_a_relay_without_starttls_is_reached_not_unreachable(
+        tmp_path: Path, smtp_server: SmtpServer) -> None:
+    env = _env(tmp_path / "spool", smtp_server)
+    env["SMTP_URL"] = f"smtp://127.0.0.1:{smtp_server.port}"  # STARTTLS required; the sink has none
+    error = _one_sentence(run_cli(["check"], env), 75)
+    assert f"reached the relay 127.0.0.1:{smtp_server.port}, but it offers no STARTTLS" in error
+    assert "cannot reach" not in error
+
+
+def test_user_add_at_a_terminal_asks_twice_without_echo(tmp_path: Path) -> None:
+    import pty
+
+    env = {"PATH": os.environ["PATH"], "SYSMAIL_DB": str(tmp_path / "users.db"),
+           "SYSMAIL_SPOOL": str(tmp_path / "spool")}
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a terminal of its own, as a user at a shell
+        os.execve(sys.executable, [sys.executable, str(REPO / "sysmail.py"), "user", "add",
+                                   "ada@example.com", "--name", "Ada"], env)
+    seen = b""
+    for answer in (b"correct-horse-battery\n", b"correct-horse-battery\n"):
+        while not seen.rstrip().endswith(b":"):
+            seen += os.read(terminal, 1024)
+        os.write(terminal, answer)
+        seen += b"|"
+    while True:
+        try:
+            chunk = os.read(terminal, 1024)
+        except OSError:  # the child is gone and its terminal closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    text = seen.decode()
+    assert "Password (empty for none):" in text and "Password again:" in text
+    assert "correct-horse-battery" not in text  # never echoed
+    assert "added user" in text and "with a password" in text
