@@ -11,10 +11,11 @@ store (SQLite by default) and takes mail from internal callers.
 Environment (see Config.from_env; every bad value is reported at once, exit 78):
 @ENVIRONMENT@
 Command line:
-    sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...]
-    sysmail send --to ADDR --subject S --text T [--html H] [--urgent]
-    sysmail serve | worker [--once] | status [--json] | failed [--json] | retry ID...|--all
-    sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
+    sysmail [--env-file FILE] send --to ADDR... [--shared] --template NAME [--var KEY=VALUE ...]
+    sysmail send --to ADDR --subject S --text T|- [--html H|-] [--urgent]
+    sysmail serve | worker [--once] | status [--json] | queue [--json] | show ID [--raw]
+    sysmail failed [--json] | retry ID...|--all | delete ID...|--all-failed   (ID: or Message-ID)
+    sysmail dns | keygen [--type rsa|ed25519] [--out FILE] | check | preview TEMPLATE [--var ...]
     sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
 
 Contents (greppable banners, in dependency order):
@@ -1884,6 +1885,9 @@ class Queue(Protocol):
     def retry(self, ids: list[str] | None = None) -> list[str]:
         """Put dead letters (all when ids is None) back, due now with attempt 0; return ids."""
 
+    def entries(self) -> list[dict]:
+        """The messages waiting or being sent, for `sysmail queue` (read, not authenticated)."""
+
     def counts(self) -> dict:
         """Messages per state: new (due now), deferred, cur (claimed) and failed."""
 
@@ -2211,27 +2215,16 @@ class Spool:
         """A message as stored, for an operator's eyes: not authenticated (the sender does
         that before it sends); None when it is gone or not a queue entry."""
         try:
-            return _entry_message(_read_regular(path)[_ENTRY_BODY_AT:], name)
-        except (OSError, SpoolError):
+            return _peek_entry(_read_regular(path), name)
+        except OSError:
             return None
 
     def entries(self, states: tuple[str, ...] = ("new", "cur")) -> list[dict]:
         """The messages in the given states, most urgent and soonest due first: id, state,
         header fields, attempt, next try and the relay's last reply."""
-        rows = []
-        for state, name, path in self.messages(states):
-            message = self.peek(name, path)
-            rows.append({
-                "id": name.id, "state": "sending" if state == "cur" else state,
-                "message_id": message.message_id if message else "",
-                "kind": (message.template or "ad-hoc") if message else "unreadable",
-                "to": list(message.rcpts) if message else [],
-                "queued_at": message.queued_at if message else _id_time(name.id),
-                "attempt": name.attempt, "next_try": name.due_ms / 1000,
-                "priority": PRIORITY_NAMES.get(name.priority, str(name.priority)),
-                "last_reply": self._last_reply(name, state)})
-        return sorted(rows, key=lambda row: (row["state"] != "sending", row["priority"] != "urgent",
-                                             row["next_try"]))
+        return sorted((_entry_row(name, "sending" if state == "cur" else state,
+                                  self.peek(name, path), self._last_reply(name, state))
+                       for state, name, path in self.messages(states)), key=_queue_order)
 
     def _last_reply(self, name: SpoolName, state: str) -> str:
         try:
@@ -2453,6 +2446,31 @@ def _entry_message(body: bytes, name: SpoolName) -> SpooledMessage:
                               name.priority, name.attempt, data)
     except (ValueError, KeyError, TypeError) as exc:
         raise SpoolError(f"queue entry {name.id} is unreadable") from exc
+
+
+def _peek_entry(raw: bytes, name: SpoolName) -> SpooledMessage | None:
+    """The message in a queue entry, unauthenticated (for an operator's eyes only)."""
+    try:
+        return _entry_message(raw[_ENTRY_BODY_AT:], name)
+    except SpoolError:
+        return None
+
+
+def _entry_row(name: SpoolName, state: str, message: SpooledMessage | None,
+               last_reply: str) -> dict:
+    """One line of `sysmail queue`, as a dict (its --json)."""
+    return {"id": name.id, "state": state, "message_id": message.message_id if message else "",
+            "kind": (message.template or "ad-hoc") if message else "unreadable",
+            "to": list(message.rcpts) if message else [],
+            "queued_at": message.queued_at if message else _id_time(name.id),
+            "attempt": name.attempt, "next_try": name.due_ms / 1000,
+            "priority": PRIORITY_NAMES.get(name.priority, str(name.priority)),
+            "last_reply": last_reply}
+
+
+def _queue_order(row: dict) -> tuple:
+    """Being sent first, then urgent before bulk, then soonest due."""
+    return (row["state"] != "sending", row["priority"] != "urgent", row["next_try"])
 
 
 def _make_private_dir(path: Path) -> None:
@@ -2842,6 +2860,24 @@ class RedisQueue:
             self._call(pipe.execute)
             moved.append(ident)
         return moved
+
+    def entries(self) -> list[dict]:
+        """The messages waiting or being sent, like Spool.entries (each with "queue": "redis")."""
+        def members() -> list:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in (self._key("queue", "0"), self._key("queue", "1"), self._key("claimed")):
+                pipe.zrange(key, 0, -1, withscores=True)
+            return pipe.execute()
+        urgent, bulk, claimed = self._call(members)
+        rows = []
+        for state, ident, score in [("new", i, s) for i, s in urgent + bulk] + [
+                ("sending", i, s) for i, s in claimed]:
+            entry, attempt, priority, reply = self._call(lambda i=ident: self._redis.hmget(
+                self._key("msg", i.decode()), "entry", "attempt", "priority", "reply"))
+            name = SpoolName(int(priority or 1), int(score), int(attempt or 0), ident.decode())
+            rows.append({**_entry_row(name, state, _peek_entry(entry or b"", name),
+                                      (reply or b"").decode()), "queue": "redis"})
+        return sorted(rows, key=_queue_order)
 
     def counts(self) -> dict:
         """Messages per state, like Spool.counts."""
@@ -6223,7 +6259,8 @@ def _spool_matches(spool: Spool, key: str,
 
 def cmd_queue(args: argparse.Namespace, config: Config) -> int:
     """List the messages waiting or being sent, like mailq."""
-    rows = _existing_spool_app(config).spool.entries()
+    queues = _existing_spool_app(config).queues
+    rows = sorted((row for source in queues for row in _entries_of(source)), key=_queue_order)
     if args.json:
         print(json.dumps(rows))
         return EX_OK
@@ -6236,6 +6273,15 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> int:
                    _duration(now - row["queued_at"]), str(row["attempt"]), _next_try(row, now),
                    row["last_reply"] or "-") for row in rows])
     return EX_OK
+
+
+def _entries_of(source: Queue) -> list[dict]:
+    """A queue's waiting messages; a queue that cannot be read is reported and skipped."""
+    try:
+        return source.entries()
+    except (SpoolError, QueueUnavailable) as exc:
+        _say(f"{exc}; its messages are not listed")
+        return []
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

@@ -535,3 +535,14 @@ def test_user_add_at_a_terminal_asks_twice_without_echo(tmp_path: Path) -> None:
     assert "Password (empty for none):" in text and "Password again:" in text
     assert "correct-horse-battery" not in text  # never echoed
     assert "added user" in text and "with a password" in text
+
+
+def test_queue_lists_the_redis_fallback_too(tmp_path: Path, redis_server) -> None:
+    spool = tmp_path / "spool"
+    spool.write_text("a file where the spool should be: mail goes to Redis")
+    env = _env(spool, REDIS_URL=redis_server.url)
+    message_id = _send(env, "ada@example.org")
+    [row] = _queue(env)
+    assert (row["queue"], row["message_id"], row["to"], row["state"]) == (
+        "redis", message_id, ["ada@example.org"], "new")
+    assert message_id in _ok(run_cli(["queue"], env))
