@@ -56,12 +56,16 @@ class Sizes:
     scale_queued: int
     scale_small: int
     openssl_seconds: int
+    batch: int
+    backlog: int
 
 
 FULL = Sizes(enqueue=1500, delivery=4000, naive=120, latency_seconds=8.0, http_seconds=10.0,
-             scale_queued=100_000, scale_small=1000, openssl_seconds=3)
+             scale_queued=100_000, scale_small=1000, openssl_seconds=3, batch=100_000,
+             backlog=20_000)
 SMOKE = Sizes(enqueue=30, delivery=60, naive=4, latency_seconds=0.3, http_seconds=0.3,
-              scale_queued=400, scale_small=60, openssl_seconds=1)
+              scale_queued=400, scale_small=60, openssl_seconds=1, batch=600,
+              backlog=300)
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ def mailer(env: dict[str, str]) -> sysmail.Mailer:
     return sysmail.Mailer(sysmail.Config.from_env(env))
 
 
-def bulk_fill(env: dict[str, str], count: int) -> None:
+def bulk_fill(env: dict[str, str], count: int, priority: int = sysmail.URGENT) -> None:
     """Queue count messages fast, for set-up only: real spool entries, written without fsync."""
     config = sysmail.Config.from_env(env)
     spool, key = sysmail.Spool(config.spool_dir), config.queue_key
@@ -173,7 +177,7 @@ def bulk_fill(env: dict[str, str], count: int) -> None:
         data = sysmail.build_message(config, to, rendered, message_id, now)
         header = {"message_id": message_id, "from": config.from_addr, "to": to,
                   "template": template.name, "queued_at": now, "expires_at": now + 86400}
-        name = sysmail.SpoolName(sysmail.URGENT, int(now * 1000), 0, f"b{number:08d}")
+        name = sysmail.SpoolName(priority, int(now * 1000), 0, f"b{number:08d}")
         (spool.root / "new" / str(name)).write_bytes(sysmail._entry_bytes(header, data, key))
 
 
@@ -227,7 +231,23 @@ def bench_enqueue(bench: Bench) -> list[Row]:
     ratio = ours_rate / raw_rate
     return [Row("durable enqueue (Mailer.enqueue)", f"{ours_rate:,.0f}/s",
                 f"raw write+fsync+rename+fsync {raw_rate:,.0f}/s", ratio, ">= 0.8",
-                ratio >= 0.8)]
+                ratio >= 0.8), bench_batch(bench, ours_rate)]
+
+
+def bench_batch(bench: Bench, one_by_one: float) -> Row:
+    """An announcement to bench.sizes.batch users with Mailer.enqueue_many, against the same
+    count at the measured Mailer.enqueue rate."""
+    target = mailer(bench.env(SYSMAIL_SPOOL=str(bench.folder / "batch-spool")))
+    recipients = [f"user{number}@example.com" for number in range(bench.sizes.batch)]
+    started = time.perf_counter()
+    target.enqueue_many("service-announcement", recipients, title="Maintenance",
+                        body="We will be down on Sunday from 02:00 to 03:00 UTC.")
+    seconds = time.perf_counter() - started
+    rate = bench.sizes.batch / seconds
+    return Row(f"announcement to {bench.sizes.batch:,} (Mailer.enqueue_many)",
+               f"{seconds:.1f} s, {rate:,.0f}/s", f"Mailer.enqueue one by one {one_by_one:,.0f}/s",
+               rate / one_by_one, "100,000 in <= 10 s", bench.sizes.batch / rate <= 10
+               if bench.sizes.batch >= 100_000 else None)
 
 
 # ---- 2. delivery ---- #
@@ -386,14 +406,42 @@ def bench_latency(bench: Bench) -> list[Row]:
                 worker.wait(30)
     finally:
         sink.stop()
-    for label, values, limit in (("in-process (serve, embedding)", same, 25),
-                                 ("cross-process (send -> worker)", other, 50)):
+    backlog = urgent_during_backlog(bench)
+    for label, values, limit in (("in-process (serve, embedding), 20/s", same, 25),
+                                 ("cross-process (send -> worker), 20/s", other, 50),
+                                 (f"codes at 10/s during a {bench.sizes.backlog:,} bulk drain",
+                                  backlog, 50)):
         p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
-        rows.append(Row(f"latency enqueue->250, {label}, 20/s",
+        rows.append(Row(f"latency enqueue->250, {label}",
                         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
                         f"sign+send on an open connection p50 {reference:.1f} ms",
                         p99 / reference, f"p99 < {limit} ms", p99 < limit))
     return rows
+
+
+def urgent_during_backlog(bench: Bench) -> list[float]:
+    """Enqueue-to-250 of two-factor codes queued at 10 a second while one worker process
+    drains a backlog of bulk mail."""
+    sink = Sink(bench.folder)
+    try:
+        env = bench.env(sink, SYSMAIL_SPOOL=str(bench.folder / "backlog-spool"))
+        bulk_fill(env, bench.sizes.backlog, sysmail.BULK)
+        workers = run_workers(env, 1)
+        try:
+            while len(sink.received()) < bench.sizes.backlog // 10:  # draining by now
+                time.sleep(0.05)
+            codes = paced_enqueues(mailer(env), bench.sizes.latency_seconds, 10)
+            drained = len(sink.received()) < bench.sizes.backlog
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(30)
+        values = latencies(codes, sink)
+    finally:
+        sink.stop()
+    if not drained:
+        print("  note: the backlog ran out before the codes did", file=sys.stderr)
+    return values
 
 
 # ---- 4. HTTP ---- #

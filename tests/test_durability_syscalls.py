@@ -27,7 +27,7 @@ import pytest
 from conftest import REPO
 
 STRACE = Path("/usr/bin/strace")
-TRACED = ("openat,open,write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,"
+TRACED = ("openat,open,write,pwrite64,fsync,fdatasync,syncfs,rename,renameat,renameat2,"
           "link,linkat,unlink,unlinkat,close")
 BEGIN = "BEGIN"
 STORED = "STORED"

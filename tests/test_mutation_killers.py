@@ -511,26 +511,76 @@ def test_a_message_out_of_time_is_logged_counted_and_keeps_the_reply(
 
 def test_a_sent_message_is_logged_counted_timed_and_stamped(
         rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
-    """250: the sent event, the outcome counter, its latency and the spool's last-sent stamp."""
+    """250: the sent event, the outcome counter, its latency and the spool's last-sent stamp
+    (touched at most once a second of the sender's clock, and again a second later)."""
     caplog.set_level(logging.INFO, logger="sysmail")
     message_id = rig.mailer.enqueue("password-reset", to="ada@example.org", reset_url=RESET_URL)
     ident = _spool_id(rig)
-    rig.clock.advance(0.5)
+    rig.clock.advance(0.12345)
     assert rig.mailer.spool.last_sent() is None
     assert rig.sender.run_once() == sysmail.DeliveryCounts(sent=1)
     assert rig.mailer.spool.last_sent() is not None
     [fields] = _events(caplog, "sent")
-    assert {k: fields[k] for k in ("rfcMessageId", "id", "to", "template", "code",
-                                   "latency_ms")} == {
+    assert {k: fields[k] for k in ("rfcMessageId", "id", "to", "template", "code")} == {
         "rfcMessageId": message_id, "id": ident, "to": ["ada@example.org"],
-        "template": "password-reset", "code": 250, "latency_ms": 500.0}
+        "template": "password-reset", "code": 250}
+    assert fields["latency_ms"] == round(0.12345 * 1000, 1)
     assert isinstance(fields["reply"], str) and fields["reply"]
-    assert isinstance(fields["duration_ms"], float)
+    assert 0 < fields["duration_ms"] < 60_000
+    assert fields["duration_ms"] == round(fields["duration_ms"], 1)
     [record] = [r for r in caplog.records if r.getMessage() == "sent"]
     assert record.levelno == logging.INFO
     page = rig.sender.metrics.render({})
     assert 'sysmail_messages_total{outcome="sent"} 1' in page
-    assert "sysmail_delivery_latency_seconds_sum 0.500000" in page
+    assert "sysmail_delivery_latency_seconds_sum 0.123450" in page
+    stamp = rig.mailer.spool.root / "last-sent"
+    os.utime(stamp, (0, 0))
+    rig.clock.advance(0.5)
+    rig.mailer.enqueue_message("ada@example.org", "Hello", "ad hoc text")
+    rig.sender.run_once()
+    assert rig.mailer.spool.last_sent() == 0  # within the second: not touched
+    assert _events(caplog, "sent")[1]["template"] == "ad-hoc"
+    rig.clock.advance(0.5)  # exactly a second after the first touch
+    rig.mailer.enqueue_message("ada@example.org", "Hello", "ad hoc text")
+    rig.sender.run_once()
+    assert rig.mailer.spool.last_sent() > 0
+
+
+def test_a_claim_the_queue_could_not_take_back_is_released_later(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Redis not answering at release: the settler keeps the claim and puts it back later."""
+    queue, clock = _redis_queue(redis_server)
+    ident = queue.enqueue(_header(), b"body", 1)
+    [claim], _ = queue.claim(1)
+    spool = sysmail.Spool(tmp_path / "spool", clock=clock)
+    settler = sysmail._Settler(spool, sysmail.Metrics(), clock, sysmail.RetryPolicy(),
+                               lambda: 0.5)
+    counts = sysmail.DeliveryCounts()
+    client = redis.Redis.from_url(redis_server.url)
+    paused = time.monotonic()
+    client.execute_command("CLIENT", "PAUSE", 4600, "ALL")  # answers nothing for 4.6 s
+    settler.release(claim, counts)  # times out after 2 s: kept
+    assert counts == sysmail.DeliveryCounts(released=1)
+    settler.release_leftovers()  # still paused: kept again
+    time.sleep(max(0.0, paused + 4.8 - time.monotonic()))
+    settler.release_leftovers()
+    assert _ids(queue.claim(1)[0]) == [ident]
+
+
+def test_unreadable_and_just_expired_mail_is_failed_with_its_reason(rig: Rig) -> None:
+    """A garbage spool entry fails 'unreadable' with the error; a message whose deliver-by
+    time is exactly now has expired."""
+    rig.mailer.enqueue_message("ada@example.org", "Hi", "text", ttl_seconds=60)
+    body = b"junk\n"  # authenticated under the spool's key, but not an entry
+    mac = sysmail._entry_mac(rig.mailer.spool._mac_key, body)
+    (rig.mailer.spool.root / "new" / "1.00000000000000.0.garbage").write_bytes(
+        sysmail.SPOOL_FORMAT + mac + b" " + body)
+    rig.clock.advance(60)
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(failed=1, expired=1)
+    letters = {letter["reason"]: letter for letter in rig.mailer.spool.failed()}
+    assert letters["unreadable"]["error"] == "queue entry garbage is unreadable"
+    assert set(letters) == {"unreadable", "expired"}
+    assert rig.server.messages == []
 
 
 def test_a_per_recipient_dead_letter_is_retried_to_that_recipient_only(rig: Rig) -> None:
@@ -737,6 +787,8 @@ def test_spool_wake_up_datagrams_index_other_processes_mail(tmp_path: Path) -> N
         assert woken.acquire(timeout=5)
         assert _ids(spool.claim(1)[0]) == [retried]
         other.notify()
+        assert woken.acquire(timeout=5)
+        spool.enqueue(HEADER, b"own", 1)  # this process's own mail wakes its own sender
         assert woken.acquire(timeout=5)
     finally:
         listener.close()

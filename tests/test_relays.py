@@ -243,3 +243,94 @@ def test_relay_limits_are_checked_in_the_url() -> None:
     for bad in ("smtp://h?rate=fast", "smtp://h?rate=0", "smtp://h?burst=3"):
         with pytest.raises(ValueError):
             sysmail.SmtpUrl.parse(bad)
+
+
+def fleet_app(url: str, redis_url: str, folder: Path,
+              clock: FakeClock) -> tuple[sysmail.App, sysmail.Sender]:
+    """One host of a fleet: its own spool, the fleet's Redis."""
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SMTP_URL": url, "SYSMAIL_ALLOW_UNSIGNED": "1",
+        "SYSMAIL_SPOOL": str(folder / "spool"), "SYSMAIL_SMTP_CONNECTIONS": "1",
+        "REDIS_URL": redis_url})
+    app = sysmail.build_app(config, clock=clock)
+    return app, app.sender()
+
+
+def test_with_redis_two_hosts_share_one_relay_rate(smtp_server: SmtpServer, redis_server,
+                                                   tmp_path: Path) -> None:
+    """?rate=20 with REDIS_URL: two hosts draining their backlogs at once send the relay 20 a
+    second between them, not 20 each; they share the daily quota as well."""
+    clock = FakeClock()
+    hosts = [fleet_app(f"{smtp_server.url}?rate=20&daily=70", redis_server.url,
+                       tmp_path / name, clock) for name in ("a", "b")]
+    for app, _ in hosts:
+        for number in range(60):
+            app.enqueuer.enqueue_message(f"user{number}@example.org", "News", "Text.")
+    arrivals: list[float] = []
+    start = clock()
+    try:
+        while clock() < start + 4:
+            for _, sender in hosts:
+                before = len(smtp_server.messages)
+                sender.run_once()
+                arrivals += [clock()] * (len(smtp_server.messages) - before)
+            clock.advance(0.01)
+    finally:
+        for _, sender in hosts:
+            sender.close()
+    per_second = [sum(start + s <= t < start + s + 1 for t in arrivals) for s in range(4)]
+    assert all(count <= 22 for count in per_second), per_second
+    assert len(arrivals) == 56, per_second  # bulk's share of the day's 70 (80 %), then no more
+    held = [app.spool.counts()["new"] + app.spool.counts()["deferred"] for app, _ in hosts]
+    assert sum(held) == 120 - 56 and all(held), held  # both sent, both still hold mail
+
+
+def test_with_redis_down_each_host_paces_alone(smtp_server: SmtpServer, redis_server,
+                                               tmp_path: Path) -> None:
+    """Redis stops answering: a host keeps its own pace and still sends."""
+    clock = FakeClock()
+    app, sender = fleet_app(f"{smtp_server.url}?rate=20", redis_server.url, tmp_path, clock)
+    for number in range(40):
+        app.enqueuer.enqueue_message(f"user{number}@example.org", "News", "Text.")
+    redis_server.stop()
+    try:
+        arrivals = drain_for(sender, clock, smtp_server, 1.0)
+    finally:
+        sender.close()
+    assert 15 <= len(arrivals) <= 22
+
+
+def test_each_relay_has_its_own_tls_settings(tls_smtp_server: SmtpServer, tmp_path: Path,
+                                             cli) -> None:
+    """ca_file= and tls_verify= per relay: one relay is checked against its own CA, another
+    (a lab relay) unchecked, while SMTP_CA_FILE names neither's certificate."""
+    from conftest import make_self_signed_cert
+    (tmp_path / "other").mkdir()
+    other_ca = make_self_signed_cert(tmp_path / "other").ca_file
+    first = f"{tls_smtp_server.url}?ca_file={tls_smtp_server.ca_file}"
+    second = f"{tls_smtp_server.url}?tls_verify=0"
+    env = {"SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1",
+           "SYSMAIL_SPOOL": str(tmp_path / "spool"), "SMTP_CA_FILE": str(other_ca)}
+    for url, reached in ((first, True), (second, True), (tls_smtp_server.url, False)):
+        result = cli(["check"], {**env, "SMTP_URL": url})
+        assert ("relay: logged in as mailer" in result.stdout) == reached, \
+            result.stdout + result.stderr
+    for bad in (f"{tls_smtp_server.url}?ca_file=/nonexistent", "smtp://h?tls_verify=maybe"):
+        result = cli(["check"], {**env, "SMTP_URL": bad})
+        assert result.returncode == 78 and "Traceback" not in result.stderr
+
+
+def test_the_smtp_url_credential_holds_the_list(smtp_server: SmtpServer, tmp_path: Path,
+                                                cli) -> None:
+    """systemd's LoadCredential=smtp-url: a file holding two relays (and a trailing newline)
+    is the same list as SMTP_URL; check probes both."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    down = refused_url()
+    (credentials / "smtp-url").write_text(f"{down},{smtp_server.url}\n")
+    result = cli(["check"], {"SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1",
+                             "SYSMAIL_SPOOL": str(tmp_path / "spool"),
+                             "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert result.returncode == 0, result.stderr
+    assert f"127.0.0.1:{down.rsplit(':', 1)[1]}: DOWN" in result.stdout
+    assert f"127.0.0.1:{smtp_server.port}: connected" in result.stdout

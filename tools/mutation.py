@@ -3,31 +3,41 @@
 
 How to run (not part of CI; it takes long):
 
-    python3 -m pip install 'mutmut==3.8.1'       # the version this script is written for
-    python3 tools/mutation.py                      # everything: about 1.5-2.5 h on 2 cores
-    python3 tools/mutation.py --section dkim       # one section only (names below)
-    python3 tools/mutation.py --report             # only print the score of the last run
+    python3 -m pip install 'mutmut==3.8.1'        # the version this script is written for
+    python3 tools/mutation.py --fresh               # every section from scratch
+    python3 tools/mutation.py --section dkim        # one section (names: SECTIONS below)
+    python3 tools/mutation.py --survivors           # rerun only what was not killed last time
+    python3 tools/mutation.py --survivors --killers-only   # ... against the killers file alone
+    python3 tools/mutation.py --report [--diff]     # print the last results (and survivor diffs)
+
+How long, on this project's 2-core machine with --children 2: about 2 minutes for dkim, 5 for
+token-store, 3 each for http-auth, idempotency and rate-limits, 15 for redis-queue, 40 for
+settle-retry and 60 for spool (~2 h 10 min in all, more when other tests share the machine).
+Killed mutants cost a second or two each; the time goes to the survivors, which run every
+test that reaches their function. A --survivors --killers-only pass takes minutes.
 
 mutmut 3 mutates the whole file and puts every mutant behind a "trampoline", in a copy of the
-repository under WORKDIR/mutants (WORKDIR defaults to /tmp/sysmail-mutation; the repository
-itself is never written). This script:
+repository under WORKDIR/<section>/mutants (WORKDIR defaults to /tmp/sysmail-mutation; the
+repository itself is never written). For each section this script:
 
-1. copies sysmail.py, tests/, bench/, tools/ and the project files into WORKDIR and adds a
-   [tool.mutmut] table to the copy's pyproject.toml (the repository's own file is untouched);
-2. runs `mutmut run` on only the mutants of the critical sections (SECTIONS below: mutant name
-   globs, mutmut's own selection), with at most --children (default 2) forked test workers.
-   mutmut first runs the suite once to learn which tests reach which function, then runs, per
+1. copies sysmail.py, tests/, bench/, tools/ and the project files into WORKDIR/<section> and
+   adds a [tool.mutmut] table to the copy's pyproject.toml (the repository's own file is not
+   touched): the section's test files (TESTS below) plus tests/test_mutation_killers.py;
+2. runs `mutmut run` on only the mutants of that section (SECTIONS: mutant name globs,
+   mutmut's own selection), with at most --children (default and maximum 2) forked workers.
+   mutmut first runs the tests once to learn which tests reach which function, then runs, per
    mutant, only those tests (fastest first, -x). Tests that start `sysmail.py` in a subprocess
    run the mutated copy too (REPO in tests/conftest.py resolves inside mutants/, and the
    subprocess inherits MUTANT_UNDER_TEST), but a function reached *only* from a subprocess is
    not associated with that test by mutmut, so such a test does not run for its mutants;
-3. prints, per section, the mutants, killed, survived, timeout and no-tests counts and the score
-   (killed + timeout over all), the overall score, and each survivor's mutmut name; with
-   --diff also the diff of each survivor (`mutmut show`).
+3. keeps the section's verdicts in WORKDIR/<section>/results.json (--survivors merges the new
+   verdicts of the rerun mutants into it), and prints per section the mutants, killed,
+   survived, timeout and no-tests counts and the score ((killed + timeout) / mutants), the
+   overall score, and each mutant not killed.
 
 A second run in the same WORKDIR reuses mutmut's results and only tests what changed; pass
---fresh to start over. The surviving mutants and why each is harmless, or which test kills it,
-are to be listed in the closing note of the run that measured them.
+--fresh to start over. The survivors, why each is harmless or which test now kills it:
+tools/mutation-report.md.
 """
 
 from __future__ import annotations
