@@ -17,11 +17,13 @@ Command line:
     sysmail failed [--json] | retry ID...|--all | delete ID...|--all-failed   (ID: or Message-ID)
     sysmail dns | keygen [--type rsa|ed25519] [--out FILE] | check | preview TEMPLATE [--var ...]
     sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
+    sysmail suppressed [--json] | suppress ADDRESS [--reason R] | unsuppress ADDRESS
+    sysmail bounce [--dry-run] [--json] [--recipient ADDR] < message
 
 Contents (greppable banners, in dependency order):
     Errors, Text and address checks, DKIM keys and DNS records, Configuration, Logging and
-    metrics, Messages and templates, DKIM signing, Spool, Redis fallback, Enqueueing, SMTP
-    transport, Sender, Token store, HTTP API, Wiring, CLI
+    metrics, Messages and templates, Bounces, DKIM signing, Spool, Redis fallback, Suppression,
+    Enqueueing, SMTP transport, Sender, Token store, HTTP API, Wiring, CLI
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ import ctypes
 import dataclasses
 import difflib
 import email.header
+import email.message
+import email.parser
 import email.policy
 import email.utils
 import errno
+import fcntl
 import functools
 import getpass
 import hashlib
@@ -74,7 +79,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, BinaryIO, Protocol, Self
 
 __version__ = "0.1.0"
 
@@ -86,6 +91,8 @@ __all__ = [
     "URGENT",
     "Api",
     "App",
+    "BounceHandler",
+    "BounceReport",
     "Claim",
     "Config",
     "ConfigError",
@@ -106,6 +113,7 @@ __all__ = [
     "PermanentDeliveryError",
     "Queue",
     "QueueUnavailable",
+    "Queued",
     "RateLimiter",
     "RedisQueue",
     "RedisRateLimiter",
@@ -125,6 +133,9 @@ __all__ = [
     "SpooledMessage",
     "SqliteStore",
     "StoreError",
+    "SuppressingBounces",
+    "Suppression",
+    "SuppressionList",
     "SysmailError",
     "SystemdNotifier",
     "Template",
@@ -135,8 +146,11 @@ __all__ = [
     "UsageError",
     "User",
     "Verdict",
+    "apply_bounce",
+    "bounce_envelope_recipient",
     "build_app",
     "build_message",
+    "classify_bounce",
     "classify_reply",
     "client_address",
     "environment_help",
@@ -146,14 +160,21 @@ __all__ = [
     "log_event",
     "main",
     "make_message_id",
+    "notification_envelope_sender",
+    "parse_bounce",
     "parse_env_file",
+    "parse_notification",
     "render",
     "store_from_config",
     "tls_context_from_config",
     "token_hash",
     "transport_from_config",
+    "unsubscribe_target",
+    "unsubscribe_token",
     "validate_address",
     "verify_password",
+    "verp_address",
+    "verp_recipient",
     "with_credentials",
 ]
 
@@ -529,6 +550,7 @@ class Config:
     smtp_ca_file: str = ""
     smtp_timeout: float = 30.0
     smtp_connections: int = 4
+    senders: int = 0  # sender processes of serve and worker; 0: one per core
     spool_dir: Path = Path("spool")
     outbox_dir: Path = Path("outbox")
     templates_dir: Path | None = None
@@ -551,6 +573,8 @@ class Config:
     dead_letter_days: float = 14.0
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     retry_schedules: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    bounce_address: str = ""  # bounces@bounce-domain: envelope senders bounces+TAG@... (VERP)
+    hard_bounce_days: float = 30.0
     systemd: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -740,6 +764,7 @@ class _EnvReader(_EnvValues):
             smtp_ca_file=self._file("SMTP_CA_FILE"),
             smtp_timeout=self._positive("SMTP_TIMEOUT_SECONDS", DEFAULTS.smtp_timeout),
             smtp_connections=self._count("SYSMAIL_SMTP_CONNECTIONS", DEFAULTS.smtp_connections, 64),
+            senders=self._count("SYSMAIL_SENDERS", DEFAULTS.senders, 64),
             spool_dir=self._path("SYSMAIL_SPOOL", DEFAULTS.spool_dir),
             outbox_dir=self._path("SYSMAIL_OUTBOX", DEFAULTS.outbox_dir),
             templates_dir=self._folder("SYSMAIL_TEMPLATES"),
@@ -767,6 +792,9 @@ class _EnvReader(_EnvValues):
                                             DEFAULTS.dead_letter_days, "days"),
             retry_schedule=self._schedule("SYSMAIL_RETRY_SCHEDULE", DEFAULTS.retry_schedule),
             retry_schedules=self._kind_schedules(),
+            bounce_address=self._bounce_address(),
+            hard_bounce_days=self._positive("SYSMAIL_HARD_BOUNCE_DAYS",
+                                            DEFAULTS.hard_bounce_days, "days"),
             systemd={k: v for k, v in self.env.items() if k in SYSTEMD_VARIABLES},
         )
         if smtp and not config.signing and not config.allow_unsigned:
@@ -790,6 +818,22 @@ class _EnvReader(_EnvValues):
                                  "(openssl rand -base64 32)")
             return ""
         return value
+
+    def _bounce_address(self) -> str:
+        """SYSMAIL_BOUNCE_DOMAIN: a domain (bounces@ it) or a whole address whose local part
+        takes the +TAG; "" when unset."""
+        value = self.env.get("SYSMAIL_BOUNCE_DOMAIN", "").strip()
+        address = value if "@" in value else f"bounces@{value}"
+        try:
+            address = validate_address(address) if value else ""
+        except MessageError:
+            self.problems.append("SYSMAIL_BOUNCE_DOMAIN must be a domain or an email address")
+            return ""
+        if "+" in address.partition("@")[0] or len(address.partition("@")[0]) > 30:
+            self.problems.append("SYSMAIL_BOUNCE_DOMAIN's local part must be at most 30 "
+                                 "characters without '+' (the tag follows a '+')")
+            return ""
+        return address
 
     def _api_key(self) -> str:
         api_key = self.env.get("SYSMAIL_API_KEY", "").strip()
@@ -913,6 +957,7 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SMTP_CA_FILE", "", "a private CA to trust for the relay"),
     ("SMTP_TIMEOUT_SECONDS", "smtp_timeout", "socket timeout for the relay"),
     ("SYSMAIL_SMTP_CONNECTIONS", "smtp_connections", "SMTP connections a sender uses at once"),
+    ("SYSMAIL_SENDERS", "", "sender processes of serve and worker (one per core)"),
     ("SYSMAIL_SPOOL", "spool_dir", "the spool folder"),
     ("SYSMAIL_OUTBOX", "outbox_dir", "where .eml files go without SMTP_URL"),
     ("SYSMAIL_DEAD_LETTER_DAYS", "dead_letter_days", "how long dead letters are kept"),
@@ -920,6 +965,9 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
                                                   "last repeats until the deliver-by time "
                                                   "(SYSMAIL_RETRY_SCHEDULE_<KIND> for one "
                                                   "kind)")),
+    ("SYSMAIL_BOUNCE_DOMAIN", "", ("domain (or address) that receives bounces: each message's "
+                                   "envelope sender becomes bounces+TAG@it (off: From)")),
+    ("SYSMAIL_HARD_BOUNCE_DAYS", "hard_bounce_days", "how long a hard bounce suppresses"),
     ("SYSMAIL_TEMPLATES", "", "folder of NAME.subject / NAME.txt / NAME.html overrides"),
     ("SYSMAIL_ALLOW_UNSIGNED", "allow_unsigned", "1 allows a real relay without a DKIM key"),
     ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
@@ -1101,6 +1149,9 @@ class Metrics:
         "sysmail_relay_replies_total": "Final replies per relay: 2xx, 4xx or 5xx.",
         "sysmail_unrecorded_total": "Partly delivered messages whose rest the queue could not "
                                     "record at once (kept in memory, retried).",
+        "sysmail_suppressed_total": "Messages not sent to a suppressed address, by kind of mail.",
+        "sysmail_bounces_total": "Bounces, complaints and auto-replies received (source=report) "
+                                 "and refusals at RCPT TO (source=rcpt), by kind.",
     }
 
     def __init__(self) -> None:
@@ -1109,6 +1160,20 @@ class Metrics:
         self._buckets = [0] * len(self.LATENCY_BUCKETS_SECONDS)
         self._latency_sum = 0.0
         self._latency_count = 0
+        self._sent_hours: dict[int, int] = {}
+
+    def count_sent(self, now: float) -> None:
+        """Count a delivered message in its hour, for the 24-hour bounce and complaint rates."""
+        hour = int(now // 3600)
+        with self._lock:
+            self._sent_hours[hour] = self._sent_hours.get(hour, 0) + 1
+            for old in [h for h in self._sent_hours if h <= hour - 24]:
+                del self._sent_hours[old]
+
+    def sent_last_24h(self, now: float) -> int:
+        """Messages this process delivered in the last 24 hours (24 hourly buckets)."""
+        with self._lock:
+            return sum(n for h, n in self._sent_hours.items() if h > now // 3600 - 24)
 
     def inc(self, name: str, **labels: str) -> None:
         """Add one to a labelled counter."""
@@ -1526,7 +1591,7 @@ def make_message_id(domain: str, now: float) -> str:
 
 
 def build_message(config: Config, to: list[str], rendered: Rendered, message_id: str,
-                  now: float) -> bytes:
+                  now: float, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     """Build the RFC 5322 bytes (CRLF) of a multipart/alternative (or text-only) message.
 
     Written directly rather than through email.message: the email package costs ~2.7 ms a
@@ -1543,6 +1608,7 @@ def build_message(config: Config, to: list[str], rendered: Rendered, message_id:
         *([("Reply-To", config.reply_to)] if config.reply_to else []),
         ("Auto-Submitted", "auto-generated"),
         ("X-Auto-Response-Suppress", "All"),
+        *extra,
         ("MIME-Version", "1.0"),
     ]
     if rendered.html:
@@ -1581,11 +1647,391 @@ def _mime_part(subtype: str, text: str) -> str:
             f"Content-Transfer-Encoding: {encoding}\r\n\r\n" + body.replace("\n", "\r\n"))
 
 
+# ---- Bounces ---- #
+
+MAX_BOUNCE_BYTES = 256 * 1024  # a report is at the start; the returned message is cut
+
+# RFC 3463 codes that say the address itself does not work: the only 5.x.x that are hard.
+# The other 5.x.x name a full mailbox (5.2.2: its owner can empty it), the content, a loop,
+# or the sender's reputation (5.7.x, 5.1.7, 5.1.8): final for this message, not for the address.
+_HARD_STATUS = re.compile(r"5\.1\.([1-46]|10|\d{3})|5\.2\.1|5\.4\.4")
+_VAGUE_STATUS = re.compile(r"5\.[0-5]\.0|5\.5\.\d+|5\.7\.27")  # "other" codes: the text decides
+_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
+_REPLY_CODE = re.compile(r"(?<![\d.#\[])([45][0-5]\d)(?=[ :-])")
+_HARD_TEXT = re.compile(
+    r"user unknown|unknown (user|recipient|address)|no such (user|mailbox|recipient|address|"
+    r"domain)|(user|recipient|mailbox|address|account) (\S+ )?(not found|does ?n[o']t exist)|"
+    r"(invalid|unknown|bad) (recipient|mailbox|address|destination)|not recognized|"
+    r"(mailbox|account) (is )?(disabled|unavailable|discontinued)|host (unknown|not found)|"
+    r"no valid recipients|no mx|does not accept mail|doesn't have an? \S+ account|"
+    r"unrouteable|name not found", re.IGNORECASE)
+_SOFT_TEXT = re.compile(r"mailbox (is )?full|quota|over ?limit|exceeded|try again|delay",
+                        re.IGNORECASE)
+_DAEMON = re.compile(r"mailer-daemon|postmaster|mail delivery|mmsc|mail-daemon|mailer daemon",
+                     re.IGNORECASE)
+_BOUNCE_SUBJECT = re.compile(r"undeliver|deliver(y|ing) (status|fail|notif|problem|report)|"
+                             r"returned mail|failure notice|fail(ed|ure) delivery|could not be "
+                             r"delivered|delivery has failed|non remis", re.IGNORECASE)
+_AUTO_SUBJECT = re.compile(r"auto(matic)?[- ]?(reply|response|antwort)|out of (the )?office|"
+                           r"vacation|away from|abwesen|^away\b|absence", re.IGNORECASE)
+_ORIGINAL_MARKER = re.compile(
+    r"^[ \t>*-]*(.*(original message|below this line|copy of the message|unsent message|"
+    r"original (mail|message) (follows|as follows)|headers follow|returned message|"
+    r"bounced e-mail)|received: ?|return-path: )", re.IGNORECASE | re.MULTILINE)
+_HEADER_LINE = re.compile(r"^\s*(to|from|cc|subject|date|sent|message-id):.*$",
+                          re.IGNORECASE | re.MULTILINE)  # the original's, quoted in a notice
+_LINK = re.compile(r"\w+://\S+")  # a returned reset link must not reach the log
+_ADDRESS = re.compile(r"[\w.+=!#$%&'*/?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_LINE_START_ADDRESS = re.compile(r"^[ \t*<\"]*(" + _ADDRESS.pattern + ")", re.MULTILINE)
+_FINAL_RECIPIENT = re.compile(r"^Final-Recipient:[^;\n]*;\s*<?([^>\s]+)",
+                              re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class BounceReport:
+    """What a message to the bounce address says: its kind, who failed, and why."""
+
+    kind: str  # hard | soft | complaint | auto-reply | none
+    recipients: tuple[str, ...] = ()
+    status: str | None = None
+    reason: str = ""
+    original_message_id: str | None = None
+
+    def as_json(self) -> dict:
+        """The object `bounce --dry-run --json` prints and POST /v1/bounces answers."""
+        return {"kind": self.kind, "recipients": list(self.recipients), "status": self.status,
+                "reason": self.reason, "original_message_id": self.original_message_id}
+
+
+def parse_bounce(raw: bytes) -> BounceReport:
+    """Understand one raw message: a DSN (RFC 3464), a complaint (RFC 5965), a bounce in one
+    of the common non-standard forms, an auto-reply (RFC 3834) or ordinary mail."""
+    message = email.message_from_bytes(raw[:MAX_BOUNCE_BYTES], policy=email.policy.compat32)
+    if not any(name in message for name in ("From", "To", "Received", "Return-Path")):
+        raise MessageError("the input is not a mail message")
+    original = _original_message_id(message)
+    for part in message.walk():
+        if part.get_content_type() == "message/feedback-report":
+            return _complaint(message, part, original)
+        if part.get_content_type() == "message/delivery-status":
+            report = _delivery_status(message, part, original)
+            if report.recipients or report.kind == "none":
+                return report
+    notice = _notice_and_rest(message)[0].strip()
+    if notice.startswith("{") and (notification := _json_or_none(notice)) is not None:
+        return parse_notification(notification)  # Amazon SES through SNS e-mail
+    if _is_bounce(message):
+        return _plain_bounce(message, original)
+    if _is_auto_reply(message):
+        sender = email.utils.parseaddr(_header(message, "From"))[1]
+        return BounceReport("auto-reply", (sender,) if sender else (), None,
+                            _oneline(_header(message, "Subject")), original)
+    return BounceReport("none", reason="not a bounce, complaint or auto-reply")
+
+
+def parse_notification(value: Mapping) -> BounceReport:
+    """An Amazon SES (direct or wrapped by SNS) or Postmark JSON bounce or complaint; raise
+    MessageError for anything else. Without a status code, their own hard/soft word holds."""
+    try:
+        return _notification(value)
+    except (AttributeError, TypeError):  # a field of another JSON type than theirs
+        raise MessageError("the notification is malformed") from None
+
+
+def _notification(value: Mapping) -> BounceReport:
+    if isinstance(value.get("Message"), str):  # the SNS envelope around SES's notification
+        value = _json_or_none(value["Message"]) or {}
+    event = value.get("notificationType") or value.get("eventType") or value.get("RecordType")
+    headers = value.get("mail", {}).get("headers", [])
+    original = next((h.get("value") for h in headers
+                     if str(h.get("name", "")).lower() == "message-id"), None)
+    if event == "Bounce" and isinstance(value.get("bounce"), dict):  # SES
+        bounce, failures = value["bounce"], []
+        permanent = bounce.get("bounceType") == "Permanent"
+        for rcpt in bounce.get("bouncedRecipients", []):
+            diagnostic = str(rcpt.get("diagnosticCode", ""))
+            status = _status(str(rcpt.get("status", ""))) or _status(diagnostic)
+            failures.append((rcpt.get("emailAddress", ""), status, diagnostic))
+        return _worst(failures, "", original, "hard" if permanent else "soft")
+    if event == "Complaint" and isinstance(value.get("complaint"), dict):  # SES
+        complaint = value["complaint"]
+        recipients = tuple(r.get("emailAddress", "")
+                           for r in complaint.get("complainedRecipients", []))
+        return BounceReport("complaint", recipients, None,
+                            complaint.get("complaintFeedbackType", "abuse"), original)
+    if event in ("Bounce", "SpamComplaint") and isinstance(value.get("Email"), str):  # Postmark
+        details = f"{value.get('Details', '')} {value.get('Description', '')}"
+        if event == "SpamComplaint":
+            return BounceReport("complaint", (value["Email"],), None, "abuse", original)
+        hard = value.get("Type") == "HardBounce"
+        return _worst([(value["Email"], _status(details), details)], "", original,
+                      "hard" if hard else "soft")
+    raise MessageError("not an Amazon SES or Postmark bounce or complaint notification")
+
+
+def _json_or_none(text: str) -> dict | None:
+    """A JSON object at the start of text (SNS appends a footer to its e-mail), or None."""
+    try:
+        value = json.JSONDecoder(strict=False).raw_decode(text)[0]
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def notification_envelope_sender(value: Mapping) -> str:
+    """The envelope sender an Amazon SES notification (direct or in SNS) says the message had
+    (mail.source): the VERP address sysmail gave, which tells whom it is about; else ""."""
+    if isinstance(value.get("Message"), str):
+        value = _json_or_none(value["Message"]) or {}
+    mail = value.get("mail")
+    source = mail.get("source") if isinstance(mail, dict) else None
+    return source if isinstance(source, str) else ""
+
+
+def bounce_envelope_recipient(raw: bytes, given: str = "") -> str:
+    """The address a bounce was sent to (the VERP address): as the MTA passed it, else the
+    Delivered-To or X-Original-To header the delivering MTA added."""
+    headers = email.parser.BytesParser().parsebytes(raw[:MAX_BOUNCE_BYTES], headersonly=True)
+    for value in (given, headers.get("Delivered-To", ""), headers.get("X-Original-To", "")):
+        if email.utils.parseaddr(str(value))[1]:
+            return email.utils.parseaddr(str(value))[1]
+    return ""
+
+
+def classify_bounce(status: str | None, text: str) -> str:
+    """hard or soft, from the enhanced status code, else the reply code and text."""
+    if status and status[0] == "4":
+        return "soft"
+    if status and _HARD_STATUS.fullmatch(status):
+        return "hard"
+    if status and not _VAGUE_STATUS.fullmatch(status):
+        return "soft"
+    return "hard" if _HARD_TEXT.search(text) else "soft"
+
+
+def _complaint(message: email.message.Message, part: email.message.Message,
+               original: str | None) -> BounceReport:
+    fields = _fields(part)
+    recipient = fields.get("original-rcpt-to", "") or _original_header(message, "To")
+    address = email.utils.parseaddr(recipient)[1]
+    return BounceReport("complaint", (address,) if address else (), None,
+                        fields.get("feedback-type", "abuse"), original)
+
+
+def _delivery_status(message: email.message.Message, part: email.message.Message,
+                     original: str | None) -> BounceReport:
+    failures, actions = [], set()
+    for block in _fields_blocks(part)[1:]:
+        action = block.get("action", "failed").strip().lower()
+        actions.add(action)
+        if action not in ("failed", "delayed"):
+            continue
+        recipient = _strip_type(block.get("final-recipient") or block.get("original-recipient"))
+        diagnostic = _strip_type(block.get("diagnostic-code", ""))
+        # the remote server's own words win over the reporting MTA's summary of them
+        status = _status(diagnostic) or _status(block.get("status", ""))
+        if recipient:
+            failures.append((recipient, status, diagnostic or block.get("status", "")))
+    if actions and actions <= {"delivered", "relayed", "expanded"}:  # asked-for good news
+        return BounceReport("none", reason="a delivery report: " + ", ".join(sorted(actions)))
+    return _worst(failures, _notice_and_rest(message)[0], original)
+
+
+def _plain_bounce(message: email.message.Message, original: str | None) -> BounceReport:
+    notice, rest = _notice_and_rest(message)
+    recipients = _failed_recipients(message, _HEADER_LINE.sub("", notice), rest)
+    starts = sorted((notice.find(r), r) for r in recipients)
+    failures = []
+    for index, (start, recipient) in enumerate(starts):  # each one's text runs to the next
+        end = starts[index + 1][0] if index + 1 < len(starts) else len(notice)
+        text = notice[start:end] if start >= 0 and _status(notice[start:end]) else notice
+        failures.append((recipient, _status(text), text))
+    return _worst(failures, notice, original)
+
+
+def _failed_recipients(message: email.message.Message, notice: str, rest: str) -> list[str]:
+    """Who failed, from the likeliest source on: X-Failed-Recipients (Exim, Gmail), DSN fields
+    in the text, addresses that begin a line of the notice, any address in it but the
+    bounce's own From and To, and last the To of the returned message."""
+    sender, to = (email.utils.parseaddr(_header(message, h))[1].lower() for h in ("From", "To"))
+    candidates = [
+        _ADDRESS.findall(_header(message, "X-Failed-Recipients")),
+        _FINAL_RECIPIENT.findall(notice + rest),
+        [a for a in _LINE_START_ADDRESS.findall(notice) if a.lower() != sender],
+        [a for a in _ADDRESS.findall(notice) if a.lower() not in (sender, to)],
+        _ADDRESS.findall(_original_header(message, "To", rest))]
+    found = next((c for c in candidates if c), [])
+    return list(dict.fromkeys(found))
+
+
+def _worst(failures: list[tuple[str, str | None, str]], notice: str, original: str | None,
+           unknown: str | None = None) -> BounceReport:
+    """One report: the hard failures when there are any, else the soft ones (a failure
+    without a status code is of the kind unknown, when the caller knows it)."""
+    kinds = [(unknown if unknown and not s else classify_bounce(s, d + "\n" + notice), r, s, d)
+             for r, s, d in failures]
+    kind = "hard" if any(k == "hard" for k, *_ in kinds) else "soft"
+    chosen = [(r, s, d) for k, r, s, d in kinds if k == kind]
+    if not chosen:
+        return BounceReport(kind, (), None, _reason(notice)[:300], original)
+    status, reason = chosen[0][1], _reason(chosen[0][2] or notice)
+    return BounceReport(kind, tuple(r for r, *_ in chosen), status, reason[:300], original)
+
+
+def _reason(text: str) -> str:
+    """The line of a failure's text that says why (a reply code, a status, known words)."""
+    lines = [_oneline(_LINK.sub("<link>", line)) for line in text.splitlines() if line.strip()]
+    telling = (line for line in lines if _STATUS.search(line) or _REPLY_CODE.search(line)
+               or _HARD_TEXT.search(line) or _SOFT_TEXT.search(line))
+    return next(telling, lines[0] if lines else "")
+
+
+def _status(text: str) -> str | None:
+    match = _STATUS.search(text or "")
+    return ".".join(match.groups()) if match else None
+
+
+def _strip_type(value: str | None) -> str:
+    """The value of a typed field ("rfc822; ada@example.com" -> "ada@example.com")."""
+    text = value or ""
+    return _oneline(text.partition(";")[2] if ";" in text else text).strip("<> ")
+
+
+def _header(message: email.message.Message, name: str) -> str:
+    """A header as text ("" when absent), whatever bytes it holds."""
+    return str(message.get(name, ""))
+
+
+def _oneline(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fields_blocks(part: email.message.Message) -> list[dict[str, str]]:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        blocks = [{k.lower(): str(v) for k, v in p.items()} for p in payload]
+    else:
+        blocks = [{k.lower(): v for k, v in email.message_from_string(chunk).items()}
+                  for chunk in re.split(r"\r?\n\s*\r?\n", str(payload))]
+    return blocks if len(blocks) > 1 else [{}, *blocks]
+
+
+def _fields(part: email.message.Message) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for block in _fields_blocks(part):
+        merged.update(block)
+    return merged
+
+
+def _notice_and_rest(message: email.message.Message) -> tuple[str, str]:
+    """The human-readable text of a report, and what follows it (a copy of the original)."""
+    texts = []
+    for part in _parts_outside_originals(message):
+        if part.get_content_type() in ("text/plain", "message/delivery-status") or (
+                part.get_content_maintype() == "text" and not texts):
+            texts.append(_decoded(part))
+    text = "\n".join(texts)
+    cut = _ORIGINAL_MARKER.search(text, 40)
+    return (text[:cut.start()], text[cut.start():]) if cut else (text, "")
+
+
+def _parts_outside_originals(part: email.message.Message) -> Iterator[email.message.Message]:
+    if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+        return
+    if part.is_multipart():
+        for sub in part.get_payload():
+            yield from _parts_outside_originals(sub)
+    else:
+        yield part
+
+
+def _decoded(part: email.message.Message) -> str:
+    payload = part.get_payload(decode=True)
+    if payload is None:
+        return str(part.get_payload())
+    try:
+        return payload.decode(part.get_content_charset() or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return payload.decode("latin-1")
+
+
+def _is_auto_reply(message: email.message.Message) -> bool:
+    auto = _header(message, "Auto-Submitted").strip().lower()
+    return (auto.startswith("auto-replied") or "X-Autoreply" in message or
+            "X-Autorespond" in message or
+            _header(message, "Precedence").strip().lower() == "auto_reply" or
+            bool(_AUTO_SUBJECT.search(_header(message, "Subject"))))
+
+
+def _is_bounce(message: email.message.Message) -> bool:
+    """From a mailer daemon, or a failure notice by its subject, or by its first words when
+    it came from the null sender (as bounces and auto-replies do)."""
+    sender = _header(message, "From") + " " + _header(message, "Return-Path")
+    null_sender = _header(message, "Return-Path").strip() == "<>"
+    return bool(_DAEMON.search(sender) or _BOUNCE_SUBJECT.search(_header(message, "Subject"))
+                or null_sender and _BOUNCE_SUBJECT.search(_notice_and_rest(message)[0][:500]))
+
+
+def _original_header(message: email.message.Message, name: str, rest: str = "") -> str:
+    """A header of the returned original: an attached message, else the copy in the text."""
+    for part in message.walk():
+        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+            inner = part.get_payload(0) if part.is_multipart() else \
+                email.message_from_string(str(part.get_payload()))
+            if inner.get(name):
+                return str(inner.get(name))
+    match = re.search(rf"^\s*{name}:[ \t]*(.+)$", rest, re.MULTILINE | re.IGNORECASE)
+    return match.group(1) if match else ""
+
+
+def _original_message_id(message: email.message.Message) -> str | None:
+    found = _original_header(message, "Message-ID")
+    if not found:
+        own = _header(message, "Message-ID")
+        for part in message.walk():
+            if part.get_content_maintype() == "text":
+                for match in re.finditer(r"^\s*Message-I[dD]:\s*(<[^>\s]+>)",
+                                         _decoded(part), re.MULTILINE):
+                    if match.group(1) != own.strip():
+                        return match.group(1)
+    match = re.search(r"<[^>\s]+>", found)
+    return match.group(0) if match else None
+
+
+class BounceHandler:
+    """What sysmail does with a report: log it, count it, and hand the failures to suppress()."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def handle(self, report: BounceReport, envelope_recipient: str = "",
+               source: str = "report") -> None:
+        """Log and count one report (source: report, or rcpt for a refusal at RCPT TO); pass
+        bounces and complaints on to suppress(), never auto-replies or ordinary mail."""
+        log_event(logging.INFO, "bounce", source=source, envelope=envelope_recipient or None,
+                  **report.as_json())
+        self.metrics.inc("sysmail_bounces_total", kind=report.kind, source=source)
+        if report.kind in ("hard", "soft", "complaint") and report.recipients:
+            self.suppress(report, envelope_recipient, source)
+
+    def suppress(self, report: BounceReport, envelope_recipient: str,
+                 source: str = "report") -> None:
+        """The suppression list's hook (issue 12, SuppressingBounces): put report.recipients
+        on the list once the envelope recipient's VERP tag proves the report is about them
+        (a refusal at RCPT TO needs no proof); raise when that cannot be recorded now (the
+        MTA then retries). Here it does nothing."""
+
+    def unsubscribe(self, raw: bytes) -> bool:
+        """The mailto unsubscribe hook: True when raw was such a request (and it was done)."""
+        return False
+
+
 # ---- DKIM signing ---- #
 
 _SIGNED_HEADERS = (b"from", b"from", b"to", b"to", b"subject", b"subject", b"date",
                    b"message-id", b"message-id", b"mime-version", b"content-type",
-                   b"auto-submitted")
+                   b"auto-submitted", b"feedback-id", b"feedback-id", b"list-unsubscribe",
+                   b"list-unsubscribe", b"list-unsubscribe-post", b"list-unsubscribe-post")
 _REPLY_TO_HEADERS = (b"reply-to", b"reply-to")
 
 
@@ -3072,18 +3518,450 @@ def _redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+# ---- Suppression ---- #
+
+VERP_TAG_DAYS = 60  # older bounce tags are refused: a DSN comes within days, a complaint weeks
+_VERP_CONTEXT = b"sysmail verp v1\0"
+_UNSUBSCRIBE_CONTEXT = b"sysmail unsubscribe v1\0"
+SUPPRESSION_FILE = "suppressions.json"
+SUPPRESSION_REFRESH_SECONDS = 10.0
+URGENT_TO_SUPPRESSED_SECONDS = 3600  # mail the user asked for still goes, once an hour
+SOFT_BOUNCE_DAYS, SOFT_BOUNCE_WINDOW_DAYS = 3, 7  # soft bounces on 3 days within 7: as hard
+ANNOUNCEMENTS = "service-announcement"  # the one kind of mail a recipient may unsubscribe from
+EVERYTHING = "all"
+SUPPRESSION_REASONS = ("hard-bounce", "soft-bounces", "complaint", "unsubscribe")
+BOUNCE_KINDS = ("hard", "soft", "complaint")
+
+
+def verp_address(bounce_address: str, key: bytes, message_id: str, rcpt: str,
+                 now: float) -> str:
+    """The envelope sender of one message to one recipient: bounces+TAG@bounce-domain."""
+    local, _, domain = bounce_address.rpartition("@")
+    day = (int(now // DAY_SECONDS) % 65536).to_bytes(2, "big")
+    head = day + hashlib.sha256(message_id.encode()).digest()[:3]
+    tag = base64.b32encode(head + _verp_mac(key, head, rcpt)).decode().lower()
+    return f"{local}+{tag}@{domain}"
+
+
+def _verp_mac(key: bytes, head: bytes, rcpt: str) -> bytes:
+    return hmac.new(key, _VERP_CONTEXT + head + rcpt.lower().encode(), hashlib.sha256).digest()[:10]
+
+
+def verp_recipient(local_part: str, candidates: Iterable[str], key: bytes, now: float) -> str | None:
+    """The candidate a bounce address's tag (TAG of bounces+TAG) names, or None for a forged,
+    garbled or expired tag or one naming none of them.
+
+    The tag holds the send day, 3 bytes of the Message-ID's hash and an 80-bit MAC of those
+    and the recipient: 24 base32 letters (an MTA may lower-case them). A recipient address does
+    not fit in a local part, so the caller offers the candidates the bounce names."""
+    try:
+        raw = base64.b32decode(local_part.rpartition("+")[2].upper())
+    except ValueError:
+        return None
+    if len(raw) != 15:
+        return None
+    head, mac = raw[:5], raw[5:]
+    if (int(now // DAY_SECONDS) - int.from_bytes(head[:2], "big")) % 65536 > VERP_TAG_DAYS:
+        return None
+    return next((c for c in candidates if hmac.compare_digest(mac, _verp_mac(key, head, c))),
+                None)
+
+
+def unsubscribe_token(key: bytes, address: str, scope: str = ANNOUNCEMENTS) -> str:
+    """A token naming an address and the kind of mail it may unsubscribe from (MAC'd)."""
+    payload = f"{scope} {address.lower()}".encode()
+    mac = hmac.new(key, _UNSUBSCRIBE_CONTEXT + payload, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
+
+
+def unsubscribe_target(key: bytes, token: str) -> tuple[str, str] | None:
+    """(scope, address) an unsubscribe token names, or None when it is forged or garbled."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        return None
+    payload, mac = raw[:-16], raw[-16:]
+    expected = hmac.new(key, _UNSUBSCRIBE_CONTEXT + payload, hashlib.sha256).digest()[:16]
+    if len(raw) <= 16 or not hmac.compare_digest(mac, expected):
+        return None
+    scope, _, address = payload.decode("utf-8", "replace").partition(" ")
+    return scope, address
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """One address not to mail: which kinds (scope: all, or one kind of mail), why, who said
+    so, when, and until when (None: until removed)."""
+
+    address: str
+    scope: str
+    reason: str
+    source: str
+    at: float
+    expires: float | None = None
+
+    def live(self, now: float) -> bool:
+        """True until it expires."""
+        return self.expires is None or now < self.expires
+
+    @property
+    def field(self) -> str:
+        """Its name in the stored state: SCOPE ADDRESS."""
+        return f"{self.scope} {self.address}"
+
+    def as_json(self) -> dict[str, object]:
+        """For the API and the CLI: times as ISO 8601 (expires null: until removed)."""
+        return {**dataclasses.asdict(self), "at": _iso_time(self.at),
+                "expires": _iso_time(self.expires) if self.expires else None}
+
+
+class SuppressionList:
+    """Addresses that must not get some mail, checked in memory (no I/O on the enqueue path).
+
+    Stored as fields of one state, in the spool folder's suppressions.json (written atomically
+    and fsynced, under a lock file) and, with REDIS_URL, in the Redis hash PREFIXsuppressions
+    that every host shares (the file is then the local copy, read while Redis is down):
+
+        "all ADDRESS" / "service-announcement ADDRESS"   a Suppression as JSON
+        "soft ADDRESS"                                     the days it soft-bounced lately
+        "bounces HOUR KIND"                                verified bounces that hour (24 h kept)
+
+    refresh() reloads the state when it changed (the Redis version counter, the file's mtime);
+    the service calls it every SUPPRESSION_REFRESH_SECONDS from its sender loop.
+    """
+
+    def __init__(self, folder: Path, clock: Clock = time.time, *, redis_url: str = "",
+                 prefix: str = REDIS_PREFIX, hard_bounce_seconds: float = 30 * DAY_SECONDS):
+        self.path = Path(folder) / SUPPRESSION_FILE
+        self.clock = clock
+        self.hard_bounce_seconds = hard_bounce_seconds
+        self._key = f"{prefix}suppressions"
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}
+        self._entries: dict[tuple[str, str], Suppression] = {}
+        self._urgent_sent: dict[str, float] = {}
+        self._seen: object = None  # the version (or file mtime) the state was read at
+        self._refreshed = float("-inf")
+        self._redis = None
+        if redis_url:
+            import redis
+
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                                               socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+            self._errors = (redis.exceptions.RedisError, OSError)
+        self.refresh()
+
+    # -- checking: memory only -- #
+
+    def blocks(self, address: str, kind: str, priority: int) -> str | None:
+        """Why mail of this kind (template name) and priority must not go to address now,
+        or None. Bulk mail waits for nothing; urgent mail to an address suppressed for all
+        mail goes at most once an hour."""
+        now, key = self.clock(), address.lower()
+        scoped = self._entries.get((kind, key))
+        if scoped is not None and scoped.live(now):
+            return scoped.reason
+        entry = self._entries.get((EVERYTHING, key))
+        if entry is None or not entry.live(now):
+            return None
+        if priority == BULK:
+            return entry.reason
+        with self._lock:
+            if now - self._urgent_sent.get(key, float("-inf")) < URGENT_TO_SUPPRESSED_SECONDS:
+                return f"{entry.reason}; urgent mail goes once an hour"
+            self._urgent_sent[key] = now
+        return None
+
+    def entries(self) -> list[Suppression]:
+        """The live suppressions, oldest first."""
+        now = self.clock()
+        return sorted((e for e in self._entries.values() if e.live(now)), key=lambda e: e.at)
+
+    def bounces_last_24h(self) -> dict[str, int]:
+        """Verified bounces and complaints of the last 24 hours, by kind (every host's)."""
+        first = int(self.clock() // 3600) - 23
+        counts = dict.fromkeys(BOUNCE_KINDS, 0)
+        for name, value in list(self._state.items()):
+            kind = name.rpartition(" ")[2]
+            if (_bounce_hour(name) or 0) >= first and kind in counts and isinstance(value, int):
+                counts[kind] += value
+        return counts
+
+    # -- changing -- #
+
+    def suppress(self, address: str, reason: str, source: str, *, scope: str = EVERYTHING,
+                 days: float | None = None) -> Suppression:
+        """Put an address on the list (for days, or until removed) and store it at once."""
+        now = self.clock()
+        entry = Suppression(validate_address(address).lower(), scope, reason, source, now,
+                            now + days * DAY_SECONDS if days else None)
+        self._change({entry.field: dataclasses.asdict(entry)})
+        log_event(logging.INFO, "suppression_added", address=entry.address, scope=scope,
+                  reason=reason, source=source)
+        return entry
+
+    def unsuppress(self, address: str) -> int:
+        """Take an address off the list (every scope); return how many entries went."""
+        key = validate_address(address).lower()
+        fields = [f"{scope} {key}" for scope, a in self._entries if a == key]
+        if fields:
+            self._change(dict.fromkeys(fields + [f"soft {key}"]))
+            log_event(logging.INFO, "suppression_removed", address=key, entries=len(fields))
+        return len(fields)
+
+    def record_bounce(self, kind: str, address: str, reason: str, source: str
+                      ) -> Suppression | None:
+        """Count a verified bounce or complaint, and suppress the address when it calls for
+        it: a hard bounce for SYSMAIL_HARD_BOUNCE_DAYS, a complaint until removed, soft
+        bounces on SOFT_BOUNCE_DAYS days within SOFT_BOUNCE_WINDOW_DAYS as a hard bounce."""
+        now, key = self.clock(), address.lower()
+        changes: dict[str, object] = {}
+        entry = None
+        if kind == "soft":
+            today = int(now // DAY_SECONDS)
+            days = sorted({d for d in self._state.get(f"soft {key}", []) or []
+                           if today - d < SOFT_BOUNCE_WINDOW_DAYS} | {today})
+            changes[f"soft {key}"] = days if len(days) < SOFT_BOUNCE_DAYS else None
+            if len(days) >= SOFT_BOUNCE_DAYS:
+                entry = Suppression(key, EVERYTHING, "soft-bounces", source, now,
+                                    now + self.hard_bounce_seconds)
+        elif kind in ("hard", "complaint"):
+            entry = Suppression(key, EVERYTHING, "hard-bounce" if kind == "hard" else "complaint",
+                                source, now, now + self.hard_bounce_seconds if kind == "hard"
+                                else None)
+        if entry is not None:
+            changes[entry.field] = dataclasses.asdict(entry)
+        self._change(changes, bump=f"bounces {int(now // 3600)} {kind}")
+        log_event(logging.INFO, "bounce_recorded", kind=kind, address=key, reason=reason[:200],
+                  suppressed=entry is not None)
+        return entry
+
+    def _change(self, changes: Mapping[str, object], bump: str = "") -> None:
+        """Store changes (None deletes a field) and add one to the counter bump, in Redis,
+        then in the file; QueueUnavailable when they cannot be stored (the caller retries:
+        an MTA, a client, an operator), and nothing changes then."""
+        changes = {**self._expired_fields(), **changes}
+        if self._redis is not None:
+            self._redis_change(changes, bump)
+        try:
+            with _locked(self.path.with_suffix(".lock")):
+                state = _merged(self._read_file(), changes, bump)
+                self._write_file(state)
+        except OSError as exc:
+            raise QueueUnavailable(f"the suppression list cannot be written: {exc.strerror}"
+                                   ) from None
+        self._apply(state if self._redis is None else _merged(self._state, changes, bump))
+
+    def _expired_fields(self) -> dict[str, None]:
+        """Fields to drop as they are written: lapsed suppressions, bounce counts past 24 h."""
+        now, first = self.clock(), int(self.clock() // 3600) - 23
+        lapsed = {e.field: None for e in self._entries.values() if not e.live(now)}
+        lapsed.update({name: None for name in self._state if name.startswith("bounces ")
+                       and (_bounce_hour(name) or 0) < first})
+        return lapsed
+
+    def _redis_change(self, changes: Mapping[str, object], bump: str) -> None:
+        try:
+            if not self._redis.exists(f"{self._key}:version"):  # a Redis that lost the list
+                changes = {**self._local_copy(), **changes}  # (or never had it): ours first
+            pipe = self._redis.pipeline(transaction=True)
+            for name, value in changes.items():
+                if value is None:
+                    pipe.hdel(self._key, name)
+                else:
+                    pipe.hset(self._key, name, json.dumps(value))
+            if bump:
+                pipe.hincrby(self._key, bump, 1)
+            pipe.incr(f"{self._key}:version")
+            pipe.execute()
+        except self._errors as exc:
+            raise QueueUnavailable("the suppression list cannot be written: Redis is "
+                                   f"unavailable ({exc.__class__.__name__})") from None
+
+    # -- loading -- #
+
+    def refresh_if_due(self) -> None:
+        """refresh() when SUPPRESSION_REFRESH_SECONDS have passed (the sender loop's hook)."""
+        if self.clock() - self._refreshed >= SUPPRESSION_REFRESH_SECONDS:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Reload the state when it changed: from Redis (copied to the file), else the file."""
+        self._refreshed = self.clock()
+        if self._redis is not None:
+            try:
+                self._refresh_from_redis()
+                return
+            except (QueueUnavailable, ValueError, *self._errors) as exc:  # down, or garbled
+                log_event(logging.WARNING, "suppressions_from_file",
+                          reason=f"Redis is unavailable ({exc.__class__.__name__})")
+        try:
+            changed = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return
+        if changed != self._seen:
+            try:
+                self._apply(self._read_file())
+            except OSError as exc:
+                log_event(logging.ERROR, "suppressions_unreadable", reason=exc.strerror)
+                return
+            self._seen = changed
+
+    def _refresh_from_redis(self) -> None:
+        version = self._redis.get(f"{self._key}:version")
+        if version is None and self._local_copy():  # Redis lost the list: seed it from ours
+            self._redis_change({}, "")
+            version = self._redis.get(f"{self._key}:version")
+        if version != self._seen:
+            state = {k.decode(): json.loads(v) for k, v in self._redis.hgetall(self._key).items()}
+            self._seen = version
+            self._apply(state)
+            self._keep_local_copy(state)
+
+    def _local_copy(self) -> dict[str, object]:
+        try:
+            return self._read_file()
+        except OSError:
+            return {}
+
+    def _keep_local_copy(self, state: dict[str, object]) -> None:
+        try:
+            with _locked(self.path.with_suffix(".lock")):
+                self._write_file(state)
+        except OSError as exc:
+            log_event(logging.WARNING, "suppressions_not_copied", reason=exc.strerror)
+
+    def _apply(self, state: dict[str, object]) -> None:
+        entries = {}
+        for name, value in state.items():
+            if isinstance(value, dict) and name.split(" ")[0] not in ("soft", "bounces"):
+                with contextlib.suppress(TypeError):  # a field of another version: skipped
+                    entry = Suppression(**value)
+                    entries[(entry.scope, entry.address)] = entry
+        self._state, self._entries = state, entries
+
+    def _read_file(self) -> dict[str, object]:
+        try:
+            state = json.loads(_read_regular(self.path))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise OSError(errno.EIO, f"{self.path} is unreadable") from exc
+        return state if isinstance(state, dict) else {}
+
+    def _write_file(self, state: Mapping[str, object]) -> None:
+        _make_private_dir(self.path.parent / "tmp")
+        _write_file_atomically(self.path, json.dumps(state, indent=0).encode(),
+                               self.path.parent / "tmp")
+
+
+def _bounce_hour(name: str) -> int | None:
+    """The hour of a "bounces HOUR KIND" field of the state; None for any other field."""
+    parts = name.split(" ")
+    if len(parts) == 3 and parts[0] == "bounces" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _merged(state: Mapping[str, object], changes: Mapping[str, object],
+            bump: str) -> dict[str, object]:
+    merged = {k: v for k, v in {**state, **changes}.items() if v is not None}
+    if bump:
+        merged[bump] = int(state.get(bump, 0)) + 1
+    return merged
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock file (flock) for the read-modify-write of a shared file."""
+    _make_private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, SPOOL_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def apply_bounce(suppressions: SuppressionList, key: bytes, kind: str,
+                 recipients: list[str] | tuple[str, ...], envelope_recipient: str,
+                 reason: str = "", status: str | None = None) -> Suppression | None:
+    """Apply a bounce report to the list, only for the recipient the VERP tag of the address
+    it came back to names: a forged or garbled tag, an auto-reply or ordinary mail changes
+    nothing. Return the suppression it made, if any."""
+    if kind not in BOUNCE_KINDS:
+        return None
+    local = envelope_recipient.strip().strip("<>").rpartition("@")[0]
+    address = verp_recipient(local, recipients, key, suppressions.clock())
+    if address is None:
+        log_event(logging.WARNING, "bounce_unverified", kind=kind, to=envelope_recipient[:100],
+                  note="the VERP tag is missing, forged, expired or names no recipient given")
+        return None
+    source = f"{kind} bounce" + (f" {status}" if status else "")
+    return suppressions.record_bounce(kind, address, reason, source)
+
+
+class SuppressingBounces(BounceHandler):
+    """The bounce handler with the suppression list behind its suppress() hook."""
+
+    def __init__(self, metrics: Metrics, suppressions: SuppressionList, key: bytes):
+        super().__init__(metrics)
+        self.suppressions = suppressions
+        self.key = key
+
+    def suppress(self, report: BounceReport, envelope_recipient: str,
+                 source: str = "report") -> None:
+        """A refusal at RCPT TO came in sysmail's own SMTP session: its recipient is
+        suppressed as is. A report that came as mail (or through the API) suppresses only the
+        recipient the VERP tag of the address it came back to names; QueueUnavailable when
+        the list cannot be written now."""
+        if source == "rcpt":
+            for rcpt in report.recipients:
+                self.suppressions.record_bounce(report.kind, rcpt, report.reason,
+                                                f"{report.kind} refusal at RCPT TO")
+            return
+        apply_bounce(self.suppressions, self.key, report.kind, report.recipients,
+                     envelope_recipient, report.reason, report.status)
+
+    def unsubscribe(self, raw: bytes) -> bool:
+        """A mail to the bounce address whose Subject is "unsubscribe TOKEN" (the mailto of
+        List-Unsubscribe) suppresses what the token names; True when it was one."""
+        subject = email.parser.BytesParser().parsebytes(raw[:MAX_BOUNCE_BYTES],
+                                                        headersonly=True).get("Subject", "")
+        word, _, token = str(subject).strip().partition(" ")
+        target = unsubscribe_target(self.key, token.strip()) \
+            if word.lower() == "unsubscribe" else None
+        if target is not None:
+            self.suppressions.suppress(target[1], "unsubscribe", "mailto link", scope=target[0])
+        return target is not None
+
+
 # ---- Enqueueing ---- #
 
 
 ENQUEUE_BATCH = 256  # messages of enqueue_many that share one sync
 
 
+class Queued(str):
+    """What enqueue returns: the Message-ID (a str, as before), and the recipients it was not
+    queued for because they are suppressed (`suppressed`, empty when none)."""
+
+    suppressed: tuple[str, ...] = ()
+
+    def __new__(cls, message_id: str, suppressed: tuple[str, ...] = ()) -> Self:
+        queued = super().__new__(cls, message_id)
+        queued.suppressed = suppressed
+        return queued
+
+
 class Enqueuer:
     """Renders, builds and queues system emails: into the spool, or Redis when the spool fails."""
 
     def __init__(self, config: Config, spool: Spool, fallback: RedisQueue | None,
-                 metrics: Metrics, clock: Clock = time.time):
+                 metrics: Metrics, clock: Clock = time.time,
+                 suppressions: SuppressionList | None = None):
         self.config = config
+        self.suppressions = suppressions
         self.spool = spool
         self.fallback = fallback
         self.metrics = metrics
@@ -3092,24 +3970,27 @@ class Enqueuer:
         self._brand = {"brand": config.from_name, "domain": config.domain}
 
     def enqueue_template(self, template: str, to: str | list[str],
-                         variables: Mapping[str, object]) -> str:
-        """Queue a system email from a template; return its Message-ID."""
+                         variables: Mapping[str, object]) -> Queued:
+        """Queue a system email from a template; return its Message-ID (with the recipients
+        left out as suppressed)."""
         return self._store(*self._from_template(self._template(template), to, variables))
 
     def enqueue_many(self, template: str, recipients: Sequence[tuple[str, Mapping[str, object]]],
-                     variables: Mapping[str, object]) -> list[str]:
+                     variables: Mapping[str, object]) -> list[Queued]:
         """Queue one message per (address, own variables) recipient, the shared variables
-        under each one's own; return the Message-IDs in order. Every recipient is checked
+        under each one's own; return the Message-IDs in order (a suppressed recipient's says
+        so, and nothing was queued for it). Every recipient is checked
         before any mail is queued; then ENQUEUE_BATCH messages share one sync. When the
         queues fail, the QueueUnavailable's `queued` holds the Message-IDs queued before."""
         chosen = self._template(template)
         for to, own in recipients:
             validate_address(to)
             _template_values(chosen, {**variables, **own})
-        queued: list[str] = []
+        queued: list[Queued] = []
         for start in range(0, len(recipients), ENQUEUE_BATCH):
-            built = [self._build(*self._from_template(chosen, to, {**variables, **own}))
-                     for to, own in recipients[start:start + ENQUEUE_BATCH]]
+            builds = [self._build(*self._from_template(chosen, to, {**variables, **own}))
+                      for to, own in recipients[start:start + ENQUEUE_BATCH]]
+            built = [entry for _, entries, _ in builds for entry in entries]
             try:
                 placed = [(ident, "spool") for ident in self.spool.enqueue_many(built)]
             except SpoolError as exc:
@@ -3123,7 +4004,7 @@ class Enqueuer:
             finally:
                 for (header, _, priority), (ident, backend) in zip(built, placed, strict=False):
                     self._record(header, ident, backend, priority)
-            queued += [header["message_id"] for header, _, _ in built]
+            queued += [Queued(message_id, suppressed) for message_id, _, suppressed in builds]
         return queued
 
     def _template(self, name: str) -> Template:
@@ -3139,8 +4020,9 @@ class Enqueuer:
         return to, rendered, chosen.name, chosen.priority, ttl
 
     def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
-                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
-        """Queue an ad-hoc message (text, optional HTML); return its Message-ID."""
+                        priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> Queued:
+        """Queue an ad-hoc message (text, optional HTML); return its Message-ID (with the
+        recipients left out as suppressed)."""
         if not all(isinstance(v, str) and _is_text(v) for v in (subject, text, html)):
             raise MessageError("the subject, text and HTML must be valid UTF-8 text")
         if _unsafe_in_header(subject) or "\0" in text + html:
@@ -3150,15 +4032,17 @@ class Enqueuer:
         return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
 
     def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
-               ttl: int) -> str:
-        header, data, priority = self._build(to, rendered, template, priority, ttl)
-        spool_id, backend = self._enqueue(header, data, priority)
-        self._record(header, spool_id, backend, priority)
-        return header["message_id"]
+               ttl: int) -> Queued:
+        message_id, entries, suppressed = self._build(to, rendered, template, priority, ttl)
+        for header, data, _ in entries:
+            spool_id, backend = self._enqueue(header, data, priority)
+            self._record(header, spool_id, backend, priority)
+        return Queued(message_id, suppressed)
 
     def _build(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
-               ttl: int) -> tuple[dict, bytes, int]:
-        """The queue entry of a message: (header, data, priority)."""
+               ttl: int) -> tuple[str, list[tuple[dict, bytes, int]], tuple[str, ...]]:
+        """A message's Message-ID, its queue entries (header, data, priority), and the
+        recipients left out as suppressed."""
         if not isinstance(to, str | list | tuple):
             raise MessageError("to must be an address or a list of addresses")
         rcpts = [validate_address(a) for a in ([to] if isinstance(to, str) else to)]
@@ -3166,10 +4050,57 @@ class Enqueuer:
             raise MessageError(f"a message needs 1 to {MAX_RECIPIENTS} recipients")
         now = self.clock()
         message_id = make_message_id(self.config.domain, now)
-        data = build_message(self.config, rcpts, rendered, message_id, now)
-        header = {"message_id": message_id, "from": self.config.from_addr, "to": rcpts,
-                  "template": template, "queued_at": now, "expires_at": now + ttl}
-        return header, data, priority
+        kept = self._unsuppressed(rcpts, template, priority, message_id)
+        extra = (("Feedback-ID", f"{template or 'ad-hoc'}:sysmail:{self.config.domain}"),)
+        data = build_message(self.config, kept, rendered, message_id, now, extra) if kept else b""
+        # one entry per recipient when each needs its own envelope sender or unsubscribe link
+        unsubscribable = template == ANNOUNCEMENTS and self.config.public_url_set
+        if self.config.bounce_address or unsubscribable:
+            groups = [(rcpt,) for rcpt in kept]
+        else:
+            groups = [tuple(kept)] if kept else []
+        entries = []
+        for group in groups:
+            if unsubscribable:
+                data = build_message(self.config, kept, rendered, message_id, now,
+                                     extra + self._unsubscribe_headers(group[0]))
+            header = {"message_id": message_id, "from": self._envelope_sender(message_id, group),
+                      "to": list(group), "template": template, "queued_at": now,
+                      "expires_at": now + ttl}
+            entries.append((header, data, priority))
+        return message_id, entries, tuple(r for r in rcpts if r not in kept)
+
+    def _unsuppressed(self, rcpts: list[str], template: str, priority: int,
+                      message_id: str) -> list[str]:
+        """The recipients this mail may go to; each suppressed one is logged and counted."""
+        if self.suppressions is None:
+            return rcpts
+        kept = []
+        for rcpt in rcpts:
+            reason = self.suppressions.blocks(rcpt, template, priority)
+            if reason is None:
+                kept.append(rcpt)
+                continue
+            self.metrics.inc("sysmail_suppressed_total", template=template or "ad-hoc")
+            log_event(logging.INFO, "suppressed", rfcMessageId=message_id, to=rcpt,
+                      template=template or "ad-hoc", reason=reason)
+        return kept
+
+    def _envelope_sender(self, message_id: str, group: tuple[str, ...]) -> str:
+        """From's address, or with SYSMAIL_BOUNCE_DOMAIN the recipient's VERP address."""
+        if not self.config.bounce_address:
+            return self.config.from_addr
+        return verp_address(self.config.bounce_address, self.config.queue_key, message_id,
+                            group[0], self.clock())
+
+    def _unsubscribe_headers(self, rcpt: str) -> tuple[tuple[str, str], ...]:
+        """RFC 8058 one-click unsubscribe (and RFC 2369's mailto, when bounces come back)."""
+        token = unsubscribe_token(self.config.queue_key, rcpt)
+        links = [f"<{self.config.public_url}/v1/unsubscribe?t={token}>"]
+        if self.config.bounce_address:
+            links.append(f"<mailto:{self.config.bounce_address}?subject=unsubscribe%20{token}>")
+        return (("List-Unsubscribe", ",\r\n ".join(links)),
+                ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
 
     def _record(self, header: dict, spool_id: str, backend: str, priority: int) -> None:
         self.metrics.inc("sysmail_enqueued_total", backend=backend)
@@ -4012,9 +4943,10 @@ class _Settler:
     released; counts it, logs it, and keeps the claims a failing queue could not take back."""
 
     def __init__(self, spool: Spool, metrics: Metrics, clock: Clock, retry: RetryPolicy,
-                 rand: Callable[[], float]):
+                 rand: Callable[[], float], bounces: BounceHandler | None = None):
         self.spool = spool
         self.metrics = metrics
+        self.bounces = bounces
         self.clock = clock
         self.retry = retry
         self.rand = rand
@@ -4063,6 +4995,22 @@ class _Settler:
             if group:
                 verdicts.append(self._refused(message, group, *refusals[group[0]], kind))
         return tuple(v for v in verdicts if v.rcpts)
+
+    def report_refusals(self, message: SpooledMessage, result: SendResult | DeliveryError
+                        ) -> None:
+        """A 5xx at RCPT TO is a bounce that came back at once: report it like one, after the
+        message is settled (a failing report must not send it again)."""
+        refusals = {} if isinstance(result, DeliveryError) else result.refused
+        for rcpt, (code, reply) in refusals.items():
+            if self.bounces is None or classify_reply(code) != "permanent":
+                continue
+            text = f"{code} {reply}"
+            report = BounceReport(classify_bounce(_status(reply), text), (rcpt,),
+                                  _status(reply), text, message.message_id)
+            try:
+                self.bounces.handle(report, message.mail_from, source="rcpt")
+            except Exception:  # noqa: BLE001 - the refusal is in the dead letter all the same
+                _log.exception("bounce_not_recorded", extra={"fields": {"id": message.id}})
 
     def _refused(self, message: SpooledMessage, rcpts: tuple[str, ...], code: int | None,
                  reply: str, kind: str) -> Verdict:
@@ -4159,6 +5107,7 @@ class _Settler:
             self.spool.mark_sent()
         latency = max(now - message.queued_at, 0.0)
         self.metrics.inc("sysmail_messages_total", outcome="sent")
+        self.metrics.count_sent(now)
         self.metrics.observe_latency(latency)
         if _log.isEnabledFor(logging.INFO):
             log_event(logging.INFO, "sent", rfcMessageId=message.message_id, id=message.id,
@@ -4182,9 +5131,13 @@ class Sender:
                  fallback: RedisQueue | None = None, on_cycle: Callable[[], None] | None = None,
                  connections: int = 1,
                  transport_factory: Callable[[], Transport] | None = None,
-                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS):
+                 sender_address: str = "", dead_letter_seconds: float = 14 * DAY_SECONDS,
+                 bounce_address: str = "", queue_key: bytes = UNKEYED_QUEUE_KEY,
+                 bounces: BounceHandler | None = None):
         self.spool = spool
         self.sender_address = sender_address
+        self.bounce_address = bounce_address
+        self.queue_key = queue_key
         self.dead_letter_seconds = dead_letter_seconds
         self.fallback = fallback
         self.queues: tuple[Queue, ...] = (spool, fallback) if fallback else (spool,)
@@ -4205,7 +5158,7 @@ class Sender:
         self._last_queue_warning: dict[str, float] = {}
         self._commit = threading.Lock()
         self._paced_until = NOT_PACED
-        self._settler = _Settler(spool, self.metrics, clock, retry, rand)
+        self._settler = _Settler(spool, self.metrics, clock, retry, rand, bounces)
         self._connections = _Connections(transport, connections, transport_factory)
         # two messages a connection: enough to keep each busy, few enough that urgent mail
         # queued during a bulk drain waits for little more than one message per connection
@@ -4399,11 +5352,14 @@ class Sender:
             result = self._content(transport, answer, data)
             self._settler.apply(claim, message, self._settler.verdicts(message, result), counts,
                         time.monotonic() - started)
+        self._settler.report_refusals(message, result)
 
     def _check_sendable(self, message: SpooledMessage) -> None:
         """UnauthenticatedEntry unless the envelope is ours: From the configured sender, and
-        every recipient one plain address (an entry passed its MAC, but keys do leak)."""
-        if self.sender_address and message.mail_from != self.sender_address:
+        every recipient one plain address (an entry passed its MAC, but keys do leak). With
+        SYSMAIL_BOUNCE_DOMAIN, From may be the VERP address of the one recipient instead."""
+        if self.sender_address and message.mail_from != self.sender_address \
+                and not self._own_verp(message):
             raise UnauthenticatedEntry(f"queue entry {message.id} is from {message.mail_from!r}, "
                                        "not the configured sender")
         try:
@@ -4411,6 +5367,13 @@ class Sender:
                 raise MessageError("a recipient is not in its normal form")
         except MessageError as exc:
             raise UnauthenticatedEntry(f"queue entry {message.id}: {exc}") from None
+
+    def _own_verp(self, message: SpooledMessage) -> bool:
+        local, _, domain = message.mail_from.rpartition("@")
+        bounce_local, _, bounce_domain = self.bounce_address.rpartition("@")
+        return (bool(self.bounce_address) and len(message.rcpts) == 1
+                and domain == bounce_domain and local.startswith(bounce_local + "+")
+                and verp_recipient(local, message.rcpts, self.queue_key, self.clock()) is not None)
 
     @staticmethod
     def _content(transport: Transport, answer: Envelope | DeliveryError,
@@ -5019,8 +5982,9 @@ class Api:
     def __init__(self, config: Config, enqueuer: Enqueuer, store: TokenStore, *,
                  limiter: RateLimiter | RedisRateLimiter, idempotency: IdempotencyKeys,
                  forgot: Callable[[str, str], None], clock: Clock = time.time,
-                 relays: RelayHealth | None = None):
+                 relays: RelayHealth | None = None, bounces: BounceHandler | None = None):
         self.config = config
+        self.bounces = bounces or BounceHandler(enqueuer.metrics)
         self.relays = relays
         self.enqueuer = enqueuer
         self.store = store
@@ -5035,6 +5999,13 @@ class Api:
             ("GET", "/reset-password"): self.reset_page,
             ("POST", "/reset-password"): self.reset_form,
             ("POST", "/v1/emails"): self.send_email,
+            ("GET", "/v1/suppressions"): self.list_suppressions,
+            ("POST", "/v1/suppressions"): self.add_suppression,
+            ("GET", "/v1/suppressions/*"): self.show_suppression,
+            ("DELETE", "/v1/suppressions/*"): self.remove_suppression,
+            ("GET", "/v1/unsubscribe"): self.unsubscribe_page,
+            ("POST", "/v1/unsubscribe"): self.unsubscribe,
+            ("POST", "/v1/bounces"): self.bounce,
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.ready,
         }
@@ -5059,7 +6030,7 @@ class Api:
             response = json_response(exc.status, {"error": str(exc)}, **exc.headers)
         except MessageError as exc:
             response = json_response(400, {"error": str(exc)})
-        except (StoreError, QueueUnavailable) as exc:
+        except (StoreError, QueueUnavailable, SpoolError) as exc:
             log_event(logging.ERROR, "unavailable", route=route, reason=str(exc))
             response = json_response(503, {"error": "temporarily unavailable, try again later"},
                                      **{"Retry-After": "5"})
@@ -5071,13 +6042,15 @@ class Api:
     def route_name(self, path: str, routes: Routes | None = None) -> str:
         """The route's path when it is known, else "unmatched" (raw paths may carry secrets)."""
         routes = self.routes if routes is None else routes
-        return path if any(p == path for _, p in routes) else "unmatched"
+        named = path.rpartition("/")[0] + "/*"  # a path naming one thing: /v1/suppressions/ADDR
+        return next((p for p in (path, named) if any(r == p for _, r in routes)), "unmatched")
 
     def _dispatch(self, request: Request, routes: Routes) -> Response:
-        handler = routes.get((request.method, request.path))
+        route = self.route_name(request.path, routes)
+        handler = routes.get((request.method, route))
         if handler is not None:
             return handler(request)
-        allowed = sorted(m for m, p in routes if p == request.path)
+        allowed = sorted(m for m, p in routes if p == route)
         if allowed:
             raise HttpError(405, f"use {' or '.join(allowed)} for {request.path}",
                             {"Allow": ", ".join(allowed)})
@@ -5176,7 +6149,8 @@ class Api:
                                  'or "recipients": [ADDR or {"to": ADDR, "vars": {...}}]')
         enqueue = functools.partial(self.enqueuer.enqueue_template, template, to, variables)
         message_id, duplicate = self._once(request, enqueue)
-        return json_response(202, {"messageId": message_id, **duplicate})
+        return json_response(202, {"messageId": message_id, **duplicate,
+                                   **_suppressed(getattr(message_id, "suppressed", ()))})
 
     def _send_batch(self, request: Request, template: str, recipients: object,
                     variables: dict) -> Response:
@@ -5190,13 +6164,18 @@ class Api:
         if not all(isinstance(to, str) and _is_str_map(own) for to, own in pairs):
             raise HttpError(400, 'each recipient is an address or {"to": ADDR, "vars": {...}}')
 
+        left_out: list[str] = []
+
         def enqueue() -> str:
-            return json.dumps(self.enqueuer.enqueue_many(template, pairs, variables))
+            queued = self.enqueuer.enqueue_many(template, pairs, variables)
+            left_out.extend(address for q in queued for address in q.suppressed)
+            return json.dumps(queued)
         try:
             message_ids, duplicate = self._once(request, enqueue)
         except QueueUnavailable as exc:
             return json_response(503, {"error": str(exc), "messageIds": getattr(exc, "queued", [])})
-        return json_response(202, {"messageIds": json.loads(message_ids), **duplicate})
+        return json_response(202, {"messageIds": json.loads(message_ids), **duplicate,
+                                   **_suppressed(left_out)})
 
     def _once(self, request: Request, enqueue: Callable[[], str]) -> tuple[str, dict]:
         """enqueue(), at most once per Idempotency-Key: (its result, {"duplicate": ...})."""
@@ -5209,13 +6188,107 @@ class Api:
         return result, {"duplicate": not created}
 
     def body_limit(self, path: str, headers: Mapping[str, str]) -> int:
-        """The largest body a request may send: MAX_BATCH_BODY_BYTES for an internal caller's
-        /v1/emails (a batch of recipients), MAX_BODY_BYTES for everyone else."""
-        if path == "/v1/emails" and self.config.api_key:
+        """The largest body a request may send: for an internal caller holding the key,
+        MAX_BATCH_BODY_BYTES on /v1/emails (a batch of recipients) and MAX_BOUNCE_BYTES on
+        /v1/bounces (a bounce carries the returned message); MAX_BODY_BYTES for everyone else."""
+        limit = {"/v1/emails": MAX_BATCH_BODY_BYTES, "/v1/bounces": MAX_BOUNCE_BYTES}.get(path)
+        if limit and self.config.api_key:
             with contextlib.suppress(HttpError):
                 self._authorize(Request("POST", path, {}, headers, b"", ""))
-                return MAX_BATCH_BODY_BYTES
+                return limit
         return MAX_BODY_BYTES
+
+    # -- suppressions: internal callers, and the recipients' one-click unsubscribe -- #
+
+    def list_suppressions(self, request: Request) -> Response:
+        """Every live suppression, oldest first."""
+        suppressions = self._internal(request)
+        return json_response(200, {"suppressions": [e.as_json() for e in suppressions.entries()]})
+
+    def add_suppression(self, request: Request) -> Response:
+        """Suppress {"address"} for all mail until removed ({"reason"} optional)."""
+        suppressions = self._internal(request)
+        fields = _json_object(request)
+        address, reason = fields.get("address"), fields.get("reason", "manual")
+        if not isinstance(address, str) or not isinstance(reason, str) or not reason.strip():
+            raise HttpError(400, 'send {"address": ADDR, "reason": TEXT (optional)}')
+        entry = suppressions.suppress(address, reason.strip()[:200], "api")
+        return json_response(201, entry.as_json())
+
+    def show_suppression(self, request: Request) -> Response:
+        """The suppressions of the address the path names; 404 when there is none."""
+        address = self._named_address(request)
+        entries = [e.as_json() for e in self._internal(request).entries() if e.address == address]
+        if not entries:
+            raise HttpError(404, "this address is not suppressed")
+        return json_response(200, {"suppressions": entries})
+
+    def remove_suppression(self, request: Request) -> Response:
+        """Take the address the path names off the list; 404 when it was not on it."""
+        removed = self._internal(request).unsuppress(self._named_address(request))
+        if not removed:
+            raise HttpError(404, "this address is not suppressed")
+        return json_response(200, {"removed": removed})
+
+    def _internal(self, request: Request) -> SuppressionList:
+        """The suppression list, for a caller holding SYSMAIL_API_KEY (404 when it is unset)."""
+        if not self.config.api_key or self.enqueuer.suppressions is None:
+            raise HttpError(404, "no such endpoint")
+        self._authorize(request)
+        return self.enqueuer.suppressions
+
+    @staticmethod
+    def _named_address(request: Request) -> str:
+        return validate_address(urllib.parse.unquote(request.path.rpartition("/")[2])).lower()
+
+    def unsubscribe_page(self, request: Request) -> Response:
+        """A confirmation page with a button: following the link never unsubscribes by itself
+        (mail scanners follow links); the button's POST does."""
+        target = self._unsubscribe_target(request)
+        if target is None:
+            return _page(400, "This unsubscribe link is not valid", "<p>Use the link from the "
+                         "latest announcement, or write to us.</p>")
+        return _page(200, "Unsubscribe from announcements?", _UNSUBSCRIBE_FORM.format(
+            address=html.escape(target[1])))
+
+    def unsubscribe(self, request: Request) -> Response:
+        """RFC 8058 one-click: the token in the link says who and from what; suppressed now."""
+        target = self._unsubscribe_target(request)
+        if target is None or self.enqueuer.suppressions is None:
+            return _page(400, "This unsubscribe link is not valid", "<p>Nothing was changed.</p>")
+        scope, address = target
+        self.enqueuer.suppressions.suppress(address, "unsubscribe", "one-click link",
+                                            scope=scope)
+        return _page(200, "You are unsubscribed", f"<p>{html.escape(address)} gets no more "
+                     "announcements. Mail about your account (sign-in codes, password resets, "
+                     "billing) still comes.</p>")
+
+    def _unsubscribe_target(self, request: Request) -> tuple[str, str] | None:
+        token = request.query.get("t", "")
+        if len(token) > 1024:
+            return None
+        return unsubscribe_target(self.config.queue_key, token)
+
+    def bounce(self, request: Request) -> Response:
+        """Record a bounce, complaint or reply an internal caller passes on (message/rfc822,
+        the envelope recipient in ?recipient= or the message's Delivered-To); answer what
+        it says, as `sysmail bounce --dry-run --json` prints it."""
+        if not self.config.api_key:
+            raise HttpError(404, "no such endpoint")
+        self._authorize(request)
+        given = request.query.get("recipient", "")
+        if _media_type(request) == "application/json":  # Amazon SES (SNS) or Postmark
+            notification = _json_object(request)
+            report = parse_notification(notification)
+            envelope = given or notification_envelope_sender(notification)
+        elif _media_type(request) == "message/rfc822":
+            report = parse_bounce(request.body)
+            envelope = bounce_envelope_recipient(request.body, given)
+        else:
+            raise HttpError(415, "send the message as message/rfc822 (or a JSON notification)")
+        if not self.bounces.unsubscribe(request.body):
+            self.bounces.handle(report, envelope)
+        return json_response(200, report.as_json())
 
     def _authorize(self, request: Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -5275,12 +6348,40 @@ class Api:
             "Age of the oldest queued message.", {}, counts["oldest_age_seconds"])
         if self.relays is not None:
             gauges.update(self.relays.gauges())
+        if self.enqueuer.suppressions is not None:
+            gauges.update(self._suppression_gauges(self.enqueuer.suppressions))
         last = self.enqueuer.spool.last_sent()
         if last is not None:
             gauges["sysmail_last_send_age_seconds"] = (
                 "Seconds since the last successful send.", {}, round(self.clock() - last, 3))
         body = self.metrics.render(gauges).encode()
         return Response(200, body, "text/plain; version=0.0.4; charset=utf-8", _JSON_HEADERS)
+
+    def _suppression_gauges(self, suppressions: SuppressionList
+                            ) -> dict[str, tuple[str, Mapping[str, str], float]]:
+        """The list's size by reason; bounces and complaints (every host's) over the last
+        24 hours, and their rates against the mail this process sent in that time."""
+        entries = suppressions.entries()
+        gauges: dict[str, tuple[str, Mapping[str, str], float]] = {}
+        for reason in (*SUPPRESSION_REASONS, "manual"):
+            size = sum(1 for e in entries if (e.reason if e.reason in SUPPRESSION_REASONS
+                                              else "manual") == reason)
+            gauges[f"sysmail_suppressions{{{reason}}}"] = (
+                "Addresses on the suppression list, by reason.", {"reason": reason}, size)
+        bounces = suppressions.bounces_last_24h()
+        for kind, count in bounces.items():
+            gauges[f"sysmail_bounces_last_24h{{{kind}}}"] = (
+                "Verified bounces and complaints in the last 24 hours, by kind.",
+                {"kind": kind}, count)
+        sent = self.metrics.sent_last_24h(self.clock())
+        gauges["sysmail_sent_last_24h"] = ("Messages this process sent in the last 24 hours.",
+                                           {}, sent)
+        gauges["sysmail_bounce_rate_24h"] = ("Hard bounces per message sent, last 24 hours.",
+                                             {}, round(bounces["hard"] / sent, 6) if sent else 0)
+        gauges["sysmail_complaint_rate_24h"] = ("Complaints per message sent, last 24 hours.",
+                                                {}, round(bounces["complaint"] / sent, 6)
+                                                if sent else 0)
+        return gauges
 
     # -- limits and the background worker -- #
 
@@ -5290,6 +6391,12 @@ class Api:
             self.metrics.inc("sysmail_rate_limited_total", limit=name)
             raise HttpError(429, "too many requests, try again later",
                             {"Retry-After": str(math.ceil(retry_after))})
+
+
+def _suppressed(addresses: Iterable[str]) -> dict[str, list[str]]:
+    """{"suppressed": [...]} for a send answer, when any recipient was left out."""
+    addresses = list(addresses)
+    return {"suppressed": addresses} if addresses else {}
 
 
 def _media_type(request: Request) -> str:
@@ -5365,6 +6472,14 @@ _RESET_FORM = """<form method="post" action="/reset-password">
 <input id="confirm" name="confirm" type="password" autocomplete="new-password" minlength="8"
  maxlength="1024" required style="width:100%;padding:8px;font-size:16px;"></p>
 <p><button type="submit" style="padding:10px 18px;font-size:16px;">Change password</button></p>
+</form>"""
+
+
+_UNSUBSCRIBE_FORM = """<p>{address} will get no more service announcements. Mail about your account
+(sign-in codes, password resets, billing) still comes.</p>
+<form method="post">
+<input type="hidden" name="List-Unsubscribe" value="One-Click">
+<p><button type="submit" style="padding:10px 18px;font-size:16px;">Unsubscribe</button></p>
 </form>"""
 
 
@@ -5855,7 +6970,25 @@ class App:
     @functools.cached_property
     def enqueuer(self) -> Enqueuer:
         """Renders and queues mail into the spool, or Redis."""
-        return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock)
+        return Enqueuer(self.config, self.spool, self.fallback, self.metrics, self.clock,
+                        self.suppressions)
+
+    @functools.cached_property
+    def suppressions(self) -> SuppressionList:
+        """The suppression list: in the spool folder, shared through Redis with REDIS_URL."""
+        return SuppressionList(self.config.spool_dir, self.clock, redis_url=self.config.redis_url,
+                               hard_bounce_seconds=self.config.hard_bounce_days * DAY_SECONDS)
+
+    def on_cycle(self, then: Callable[[], None] | None = None) -> None:
+        """The sender loop's hook: systemd's heartbeat (or then), and the suppression list's
+        refresh."""
+        (then or self.notifier.heartbeat)()
+        self.suppressions.refresh_if_due()
+
+    @functools.cached_property
+    def bounces(self) -> SuppressingBounces:
+        """What becomes of bounces, complaints and refusals at RCPT TO: the suppression list."""
+        return SuppressingBounces(self.metrics, self.suppressions, self.config.queue_key)
 
     @functools.cached_property
     def signer(self) -> DkimSigner | None:
@@ -5897,7 +7030,9 @@ class App:
                       retry=retry,
                       fallback=self.fallback, connections=self.config.smtp_connections,
                       transport_factory=self.transport, sender_address=self.config.from_addr,
-                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS)
+                      dead_letter_seconds=self.config.dead_letter_days * DAY_SECONDS,
+                      bounce_address=self.config.bounce_address,
+                      queue_key=self.config.queue_key, bounces=self.bounces)
 
     @functools.cached_property
     def sending(self) -> SenderThread:
@@ -5938,7 +7073,7 @@ class App:
         """The HTTP API's logic."""
         return Api(self.config, self.enqueuer, self.store, limiter=self.limiter,
                    idempotency=self.idempotency, forgot=self.forgot.submit, clock=self.clock,
-                   relays=self.relay_health)
+                   relays=self.relay_health, bounces=self.bounces)
 
     @property
     def url(self) -> str:
@@ -5965,7 +7100,7 @@ class App:
                 self._close_servers()
                 raise
         self.public_url = self.config.public_url if self.config.public_url_set else self.url
-        self.sending.start(on_cycle=self.notifier.heartbeat)
+        self.sending.start(on_cycle=self.on_cycle)
         self.forgot.start()
         for server in self._servers():
             threading.Thread(target=server.serve_forever, name="sysmail-http", daemon=True,
@@ -6162,7 +7297,7 @@ class Mailer:
 
     def start(self, on_cycle: Callable[[], None] | None = None) -> None:
         """Run the sender in a daemon thread of this process (on_cycle: a heartbeat hook)."""
-        self.app.sending.start(on_cycle)
+        self.app.sending.start(lambda: self.app.on_cycle(on_cycle or (lambda: None)))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the sender thread after its current SMTP transaction. It does not deliver what
@@ -6220,6 +7355,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_mail_commands(commands)
     _add_queue_commands(commands)
     _add_setup_commands(commands)
+    _add_bounce_commands(commands)
     _add_user_commands(commands)
     return parser
 
@@ -6330,6 +7466,28 @@ def _add_setup_commands(commands: argparse._SubParsersAction) -> None:
                         help="also write the key as a PEM file, mode 0600, for LoadCredential=")
 
 
+
+def _add_bounce_commands(commands: argparse._SubParsersAction) -> None:
+    bounce = _command(commands, "bounce", "read a bounce, complaint or reply on stdin and record "
+                      "it (exit 75: the MTA should retry)", [
+                          "sysmail bounce --dry-run --json < returned.eml",
+                          "sysmail bounce --recipient bounces@example.com < returned.eml"],
+                      handler=cmd_bounce, needs_config=False)
+    bounce.add_argument("--dry-run", action="store_true", help="print what it says, change nothing")
+    bounce.add_argument("--json", action="store_true", help="print JSON (with --dry-run)")
+    bounce.add_argument("--recipient", default="", metavar="ADDR",
+                        help="the envelope recipient (Postfix pipe: ${recipient})")
+    suppressed = _command(commands, "suppressed", "list the suppressed addresses", [
+        "sysmail suppressed", "sysmail suppressed --json"], handler=cmd_suppressed)
+    suppressed.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    suppress = _command(commands, "suppress", "stop mail to an address (see README)", [
+        "sysmail suppress ada@example.com --reason 'asked by phone'"], handler=cmd_suppress)
+    suppress.add_argument("address", metavar="ADDRESS", help="the address to stop mail to")
+    suppress.add_argument("--reason", default="manual", help="why, one line (default: manual)")
+    unsuppress = _command(commands, "unsuppress", "take an address off the suppression list", [
+        "sysmail unsuppress ada@example.com"], handler=cmd_unsuppress)
+    unsuppress.add_argument("address", metavar="ADDRESS", help="the address to send to again")
+
 def _add_user_commands(commands: argparse._SubParsersAction) -> None:
     user = _command(commands, "user", "manage the SQLite store's users", [
         "sysmail user add ada@example.com --name Ada", "sysmail user list --json"])
@@ -6390,7 +7548,124 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
             message_id = mailer.enqueue_message(to, args.subject, text, html,
                                                 priority=URGENT if args.urgent else BULK)
         print(message_id, flush=True)
+        if message_id.suppressed:
+            _say(f"not queued for {', '.join(message_id.suppressed)}: suppressed (see the log)")
     return EX_OK
+
+
+def cmd_suppressed(args: argparse.Namespace, config: Config) -> int:
+    """List the suppressed addresses: why, since when, until when."""
+    entries = [e.as_json() for e in build_app(config).suppressions.entries()]
+    if args.json:
+        print(json.dumps(entries))
+        return EX_OK
+    if not entries:
+        print("no suppressed addresses")
+    for e in entries:
+        until = f"until {e['expires'][:16]}" if e["expires"] else "until removed"
+        print(f"{e['address']}  {e['scope']}  {e['reason']}  ({e['source']}, "
+              f"{e['at'][:16]}, {until})")
+    return EX_OK
+
+
+def cmd_suppress(args: argparse.Namespace, config: Config) -> int:
+    """Put an address on the suppression list until it is removed."""
+    if not args.reason.strip() or _unsafe_in_header(args.reason):
+        raise UsageError("--reason takes one line of text")
+    entry = build_app(config).suppressions.suppress(args.address, args.reason.strip()[:200],
+                                                    "cli")
+    print(f"suppressed {entry.address}")
+    return EX_OK
+
+
+def cmd_unsuppress(args: argparse.Namespace, config: Config) -> int:
+    """Take an address off the suppression list."""
+    if not build_app(config).suppressions.unsuppress(args.address):
+        raise MessageError(f"{args.address[:80]} is not suppressed")
+    print(f"unsuppressed {args.address}")
+    return EX_OK
+
+
+class SenderProcesses:
+    """The extra senders of serve and worker: `worker` processes on the same spool, each
+    restarted when it dies (after 1 s, doubling to a minute while they keep dying), told to
+    stop with the parent, and ended by the kernel if the parent dies first."""
+
+    RESTART_MAX_SECONDS = 60.0
+
+    def __init__(self, count: int, argv: list[str]):
+        self.argv, self.count = argv, count
+        self.children: list[subprocess.Popen] = []
+        here = os.path.dirname(os.path.abspath(__file__))  # a folder, or the zipapp itself
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+        self._env = {**{k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY},
+                     "PYTHONPATH": path, "SYSMAIL_SENDERS": "1",
+                     "SYSMAIL_SUPERVISOR_PID": str(os.getpid())}
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="sysmail-senders", daemon=True)
+
+    def start(self) -> None:
+        """Start the processes and the thread that restarts them."""
+        self.children = [self._spawn() for _ in range(self.count)]
+        if self.children:
+            self._watcher.start()
+            log_event(logging.INFO, "senders_started", processes=self.count + 1,
+                      pids=[child.pid for child in self.children])
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.argv, env=self._env, stdin=subprocess.DEVNULL)
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.wait(0.2):
+            for index, child in enumerate(self.children):
+                if child.poll() is None or self._stopping.is_set():
+                    continue
+                log_event(logging.ERROR, "sender_died", pid=child.pid, exit_code=child.returncode,
+                          restart_in_seconds=delay)
+                if self._stopping.wait(delay):
+                    return
+                self.children[index] = self._spawn()
+                delay = min(delay * 2, self.RESTART_MAX_SECONDS)
+
+    def terminate(self) -> None:
+        """SIGTERM every process: each stops after its current message."""
+        self._stopping.set()
+        for child in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the processes, and SIGKILL those still there after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+_SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+PR_SET_PDEATHSIG = 1
+
+
+def _extra_senders(args: argparse.Namespace, config: Config) -> SenderProcesses:
+    """serve's or worker's other sender processes: SYSMAIL_SENDERS (one per core) minus this
+    one, each running `worker` with this command's --env-file."""
+    count = (config.senders or os.cpu_count() or 1) - 1
+    env_file = ["--env-file", os.path.abspath(args.env_file)] if args.env_file else []
+    return SenderProcesses(count, [sys.executable, "-m", "sysmail", *env_file, "worker"])
+
+
+def _die_with_supervisor() -> None:
+    """In a sender started by serve: end when serve ends, even by SIGKILL (Linux)."""
+    supervisor = os.environ.get("SYSMAIL_SUPERVISOR_PID", "")
+    prctl = _libc_function("prctl") if supervisor else None
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if str(os.getppid()) != supervisor:  # it died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
@@ -6411,13 +7686,18 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         return EX_OK
     with contextlib.suppress(SpoolError):
         app.spool.recover()
-    app.sending.start(on_cycle=app.notifier.heartbeat)
+    _die_with_supervisor()
+    others = _extra_senders(args, config)
+    app.sending.start(on_cycle=app.on_cycle)
+    others.start()
     app.notifier.ready()
     try:
         _wait_for_stop_signal()
     finally:
         app.notifier.stopping()
+        others.terminate()
         app.sending.stop(timeout=STOP_GRACE_SECONDS + 60)
+        others.wait(timeout=STOP_GRACE_SECONDS + 2)
     return EX_OK
 
 
@@ -6647,13 +7927,54 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     """Run the HTTP API and the sender until SIGTERM or SIGINT."""
     _block_stop_signals()
     app = build_app(config)
+    others = _extra_senders(args, config)
     app.start()
+    others.start()
     try:
         _wait_for_stop_signal()
     finally:
         log_event(logging.INFO, "stopping")
+        others.terminate()
         app.stop()
+        others.wait(timeout=STOP_GRACE_SECONDS + 2)
     return EX_OK
+
+
+def cmd_bounce(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Understand one message on stdin; print it (--dry-run) or record it. A failure to
+    record it, a bad configuration included, exits 75: the MTA keeps the message and retries."""
+    raw = _read_bounded(sys.stdin.buffer, MAX_BOUNCE_BYTES)
+    report = parse_bounce(raw)
+    if args.dry_run:
+        print(json.dumps(report.as_json()) if args.json else
+              f"{report.kind} {report.status or '-'} {' '.join(report.recipients) or '-'}: "
+              f"{report.reason}")
+        return EX_OK
+    try:
+        config = Config.from_env(env)
+        _setup_logging(config.log_level)
+        envelope = bounce_envelope_recipient(raw, args.recipient)
+        handler = build_app(config).bounces
+        if not handler.unsubscribe(raw):
+            handler.handle(report, envelope)
+    except SysmailError as exc:  # the list (or the configuration) cannot be used just now
+        log_event(logging.ERROR, "bounce_not_recorded", reason=str(exc))
+        _say(f"the bounce was not recorded, try again later ({exc})")
+        return EX_TEMPFAIL
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the MTA must keep the message
+        _log.exception("bounce_not_recorded", extra={"fields": {}})
+        _say(f"the bounce was not recorded, try again later ({type(exc).__name__}: {exc})")
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def _read_bounded(stream: BinaryIO, limit: int) -> bytes:
+    """The first limit bytes of a stream, read to its end (a pipe's writer must not see
+    EPIPE: Postfix would call that a failed delivery)."""
+    kept = stream.read(limit)
+    while stream.read(1 << 16):
+        pass
+    return kept
 
 
 def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
@@ -6745,10 +8066,21 @@ def cmd_dns(args: argparse.Namespace, config: Config) -> int:
                           f"v=DKIM1; k=ed25519; p={_ed25519_public_key_b64(config.ed25519_key)}"))
     if not config.signing:
         print("; DKIM: no key configured; create one with: sysmail keygen")
+    if config.bounce_address:
+        _print_bounce_records(config.bounce_address.rpartition("@")[2])
     print("; DMARC: strict alignment, reports to a mailbox of yours")
     print(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=quarantine; adkim=s; aspf=s; '
           f'rua=mailto:dmarc-reports@{domain}"')
     return EX_OK
+
+
+def _print_bounce_records(bounce_domain: str) -> None:
+    """What the bounce domain needs: an MX to the MTA that pipes to `sysmail bounce`, and
+    SPF for the relay (it is the envelope sender's domain, the one SPF checks)."""
+    print(f"; Bounces come back to {bounce_domain}: its MX is the host whose MTA pipes them to "
+          "`sysmail bounce` (see README); SPF is checked against it: add ip4:/include: for the relay")
+    print(f"{bounce_domain}. IN MX 10 {socket.getfqdn()}.")
+    print(f'{bounce_domain}. IN TXT "v=spf1 mx -all"')
 
 
 def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -1005,11 +1005,20 @@ def test_metrics_in_prometheus_text_format(make_service: Callable[..., Service])
         "sysmail_http_requests": "counter",
         "sysmail_rate_limited": "counter",
         "sysmail_unrecorded": "counter",
+        "sysmail_bounces": "counter",
         "sysmail_relay_up": "gauge",
         "sysmail_relay_last_reply_age_seconds": "gauge",
         "sysmail_relay_replies": "counter",
         "sysmail_delivery_latency_seconds": "histogram",
+        "sysmail_suppressed": "counter",  # issue 12: the suppression list and bounce rates
+        "sysmail_suppressions": "gauge",
+        "sysmail_bounces_last_24h": "gauge",
+        "sysmail_sent_last_24h": "gauge",
+        "sysmail_bounce_rate_24h": "gauge",
+        "sysmail_complaint_rate_24h": "gauge",
     }
+    assert page.value("sysmail_sent_last_24h") == 1
+    assert page.value("sysmail_bounce_rate_24h") == 0
     assert {state: page.value("sysmail_queue_messages", state=state)
             for state in ("new", "deferred", "cur", "failed")} == {
         "new": 0, "deferred": 0, "cur": 0, "failed": 1}

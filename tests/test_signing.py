@@ -5,6 +5,8 @@ ed25519-sha256 with a second key), relaxed/relaxed; From, To, Subject and Messag
 over-signed, named twice in h= so that a copy added in transit breaks the signature (RFC 6376
 section 8.15, and 5.4.2 on signing a header name once more than it occurs); Date, MIME-Version,
 Content-Type and Auto-Submitted are signed; Reply-To is over-signed when SYSTEM_REPLY_TO is set.
+Feedback-ID, List-Unsubscribe and List-Unsubscribe-Post (issue 12) are over-signed too: where a
+message has none, the signature says so, and one added in transit breaks it.
 RFC 6376 does not fix the order of h=, so it is compared as a multiset.
 
 RSA PKCS#1 v1.5 and ed25519 are deterministic, so the fast path (canonicalization here,
@@ -44,7 +46,9 @@ ED_RECORD = "ed25519._domainkey.example.com."
 RELAXED = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 # The spec's h= list, written out: over-signed names twice, the others once.
 SIGNED_HEADERS = ["from", "from", "to", "to", "subject", "subject", "date",
-                  "message-id", "message-id", "mime-version", "content-type", "auto-submitted"]
+                  "message-id", "message-id", "mime-version", "content-type", "auto-submitted",
+                  "feedback-id", "feedback-id", "list-unsubscribe", "list-unsubscribe",
+                  "list-unsubscribe-post", "list-unsubscribe-post"]
 SIGNED_WITH_REPLY_TO = [*SIGNED_HEADERS, "reply-to", "reply-to"]
 OVER_SIGNED = ["From", "To", "Subject", "Message-ID"]
 

@@ -92,10 +92,11 @@ def _dead_token() -> str:
 
 
 def _env(smtp_url: str, spool: Path, **extra: str) -> dict[str, str]:
-    """A complete, minimal environment for a sysmail subprocess."""
+    """A complete, minimal environment for a sysmail subprocess: one sender process each
+    (these tests count processes; test_sender_processes.py covers several)."""
     return {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", "SMTP_URL": smtp_url,
             "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SYSMAIL_SPOOL": str(spool),
-            "SYSMAIL_LOG_LEVEL": "warning", **extra}
+            "SYSMAIL_LOG_LEVEL": "warning", "SYSMAIL_SENDERS": "1", **extra}
 
 
 def _enqueue_many(spool: Path, count: int) -> list[str]:
