@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """sysmail: a platform's system emails, queued durably and sent DKIM-signed.
 
-System emails (password resets, verifications, two-factor codes, security alerts, billing
-notices, announcements, suspension notices) are infrastructure: configuration comes from the
+System emails (password resets, verifications, two-factor codes, sign-in links, security
+alerts, email-change notices, billing notices, announcements, suspension notices), each in the
+recipient's language (built-in English, shipped German in templates/de/), are infrastructure: configuration comes from the
 environment only, mail is written atomically into a Maildir-style spool (Redis when the spool
 cannot be written), and a sender delivers it over reused SMTP connections, signing each
 message at send time. A small HTTP service runs the password-reset flow on a pluggable token
@@ -12,11 +13,13 @@ Environment (see Config.from_env; every bad value is reported at once, exit 78):
 @ENVIRONMENT@
 Command line:
     sysmail [--env-file FILE] send --to ADDR... [--shared] --template NAME [--var KEY=VALUE ...]
+        [--locale TAG]
     sysmail send --to ADDR --subject S --text T|- [--html H|-] [--urgent]
     sysmail serve | worker [--once] | status [--json] | queue [--json] | show ID [--raw]
     sysmail failed [--json] | retry ID...|--all | delete ID...|--all-failed   (ID: or Message-ID)
     sysmail dns | keygen [--type rsa|ed25519] [--out FILE] | check | preview TEMPLATE [--var ...]
-    sysmail user add EMAIL [--name NAME] (password on stdin) | user list [--json]
+        [--locale TAG]
+    sysmail user add EMAIL [--name NAME] [--locale TAG] | user list [--json]
     sysmail suppressed [--json] | suppress ADDRESS [--reason R] | unsuppress ADDRESS
     sysmail bounce [--dry-run] [--json] [--recipient ADDR] < message
 
@@ -86,13 +89,17 @@ __version__ = "0.1.0"
 __all__ = [
     "BULK",
     "DEFAULTS",
+    "ENGLISH",
     "ENVIRONMENT",
+    "LAYOUT_STRINGS",
+    "SHIPPED_LANGUAGES",
     "TEMPLATES",
     "URGENT",
     "Api",
     "App",
     "BounceHandler",
     "BounceReport",
+    "Catalog",
     "Claim",
     "Config",
     "ConfigError",
@@ -105,6 +112,7 @@ __all__ = [
     "HttpError",
     "IdempotencyKeys",
     "JsonLogFormatter",
+    "Language",
     "Mailer",
     "MemoryStore",
     "MessageError",
@@ -156,10 +164,12 @@ __all__ = [
     "environment_help",
     "hash_password",
     "json_response",
+    "load_catalog",
     "load_templates",
     "log_event",
     "main",
     "make_message_id",
+    "mask_address",
     "notification_envelope_sender",
     "parse_bounce",
     "parse_env_file",
@@ -555,6 +565,7 @@ class Config:
     outbox_dir: Path = Path("outbox")
     templates_dir: Path | None = None
     allow_unsigned: bool = False
+    code_in_subject: bool = True
     log_level: int = logging.INFO
     listen: tuple[str, int] = ("127.0.0.1", 8025)
     ops_listen: tuple[str, int] | None = ("127.0.0.1", 9025)
@@ -769,6 +780,7 @@ class _EnvReader(_EnvValues):
             outbox_dir=self._path("SYSMAIL_OUTBOX", DEFAULTS.outbox_dir),
             templates_dir=self._folder("SYSMAIL_TEMPLATES"),
             allow_unsigned=self._bool("SYSMAIL_ALLOW_UNSIGNED", DEFAULTS.allow_unsigned),
+            code_in_subject=self._bool("SYSMAIL_CODE_IN_SUBJECT", DEFAULTS.code_in_subject),
             log_level=self._log_level(),
             listen=listen,
             ops_listen=self._ops_listen(),
@@ -968,7 +980,10 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("SYSMAIL_BOUNCE_DOMAIN", "", ("domain (or address) that receives bounces: each message's "
                                    "envelope sender becomes bounces+TAG@it (off: From)")),
     ("SYSMAIL_HARD_BOUNCE_DAYS", "hard_bounce_days", "how long a hard bounce suppresses"),
-    ("SYSMAIL_TEMPLATES", "", "folder of NAME.subject / NAME.txt / NAME.html overrides"),
+    ("SYSMAIL_TEMPLATES", "", ("folder of NAME.subject / NAME.txt / NAME.html overrides; "
+                               "a subfolder per locale (de, fr-CA) for other languages")),
+    ("SYSMAIL_CODE_IN_SUBJECT", "code_in_subject", ("1 puts the two-factor code in the subject "
+                                                    "(shown on lock screens), 0 leaves it out")),
     ("SYSMAIL_ALLOW_UNSIGNED", "allow_unsigned", "1 allows a real relay without a DKIM key"),
     ("SYSMAIL_LOG_LEVEL", "log_level", "debug, info, warning or error"),
     ("REDIS_URL", "", "fallback queue (and shared rate limits) in Redis"),
@@ -1240,50 +1255,101 @@ MAX_LINE_CHARS = 998
 MAX_RECIPIENTS = 50
 
 _HTML_LAYOUT = """<!DOCTYPE html>
-<html lang="en">
+<html lang="${_lang}" dir="${_dir}">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="supported-color-schemes" content="light dark">
 <title>${_subject}</title>
+<style>
+:root { color-scheme: light dark; supported-color-schemes: light dark; }
+@media (prefers-color-scheme: dark) {
+  .page { background-color: #111827 !important; }
+  .card { background-color: #1f2937 !important; }
+  .brand, .code { color: #f9fafb !important; }
+  .text { color: #e5e7eb !important; }
+  .muted { color: #9ca3af !important; border-color: #374151 !important; }
+  .link { color: #93c5fd !important; }
+  .button { background-color: #2563eb !important; color: #ffffff !important; }
+}
+</style>
 </head>
-<body style="margin:0;padding:0;background-color:#f4f5f7;">
-<table role="presentation" width="100%" cellpadding="0" cellspacing="0" border="0" style="background-color:#f4f5f7;">
+<body class="page" style="margin:0;padding:0;background-color:#f4f5f7;">
+<table class="page" role="presentation" width="100%" cellpadding="0" cellspacing="0" border="0" style="background-color:#f4f5f7;">
 <tr><td align="center" style="padding:24px 12px;">
-<table role="presentation" width="560" cellpadding="0" cellspacing="0" border="0" style="max-width:560px;width:100%;background-color:#ffffff;border-radius:8px;">
-<tr><td style="padding:24px 32px 0 32px;font-family:Helvetica,Arial,sans-serif;font-size:18px;font-weight:bold;color:#111827;">${brand}</td></tr>
-<tr><td style="padding:16px 32px 24px 32px;font-family:Helvetica,Arial,sans-serif;font-size:15px;line-height:24px;color:#374151;">
+<table class="card" role="presentation" width="560" cellpadding="0" cellspacing="0" border="0" style="max-width:560px;width:100%;background-color:#ffffff;border-radius:8px;">
+<tr><td class="brand" style="padding:24px 32px 0 32px;font-family:Helvetica,Arial,sans-serif;font-size:18px;font-weight:bold;color:#111827;">${brand}</td></tr>
+<tr><td class="text" style="padding:16px 32px 24px 32px;font-family:Helvetica,Arial,sans-serif;font-size:15px;line-height:24px;color:#374151;">
 @BODY@
 </td></tr>
-<tr><td style="padding:16px 32px 24px 32px;border-top:1px solid #e5e7eb;font-family:Helvetica,Arial,sans-serif;font-size:12px;line-height:18px;color:#6b7280;">This is an automated message from ${brand} (${domain}). Replies to it are not read.</td></tr>
+<tr><td class="muted" style="padding:16px 32px 24px 32px;border-top:1px solid #e5e7eb;font-family:Helvetica,Arial,sans-serif;font-size:12px;line-height:18px;color:#6b7280;">${_footer}</td></tr>
 </table>
 </td></tr>
 </table>
 </body>
 </html>
 """
-
-_BUTTON = ('<p style="margin:24px 0;"><a href="${%s}" style="display:inline-block;'
+_BUTTON = ('<p style="margin:24px 0 8px 0;"><a class="button" href="${%s}" style="display:inline-block;'
            'padding:12px 20px;background-color:#2563eb;color:#ffffff;text-decoration:none;'
-           'border-radius:6px;font-weight:bold;">%s</a></p>')
-_LINK_HINT = ('<p style="margin:0 0 16px 0;font-size:13px;color:#6b7280;">If the button does not '
-              'work, copy this address into your browser:<br>'
-              '<a href="${%s}" style="color:#2563eb;word-break:break-all;">${%s}</a></p>')
+           'border-radius:6px;font-weight:bold;">%s</a></p>\n'
+           '<p class="muted" style="margin:0 0 16px 0;font-size:13px;color:#6b7280;">${_link_hint}'
+           '<br><a class="link" href="${%s}" style="color:#2563eb;word-break:break-all;">${%s}'
+           '</a></p>')
+_CODE = ('<p class="code" style="margin:16px 0;font-family:Menlo,Consolas,monospace;font-size:28px;'
+         'letter-spacing:4px;font-weight:bold;color:#111827;">%s</p>')
+_BUTTON_LINE = re.compile(r"(?P<label>[^:]+): \$\{(?P<var>\w+_url)\}")
+RTL_LANGUAGES = frozenset({"ar", "dv", "fa", "he", "ps", "ur", "yi"})
+LAYOUT_STRINGS = {  # the layout's own words in English; a language's strings.json translates them
+    "footer": "This is an automated message from ${brand} (${domain}). Replies to this address "
+              "are not read.",
+    "footer_reply": "This is an automated message from ${brand} (${domain}). To reach us, reply "
+                    "to this email.",
+    "link_hint": "If the button does not work, copy this address into your browser:",
+    "name": "there",  # the greeting's name when the caller has none ("" leaves the greeting out)
+    "password_changed": "your password was changed",  # the event of sysmail's own alert
+}
 
 
-def _html(*paragraphs: str) -> str:
-    """Wrap body paragraphs in the shared inline-styled layout; one paragraph per line."""
-    body = "\n".join(p if p.startswith("<") else f'<p style="margin:0 0 16px 0;">{p}</p>'
-                     for p in paragraphs)
-    return _HTML_LAYOUT.replace("@BODY@", body)
+@functools.lru_cache(maxsize=64)
+def _html_from_text(text: str) -> str:
+    """The HTML body a template's text makes: one paragraph per line, a line "Label: ${x_url}"
+    a button with the link under it, a line indented by four spaces the big code. Each HTML
+    line keeps its text line's variables, so a line left out of the text is left out here too."""
+    blocks = []
+    for paragraph in text.strip("\n").split("\n\n"):
+        lines = paragraph.split("\n")
+        for number, line in enumerate(lines, start=1):
+            blocks.append(_html_line(line, last=number == len(lines)))
+    return "\n".join(blocks)
 
 
-def _button(var: str, label: str) -> str:
-    return _BUTTON % (var, label) + "\n" + _LINK_HINT % (var, var)
+def _html_line(line: str, last: bool) -> str:
+    button = _BUTTON_LINE.fullmatch(line)
+    if button:
+        var = button["var"]
+        return _BUTTON % (var, html.escape(button["label"], quote=False), var, var)
+    if line.startswith("    "):
+        return _CODE % html.escape(line.strip(), quote=False)
+    margin = "0 0 16px 0" if last else "0"
+    return f'<p style="margin:{margin};">{html.escape(line, quote=False)}</p>'
+
+
+def _is_whole_document(markup: str) -> bool:
+    return markup.lstrip()[:14].lower().startswith(("<!doctype", "<html"))
+
+
+@functools.lru_cache(maxsize=64)
+def _html_document(body: str) -> str:
+    """An HTML part: a whole document as it is, a fragment inside the shared layout."""
+    return body if _is_whole_document(body) else _HTML_LAYOUT.replace("@BODY@", body.strip("\n"))
 
 
 @dataclass(frozen=True)
 class Template:
-    """One system email: subject, text and HTML parts, its variables, priority and lifetime."""
+    """One system email: subject, text and HTML parts, its variables, priority and lifetime.
+
+    An empty html is made from the text (_html_from_text), so the two parts say the same."""
 
     name: str
     subject: str
@@ -1296,6 +1362,8 @@ class Template:
     ttl_seconds: int = DAY_SECONDS
     ttl_minutes_var: str = ""
     secrets: tuple[str, ...] = ()  # variables that work as a credential: never kept after use
+    dashboard_default: str = ""  # a URL variable that defaults to DASHBOARD_URL
+    masked: tuple[str, ...] = ()  # address variables shown masked (a***@e***.com)
 
     @property
     def variables(self) -> tuple[str, ...]:
@@ -1305,7 +1373,7 @@ class Template:
     def ttl(self, values: Mapping[str, str]) -> int:
         """Seconds after enqueue when the mail is no longer worth sending."""
         if self.ttl_minutes_var:
-            return int(values[self.ttl_minutes_var]) * 60
+            return int(values[self.ttl_minutes_var] or self.defaults[self.ttl_minutes_var]) * 60
         return self.ttl_seconds
 
 
@@ -1313,17 +1381,13 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template(
         name="password-reset",
         subject="Reset your ${brand} password",
-        text="Hi ${name},\n\nSomeone asked to reset the password of your ${brand} account. "
-             "To choose a new password, open this link within ${expires_minutes} minutes:\n\n"
-             "${reset_url}\n\nIf you did not ask for this, ignore this email: your password "
-             "stays as it is.\n",
-        html=_html("Hi ${name},",
-                   "Someone asked to reset the password of your ${brand} account. To choose a "
-                   "new password, use the button below within ${expires_minutes} minutes.",
-                   _button("reset_url", "Reset password"),
-                   "If you did not ask for this, ignore this email: your password stays as it is."),
+        text="Hi ${name},\n\nSomeone asked to reset the password of your ${brand} account. To "
+             "choose a new password, use this link within ${expires_minutes} minutes.\n\n"
+             "Reset password: ${reset_url}\n\nIf you did not ask for this, ignore this email. "
+             "Your password stays as it is.\n",
+        html="",
         required=("reset_url",),
-        defaults={"name": "there", "expires_minutes": "60"},
+        defaults={"name": "", "expires_minutes": "60"},
         samples={"reset_url": "https://dashboard.example.com/reset-password?token=SAMPLE",
                  "name": "Ada"},
         ttl_minutes_var="expires_minutes",
@@ -1332,15 +1396,12 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template(
         name="email-verification",
         subject="Confirm your email address for ${brand}",
-        text="Hi ${name},\n\nPlease confirm that this is your email address by opening this "
-             "link:\n\n${verify_url}\n\nIf you did not create a ${brand} account, ignore this "
-             "email.\n",
-        html=_html("Hi ${name},",
-                   "Please confirm that this is your email address.",
-                   _button("verify_url", "Confirm email address"),
-                   "If you did not create a ${brand} account, ignore this email."),
+        text="Hi ${name},\n\nPlease confirm that this is your email address.\n\n"
+             "Confirm email address: ${verify_url}\n\nIf you did not create an account with "
+             "${brand}, ignore this email.\n",
+        html="",
         required=("verify_url",),
-        defaults={"name": "there"},
+        defaults={"name": ""},
         samples={"verify_url": "https://dashboard.example.com/verify?token=SAMPLE", "name": "Ada"},
         ttl_seconds=DAY_SECONDS,
         secrets=("verify_url",),
@@ -1350,11 +1411,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
         subject="Your ${brand} sign-in code: ${code}",
         text="Your ${brand} sign-in code is:\n\n    ${code}\n\nIt expires in ${expires_minutes} "
              "minutes. Never share it: ${brand} will never ask you for it.\n",
-        html=_html("Your ${brand} sign-in code is:",
-                   '<p style="margin:16px 0;font-family:Menlo,Consolas,monospace;font-size:28px;'
-                   'letter-spacing:4px;font-weight:bold;color:#111827;">${code}</p>',
-                   "It expires in ${expires_minutes} minutes. Never share it: ${brand} will "
-                   "never ask you for it."),
+        html="",
         required=("code",),
         defaults={"expires_minutes": "10"},
         samples={"code": "482913"},
@@ -1362,35 +1419,63 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
         secrets=("code",),
     ),
     Template(
+        name="magic-link",
+        subject="Your ${brand} sign-in link",
+        text="Hi ${name},\n\nHere is the link you asked for to sign in to ${brand}. This link "
+             "works once and expires in ${expires_minutes} minutes.\n\n"
+             "Sign in: ${login_url}\n\nIf you did not ask for it, ignore this email. Nobody can "
+             "sign in with it once it has been used or has expired.\n",
+        html="",
+        required=("login_url",),
+        defaults={"expires_minutes": "15", "name": ""},
+        samples={"login_url": "https://dashboard.example.com/login?token=SAMPLE", "name": "Ada"},
+        ttl_minutes_var="expires_minutes",
+        secrets=("login_url",),
+    ),
+    Template(
         name="security-alert",
         subject="Security alert for your ${brand} account",
-        text="Hi ${name},\n\nWe noticed this on your ${brand} account: ${event}\n\n"
-             "When: ${time}\nFrom address: ${ip}\n\nIf this was you, there is nothing to do. "
-             "If not, reset your password now and review your account.\n",
-        html=_html("Hi ${name},",
-                   "We noticed this on your ${brand} account: <strong>${event}</strong>",
-                   "When: ${time}",
-                   "From address: ${ip}",
-                   "If this was you, there is nothing to do. If not, reset your password now "
-                   "and review your account."),
+        text="Hi ${name},\n\nWe noticed new activity on your ${brand} account.\n\n"
+             "What happened: ${event}\nWhen: ${time}\nDevice: ${device}\nLocation: ${location}\n"
+             "IP address: ${ip}\n\nIf this was you, there is nothing to do. If not, change your "
+             "password now and review your account.\n\nReview your account: ${action_url}\n",
+        html="",
         required=("event",),
-        defaults={"ip": "", "time": "", "name": "there"},
-        samples={"event": "a new sign-in from Firefox on Linux", "ip": "203.0.113.7",
-                 "time": "2026-11-27 14:03 UTC", "name": "Ada"},
+        defaults={"ip": "", "time": "", "device": "", "location": "", "action_url": "",
+                  "name": ""},
+        samples={"event": "a new sign-in", "ip": "203.0.113.7", "time": "2026-11-27 14:03 UTC",
+                 "device": "Firefox on Linux", "location": "Lyon, France",
+                 "action_url": "https://dashboard.example.com/security", "name": "Ada"},
         ttl_seconds=DAY_SECONDS,
+        dashboard_default="action_url",
+    ),
+    Template(
+        name="email-change-notice",
+        subject="The email address of your ${brand} account was changed",
+        text="Hi ${name},\n\nThe email address of your ${brand} account was changed to "
+             "${new_email}. This notice goes to your previous address.\n\n"
+             "When: ${time}\nIP address: ${ip}\n\nIf you made this change, there is nothing to "
+             "do. If you did not, undo it now.\n\nUndo this change: ${undo_url}\n",
+        html="",
+        required=("new_email",),
+        defaults={"undo_url": "", "time": "", "ip": "", "name": ""},
+        samples={"new_email": "ada.lovelace@example.org",
+                 "undo_url": "https://dashboard.example.com/email/undo?token=SAMPLE",
+                 "time": "2026-11-27 14:03 UTC", "ip": "203.0.113.7", "name": "Ada"},
+        ttl_seconds=DAY_SECONDS,
+        secrets=("undo_url",),
+        dashboard_default="undo_url",
+        masked=("new_email",),
     ),
     Template(
         name="billing-notification",
-        subject="${brand} billing: ${summary}",
-        text="Hi ${name},\n\n${summary}\n\nAmount: ${amount}\nDue date: ${due_date}\n"
-             "Billing details: ${billing_url}\n",
-        html=_html("Hi ${name},",
-                   "${summary}",
-                   "Amount: <strong>${amount}</strong>",
-                   "Due date: ${due_date}",
-                   _BUTTON % ("billing_url", "View billing")),
+        subject="Billing: ${summary}",
+        text="Hi ${name},\n\nHere is an update on your ${brand} billing.\n\n"
+             "Summary: ${summary}\nAmount: ${amount}\nDue date: ${due_date}\n\n"
+             "View billing: ${billing_url}\n",
+        html="",
         required=("summary",),
-        defaults={"amount": "", "due_date": "", "billing_url": "", "name": "there"},
+        defaults={"amount": "", "due_date": "", "billing_url": "", "name": ""},
         samples={"summary": "Your invoice for November is ready", "amount": "$49.00",
                  "due_date": "2026-12-10", "billing_url": "https://dashboard.example.com/billing",
                  "name": "Ada"},
@@ -1401,12 +1486,9 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
         name="service-announcement",
         subject="${title}",
         text="Hi ${name},\n\n${title}\n\n${body}\n\nThe ${brand} team\n",
-        html=_html("Hi ${name},",
-                   '<h1 style="margin:0 0 16px 0;font-size:20px;color:#111827;">${title}</h1>',
-                   "${body}",
-                   "The ${brand} team"),
+        html="",
         required=("title", "body"),
-        defaults={"name": "there"},
+        defaults={"name": ""},
         samples={"title": "Scheduled maintenance on December 1",
                  "body": "The dashboard will be read-only from 02:00 to 03:00 UTC.",
                  "name": "Ada"},
@@ -1415,15 +1497,14 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     ),
     Template(
         name="account-suspension",
-        subject="Your ${brand} account has been suspended",
-        text="Hi ${name},\n\nYour ${brand} account has been suspended.\n\nReason: ${reason}\n\n"
-             "To appeal this decision: ${appeal_url}\n",
-        html=_html("Hi ${name},",
-                   "Your ${brand} account has been suspended.",
-                   "Reason: ${reason}",
-                   _BUTTON % ("appeal_url", "Appeal this decision")),
+        subject="We have suspended your ${brand} account",
+        text="Hi ${name},\n\nWe have suspended your ${brand} account.\n\nReason: ${reason}\n\n"
+             "What happens next: while the suspension lasts, you cannot sign in to ${brand}. "
+             "We will tell you by email when it ends.\n\n"
+             "Appeal this decision: ${appeal_url}\nTo reach us, write to ${reply_to}.\n",
+        html="",
         required=("reason",),
-        defaults={"appeal_url": "", "name": "there"},
+        defaults={"appeal_url": "", "name": ""},
         samples={"reason": "Unpaid invoices", "appeal_url": "https://dashboard.example.com/appeal",
                  "name": "Ada"},
         priority=BULK,
@@ -1441,57 +1522,202 @@ class Rendered:
     html: str
 
 
+SHIPPED_LANGUAGES = ("de",)  # translations in templates/<tag>/ beside sysmail.py (and in the .pyz)
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8}){0,3}")
+_PART_SUFFIXES = {"subject": ".subject", "text": ".txt", "html": ".html"}
+_SUBJECT_TAIL = re.compile(r"[\s:\-\u2013\u2014]+$")
+
+
+@dataclass(frozen=True)
+class Language:
+    """One language's templates and the layout's own words (footer, link hint, greeting)."""
+
+    tag: str  # as the folder names it: the HTML lang
+    templates: Mapping[str, Template]
+    strings: Mapping[str, str]
+
+    @property
+    def direction(self) -> str:
+        """The HTML dir: rtl for Arabic, Hebrew, Persian, Urdu and the like."""
+        return "rtl" if self.tag.split("-")[0].lower() in RTL_LANGUAGES else "ltr"
+
+
+ENGLISH = Language("en", TEMPLATES, LAYOUT_STRINGS)
+
+
+class Catalog:
+    """Every language's templates: built-in English, the shipped translations and the
+    operator's SYSMAIL_TEMPLATES/<locale>/ overrides, each layered on its parent."""
+
+    def __init__(self, languages: Mapping[str, Language]):
+        self.languages = {tag.lower(): language for tag, language in languages.items()}
+        self.default = self.languages["en"]
+
+    def pick(self, locale: str | None) -> Language:
+        """The language for a locale, falling back fr-CA -> fr -> the default."""
+        if not locale:
+            return self.default
+        if not isinstance(locale, str) or not _LANGUAGE_TAG.fullmatch(locale.replace("_", "-")):
+            raise MessageError("the locale must be a language tag like de or fr-CA")
+        return self.nearest(locale.replace("_", "-").lower())
+
+    def nearest(self, key: str) -> Language:
+        """The language of key, else of its shorter prefixes, else the default."""
+        while key:
+            if key in self.languages:
+                return self.languages[key]
+            key = key.rpartition("-")[0]
+        return self.default
+
+
 def load_templates(folder: Path | None) -> dict[str, Template]:
     """Return the built-in templates with NAME.subject/.txt/.html files in folder overriding parts."""
     if folder is None:
         return dict(TEMPLATES)
-    templates = {}
-    for name, template in TEMPLATES.items():
-        parts = {}
-        for part, suffix in TEMPLATE_SUFFIXES.items():
-            path = folder / f"{name}{suffix}"
-            if path.is_file():
-                parts[part] = path.read_text(encoding="utf-8").strip("\n") if part == "subject" \
-                    else path.read_text(encoding="utf-8")
-        templates[name] = dataclasses.replace(template, **parts)
-    return templates
+    return _overlaid(TEMPLATES, _folder_reader(folder))
 
 
-TEMPLATE_SUFFIXES = {"subject": ".subject", "text": ".txt", "html": ".html"}
-BRAND_VARIABLES = ("brand", "domain")
+def load_catalog(folder: Path | None) -> Catalog:
+    """The built-in and shipped languages with SYSMAIL_TEMPLATES's overrides: the folder itself
+    for the default language, a subfolder per locale (de, fr-CA) for the others."""
+    read = _folder_reader(folder) if folder else (lambda name: None)
+    languages = {"en": Language("en", load_templates(folder), _strings(ENGLISH.strings, read))}
+    sources = [(tag, _shipped_reader(tag)) for tag in SHIPPED_LANGUAGES]
+    if folder is not None:
+        sources += [(entry.name.replace("_", "-"), _folder_reader(entry))
+                    for entry in sorted(folder.iterdir())
+                    if entry.is_dir() and _LANGUAGE_TAG.fullmatch(entry.name.replace("_", "-"))]
+    for tag, read in sorted(sources, key=lambda source: source[0].count("-")):  # fr before fr-CA
+        parent = Catalog(languages).nearest(tag.lower())
+        languages[tag.lower()] = Language(tag, _overlaid(parent.templates, read),
+                                          _strings(parent.strings, read))
+    return Catalog(languages)
 
 
-def template_problems(folder: Path) -> list[str]:
-    """What is wrong in a folder of overrides: a file that overrides nothing (a misspelled
-    name) and a ${variable} that its template does not have."""
-    known = {f"{name}{suffix}": name for name in TEMPLATES for suffix in TEMPLATE_SUFFIXES.values()}
+def _overlaid(templates: Mapping[str, Template], read: Callable[[str], str | None]
+              ) -> dict[str, Template]:
+    """Templates with the parts read() finds (NAME.subject, .txt, .html) replacing theirs; a
+    new text without its own HTML brings the HTML made from it."""
+    result = {}
+    for name, template in templates.items():
+        parts = {part: read(name + suffix) for part, suffix in _PART_SUFFIXES.items()}
+        found = {part: text for part, text in parts.items() if text is not None}
+        if "subject" in found:
+            found["subject"] = found["subject"].strip("\n")
+        if "text" in found and "html" not in found:
+            found["html"] = ""
+        result[name] = dataclasses.replace(template, **found)
+    return result
+
+
+def _strings(parent: Mapping[str, str], read: Callable[[str], str | None]) -> dict[str, str]:
+    """The layout's words: the parent's, with a strings.json's translations over them."""
+    text = read("strings.json")
+    if text is None:
+        return dict(parent)
+    try:
+        strings = json.loads(text)
+    except ValueError:
+        raise ConfigError(["a strings.json of SYSMAIL_TEMPLATES is not valid JSON"]) from None
+    if not isinstance(strings, dict) or not set(strings) <= set(LAYOUT_STRINGS) or not all(
+            isinstance(v, str) for v in strings.values()):
+        keys = ", ".join(LAYOUT_STRINGS)
+        raise ConfigError([f"a strings.json may only translate {keys} (text values)"])
+    return {**parent, **strings}
+
+
+def _folder_reader(folder: Path) -> Callable[[str], str | None]:
+    def read(name: str) -> str | None:
+        path = folder / name
+        try:
+            return path.read_text(encoding="utf-8") if path.is_file() else None
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"the template file {path} cannot be read ({exc.__class__.__name__})"
+            raise ConfigError([problem]) from None
+    return read
+
+
+def _shipped_reader(tag: str) -> Callable[[str], str | None]:
+    """Files of the translation shipped beside sysmail.py: templates/<tag>/ in a checkout and
+    in sysmail.pyz (read through the module's loader, which reads inside the zip too),
+    sysmail_templates/<tag>/ once pip has installed it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    folders = [os.path.join(here, top, tag) for top in ("templates", "sysmail_templates")]
+    loader = globals().get("__loader__")
+
+    def read(name: str) -> str | None:
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                return loader.get_data(os.path.join(folder, name)).decode("utf-8")
+        return None
+    return read
+
+
+def template_problems(folder: Path, prefix: str = "") -> list[str]:
+    """Files in a folder of overrides (and in its language subfolders) that override nothing:
+    a misspelled name would otherwise leave the built-in wording without a word."""
+    known = {f"{name}{suffix}" for name in TEMPLATES for suffix in _PART_SUFFIXES.values()}
+    known.add("strings.json")
     problems = []
     for path in sorted(folder.iterdir()):
-        name = known.get(path.name)
-        if name is None:
+        if path.is_dir() and not prefix and _LANGUAGE_TAG.fullmatch(path.name.replace("_", "-")):
+            problems += template_problems(path, f"{path.name}/")
+        elif path.name not in known:
             guess = difflib.get_close_matches(path.name, known, n=1)
             hint = f"did you mean {guess[0]}?" if guess else "names are TEMPLATE.subject, .txt, .html"
-            problems.append(f"SYSMAIL_TEMPLATES: {path.name} overrides no template ({hint})")
-            continue
-        allowed = (*TEMPLATES[name].variables, *BRAND_VARIABLES)
-        used = _compiled(path.read_text(encoding="utf-8", errors="replace")).names
-        problems += [f"SYSMAIL_TEMPLATES: {path.name} uses ${{{var}}}, which {name} does not "
-                     f"have (it has {', '.join(allowed)})" for var in sorted(used - set(allowed))]
+            problems.append(f"SYSMAIL_TEMPLATES: {prefix}{path.name} overrides no template ({hint})")
     return problems
 
 
-def render(template: Template, variables: Mapping[str, object], brand: Mapping[str, str]) -> Rendered:
-    """Fill a template in; raise MessageError for a missing, unknown or unsafe variable."""
+def render(template: Template, variables: Mapping[str, object], brand: Mapping[str, str],
+           language: Language = ENGLISH, *, secrets_in_subject: bool = True) -> Rendered:
+    """Fill a template in; raise MessageError for a missing, unknown or unsafe variable.
+
+    brand holds brand and domain, and optionally reply_to and dashboard_url."""
     values = _template_values(template, variables)
-    values.update(brand)
-    subject = _substitute(template, template.subject, values)
+    values.update({"reply_to": "", "dashboard_url": "", **brand})
+    _derive_values(template, values, language)
+    subject = _subject(template, values, secrets_in_subject)
+    html_values = {k: html.escape(v).replace("\n", "<br>\n") for k, v in values.items()}
+    html_values["_subject"] = html.escape(subject)
+    text = template.text.rstrip("\n") + "\n\n-- \n${_footer}\n"
+    page = _html_document(template.html or _html_from_text(template.text))
+    return Rendered(subject, _substitute_lines(template, text, values),
+                    _substitute_lines(template, page, html_values))
+
+
+def _derive_values(template: Template, values: dict[str, str], language: Language) -> None:
+    """Fill in what follows from the language and the brand: greeting name, masked addresses,
+    the dashboard as a default link, and the layout's footer, link hint, lang and dir."""
+    if "name" in template.variables and not values["name"].strip():
+        values["name"] = language.strings["name"]
+    for key in template.masked:
+        values[key] = mask_address(values[key])
+    if template.dashboard_default and not values[template.dashboard_default]:
+        values[template.dashboard_default] = values["dashboard_url"]
+    footer = language.strings["footer_reply" if values["reply_to"] else "footer"]
+    values["_footer"] = _substitute(template, footer, values)
+    values["_link_hint"] = language.strings["link_hint"]
+    values["_lang"], values["_dir"] = language.tag, language.direction
+
+
+def _subject(template: Template, values: Mapping[str, str], secrets_in_subject: bool) -> str:
+    """The subject; without the template's secrets (a sign-in code) unless they may show."""
+    hidden = set() if secrets_in_subject else (_compiled(template.subject).names
+                                                & set(template.secrets))
+    subject = _substitute(template, template.subject, {**values, **dict.fromkeys(hidden, "")})
+    if hidden:
+        subject = _SUBJECT_TAIL.sub("", subject)
     if _unsafe_in_header(subject):
         raise MessageError(f"the subject of {template.name} would contain a line break or a "
                            "control character")
-    html_values = {k: html.escape(v).replace("\n", "<br>\n") for k, v in values.items()}
-    html_values["_subject"] = html.escape(subject)
-    return Rendered(subject, _substitute_lines(template, template.text, values),
-                    _substitute_lines(template, template.html, html_values))
+    return subject
+
+
+def mask_address(address: str) -> str:
+    """An address shown so its owner knows it and others learn little: a***@e***.org."""
+    local, _, domain = address.rpartition("@")
+    return f"{local[:1]}***@{domain[:1]}***.{domain.rpartition('.')[2]}"
 
 
 def _template_values(template: Template, variables: Mapping[str, object]) -> dict[str, str]:
@@ -1516,6 +1742,11 @@ def _check_value(template: str, key: str, value: str) -> None:
         raise MessageError(f"variable {key!r} of {template} contains a NUL character")
     if key.endswith("_url") and value and not _is_web_url(value):
         raise MessageError(f"variable {key!r} of {template} must be an http:// or https:// URL")
+    if key.endswith("_email") and value:
+        try:
+            validate_address(value)
+        except MessageError:
+            raise MessageError(f"variable {key!r} of {template} must be an email address") from None
     if key == "expires_minutes" and not (re.fullmatch(r"[0-9]{1,5}", value)
                                          and 0 < int(value) <= 10080):
         raise MessageError(f"variable {key!r} of {template} must be a whole number of minutes")
@@ -1591,8 +1822,10 @@ def make_message_id(domain: str, now: float) -> str:
 
 
 def build_message(config: Config, to: list[str], rendered: Rendered, message_id: str,
-                  now: float, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """Build the RFC 5322 bytes (CRLF) of a multipart/alternative (or text-only) message.
+                  now: float, extra: tuple[tuple[str, str], ...] = (), to_name: str = "") -> bytes:
+    """Build the RFC 5322 bytes (CRLF) of a multipart/alternative (or text-only) message;
+    extra headers go before MIME-Version; to_name, when known, goes into the To: header of a
+    one-recipient message.
 
     Written directly rather than through email.message: the email package costs ~2.7 ms a
     message, more than the fsync that makes it durable.
@@ -1601,7 +1834,7 @@ def build_message(config: Config, to: list[str], rendered: Rendered, message_id:
         raise MessageError("the subject contains a line break or a control character")
     headers = [
         ("From", email.utils.formataddr((config.from_name, config.from_addr), charset="utf-8")),
-        ("To", ",\r\n ".join(to)),
+        ("To", _to_header(to, to_name)),
         ("Subject", _encoded_header("Subject", rendered.subject)),
         ("Date", email.utils.formatdate(now, usegmt=True)),
         ("Message-ID", message_id),
@@ -1623,6 +1856,18 @@ def build_message(config: Config, to: list[str], rendered: Rendered, message_id:
         raise MessageError(f"a header line would be longer than {MAX_LINE_CHARS} characters "
                            "(a subject word too long to fold?)")
     return (head + body).encode("ascii")
+
+
+def _to_header(to: list[str], name: str) -> str:
+    """The To: value: "Ada Lovelace" <ada@example.com> for one recipient with a name (quoted,
+    RFC 2047 when not ASCII; a name with a control character is left out), else the addresses."""
+    name = " ".join(name.split())
+    if len(to) != 1 or not name or _unsafe_in_header(name) or len(name) > 200:
+        return ",\r\n ".join(to)
+    if name.isascii():
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{to[0]}>'
+    return _encoded_header("To", name) + f" <{to[0]}>"
 
 
 def _encoded_header(name: str, value: str) -> str:
@@ -3966,31 +4211,47 @@ class Enqueuer:
         self.fallback = fallback
         self.metrics = metrics
         self.clock = clock
-        self.templates = load_templates(config.templates_dir)
-        self._brand = {"brand": config.from_name, "domain": config.domain}
+        self.catalog = load_catalog(config.templates_dir)
+        self.templates = self.catalog.default.templates
+
+    def render(self, template: str, variables: Mapping[str, object], locale: str | None = None
+               ) -> tuple[Template, Rendered]:
+        """A template rendered in the locale's language (fr-CA, else fr, else the default)."""
+        language = self.catalog.pick(locale)
+        chosen = language.templates[self._template(template).name]
+        brand = {"brand": self.config.from_name, "domain": self.config.domain,
+                 "reply_to": self.config.reply_to, "dashboard_url": self.config.dashboard_url}
+        return chosen, render(chosen, variables, brand, language,
+                              secrets_in_subject=self.config.code_in_subject)
 
     def enqueue_template(self, template: str, to: str | list[str],
-                         variables: Mapping[str, object]) -> Queued:
-        """Queue a system email from a template; return its Message-ID (with the recipients
-        left out as suppressed)."""
-        return self._store(*self._from_template(self._template(template), to, variables))
+                         variables: Mapping[str, object], locale: str | None = None) -> Queued:
+        """Queue a system email from a template, in the locale's language; return its
+        Message-ID (with the recipients left out as suppressed). The To: header carries the
+        name variable when there is one recipient."""
+        return self._store(*self._from_template(template, to, variables, locale))
 
-    def enqueue_many(self, template: str, recipients: Sequence[tuple[str, Mapping[str, object]]],
-                     variables: Mapping[str, object]) -> list[Queued]:
-        """Queue one message per (address, own variables) recipient, the shared variables
-        under each one's own; return the Message-IDs in order (a suppressed recipient's says
-        so, and nothing was queued for it). Every recipient is checked
-        before any mail is queued; then ENQUEUE_BATCH messages share one sync. When the
-        queues fail, the QueueUnavailable's `queued` holds the Message-IDs queued before."""
+    def enqueue_many(self, template: str, recipients: Sequence[tuple],
+                     variables: Mapping[str, object], locale: str | None = None
+                     ) -> list[Queued]:
+        """Queue one message per recipient, (address, own variables) or (address, own
+        variables, own locale), the shared variables under each one's own; return the
+        Message-IDs in order (a suppressed recipient's says so, and nothing was queued for
+        it). Every recipient is checked before any mail is queued; then ENQUEUE_BATCH
+        messages share one sync. When the queues fail, the QueueUnavailable's `queued` holds
+        the Message-IDs queued before."""
         chosen = self._template(template)
-        for to, own in recipients:
+        entries = [(to, {**variables, **own}, rest[0] if rest and rest[0] else locale)
+                   for to, own, *rest in recipients]
+        for to, merged, own_locale in entries:
             validate_address(to)
-            _template_values(chosen, {**variables, **own})
+            self.catalog.pick(own_locale)
+            _template_values(chosen, merged)
         queued: list[Queued] = []
-        for start in range(0, len(recipients), ENQUEUE_BATCH):
-            builds = [self._build(*self._from_template(chosen, to, {**variables, **own}))
-                      for to, own in recipients[start:start + ENQUEUE_BATCH]]
-            built = [entry for _, entries, _ in builds for entry in entries]
+        for start in range(0, len(entries), ENQUEUE_BATCH):
+            builds = [self._build(*self._from_template(template, *entry))
+                      for entry in entries[start:start + ENQUEUE_BATCH]]
+            built = [entry for _, entries_of_one, _ in builds for entry in entries_of_one]
             try:
                 placed = [(ident, "spool") for ident in self.spool.enqueue_many(built)]
             except SpoolError as exc:
@@ -4013,11 +4274,30 @@ class Enqueuer:
                                f"(templates: {', '.join(self.templates)})")
         return self.templates[name]
 
-    def _from_template(self, chosen: Template, to: str | list[str],
-                       variables: Mapping[str, object]) -> tuple:
-        rendered = render(chosen, variables, self._brand)
+    def _from_template(self, name: str, to: str | list[str], variables: Mapping[str, object],
+                       locale: str | None) -> tuple:
+        chosen, rendered = self.render(name, variables, locale)
         ttl = chosen.ttl({**chosen.defaults, **{k: str(v) for k, v in variables.items()}})
-        return to, rendered, chosen.name, chosen.priority, ttl
+        return to, rendered, name, chosen.priority, ttl, str(variables.get("name", ""))
+
+    def check_templates(self) -> list[str]:
+        """Render every template of every language with its samples; one line per language,
+        or ConfigError naming each one that fails."""
+        report, problems = [], []
+        for language in self.catalog.languages.values():
+            for name, template in language.templates.items():
+                try:
+                    self.render(name, template.samples, language.tag)
+                except MessageError as exc:
+                    problems.append(f"SYSMAIL_TEMPLATES {language.tag}/{name}: {exc}")
+            own = [name for name, template in language.templates.items()
+                   if language is self.catalog.default or template != self.templates[name]]
+            report.append(f"templates {language.tag}: {len(own)} of {len(language.templates)} "
+                          f"kinds in this language" + ("" if len(own) == len(language.templates)
+                                                       else " (the rest in the default)"))
+        if problems:
+            raise ConfigError(problems)
+        return report
 
     def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
                         priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> Queued:
@@ -4032,15 +4312,17 @@ class Enqueuer:
         return self._store(to, Rendered(subject, text, html), "", priority, ttl_seconds)
 
     def _store(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
-               ttl: int) -> Queued:
-        message_id, entries, suppressed = self._build(to, rendered, template, priority, ttl)
+               ttl: int, to_name: str = "") -> Queued:
+        message_id, entries, suppressed = self._build(to, rendered, template, priority, ttl,
+                                                      to_name)
         for header, data, _ in entries:
             spool_id, backend = self._enqueue(header, data, priority)
             self._record(header, spool_id, backend, priority)
         return Queued(message_id, suppressed)
 
     def _build(self, to: str | list[str], rendered: Rendered, template: str, priority: int,
-               ttl: int) -> tuple[str, list[tuple[dict, bytes, int]], tuple[str, ...]]:
+               ttl: int, to_name: str = ""
+               ) -> tuple[str, list[tuple[dict, bytes, int]], tuple[str, ...]]:
         """A message's Message-ID, its queue entries (header, data, priority), and the
         recipients left out as suppressed."""
         if not isinstance(to, str | list | tuple):
@@ -4052,7 +4334,8 @@ class Enqueuer:
         message_id = make_message_id(self.config.domain, now)
         kept = self._unsuppressed(rcpts, template, priority, message_id)
         extra = (("Feedback-ID", f"{template or 'ad-hoc'}:sysmail:{self.config.domain}"),)
-        data = build_message(self.config, kept, rendered, message_id, now, extra) if kept else b""
+        data = (build_message(self.config, kept, rendered, message_id, now, extra, to_name)
+                if kept else b"")
         # one entry per recipient when each needs its own envelope sender or unsubscribe link
         unsubscribable = template == ANNOUNCEMENTS and self.config.public_url_set
         if self.config.bounce_address or unsubscribable:
@@ -4063,7 +4346,7 @@ class Enqueuer:
         for group in groups:
             if unsubscribable:
                 data = build_message(self.config, kept, rendered, message_id, now,
-                                     extra + self._unsubscribe_headers(group[0]))
+                                     extra + self._unsubscribe_headers(group[0]), to_name)
             header = {"message_id": message_id, "from": self._envelope_sender(message_id, group),
                       "to": list(group), "template": template, "queued_at": now,
                       "expires_at": now + ttl}
@@ -5475,6 +5758,21 @@ class User:
     id: str
     email: str
     name: str = ""
+    locale: str = ""  # the language of the user's mail (de, fr-CA); "" for the default
+
+
+def _user_locale(user: User) -> str:
+    """The user's locale when it is a language tag, else "" (the default language): an odd
+    value from a store never stops the user's mail."""
+    locale = user.locale
+    return locale if _LANGUAGE_TAG.fullmatch(locale.replace("_", "-")) else ""
+
+
+def _checked_locale(locale: str) -> str:
+    """A locale to store with a user: "" or a language tag; MessageError otherwise."""
+    if locale and not _LANGUAGE_TAG.fullmatch(locale.replace("_", "-")):
+        raise MessageError("the locale must be a language tag like de or fr-CA")
+    return locale
 
 
 class TokenStore(Protocol):
@@ -5547,15 +5845,17 @@ class MemoryStore:
         self._on_password_changed = on_password_changed
         self._next_id = 0
 
-    def add_user(self, email: str, name: str = "", password: str | None = None) -> User:
-        """Create a user (optionally with a password) and return it."""
+    def add_user(self, email: str, name: str = "", password: str | None = None,
+                 locale: str = "") -> User:
+        """Create a user (optionally with a password and a locale) and return it."""
         address = validate_address(email)
+        locale = _checked_locale(locale)
         hashed = hash_password(password) if password else None
         with self._lock:
             if address.lower() in self.users:
                 raise MessageError(f"a user with the address {address} exists already")
             self._next_id += 1
-            user = User(str(self._next_id), address, name)
+            user = User(str(self._next_id), address, name, locale)
             self.users[address.lower()] = user
             if hashed:
                 self.passwords[user.id] = hashed
@@ -5611,7 +5911,8 @@ CREATE TABLE IF NOT EXISTS users (
     email TEXT NOT NULL UNIQUE COLLATE NOCASE,
     name TEXT NOT NULL DEFAULT '',
     password_hash TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    locale TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS tokens (
     hash BLOB PRIMARY KEY,
@@ -5630,6 +5931,20 @@ CREATE TABLE IF NOT EXISTS audit (
     client TEXT NOT NULL
 );
 """
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database made by an older sysmail up to the schema: users.locale (added with
+    the default language, so existing users keep getting the mail they got)."""
+    db.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see the column
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+        if "locale" not in columns:
+            db.execute("ALTER TABLE users ADD COLUMN locale TEXT NOT NULL DEFAULT ''")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class SqliteStore:
@@ -5661,6 +5976,7 @@ class SqliteStore:
             db.execute("PRAGMA synchronous=FULL")
             if not self._schema_ready:
                 db.executescript(_SQLITE_SCHEMA)
+                _migrate(db)
                 self._schema_ready = True
             self._local.db = db
         return db
@@ -5681,36 +5997,39 @@ class SqliteStore:
             self._local.db = None
             raise StoreError(f"the token store is unavailable ({exc.__class__.__name__})") from exc
 
-    def add_user(self, email: str, name: str = "", password: str | None = None) -> User:
-        """Create a user (optionally with a password); raise MessageError if it exists."""
+    def add_user(self, email: str, name: str = "", password: str | None = None,
+                 locale: str = "") -> User:
+        """Create a user (optionally with a password and a locale); raise MessageError if it
+        exists."""
         email = validate_address(email)
+        locale = _checked_locale(locale)
         hashed = hash_password(password) if password else None
 
         def insert(db: sqlite3.Connection) -> int:
-            return db.execute("INSERT INTO users (email, name, password_hash, created_at) "
-                              "VALUES (?, ?, ?, ?) RETURNING id",
-                              (email, name, hashed, self.clock())).fetchone()[0]
+            return db.execute("INSERT INTO users (email, name, password_hash, created_at, locale) "
+                              "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                              (email, name, hashed, self.clock(), locale)).fetchone()[0]
         try:
             user_id = self._run(insert, write=True)
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 raise MessageError(f"a user with the address {email} exists already") from None
             raise
-        return User(str(user_id), email, name)
+        return User(str(user_id), email, name, locale)
 
     def users(self) -> list[dict]:
         """Every user with whether they have a password, oldest first."""
         rows = self._run(lambda db: db.execute(
-            "SELECT id, email, name, password_hash IS NOT NULL, created_at FROM users ORDER BY id"
-        ).fetchall())
+            "SELECT id, email, name, password_hash IS NOT NULL, created_at, locale FROM users "
+            "ORDER BY id").fetchall())
         return [{"id": str(r[0]), "email": r[1], "name": r[2], "has_password": bool(r[3]),
-                 "created_at": r[4]} for r in rows]
+                 "created_at": r[4], "locale": r[5]} for r in rows]
 
     def find_user(self, email: str) -> User | None:
         """The user with this address (case-insensitive), or None."""
         row = self._run(lambda db: db.execute(
-            "SELECT id, email, name FROM users WHERE email = ?", (email,)).fetchone())
-        return User(str(row[0]), row[1], row[2]) if row else None
+            "SELECT id, email, name, locale FROM users WHERE email = ?", (email,)).fetchone())
+        return User(str(row[0]), *row[1:]) if row else None
 
     def save_token(self, token_hash: bytes, user: User, purpose: str, created_at: float,
                    expires_at: float) -> None:
@@ -5730,8 +6049,9 @@ class SqliteStore:
                 return None
             db.execute("UPDATE tokens SET used_at = ? WHERE user_id = ? AND purpose = ? "
                        "AND used_at IS NULL", (now, row[0], purpose))
-            user = db.execute("SELECT id, email, name FROM users WHERE id = ?", row).fetchone()
-            return User(str(user[0]), user[1], user[2]) if user else None
+            user = db.execute("SELECT id, email, name, locale FROM users WHERE id = ?",
+                              row).fetchone()
+            return User(str(user[0]), *user[1:]) if user else None
         return self._run(consume, write=True)
 
     def set_password(self, user: User, password_hash: str) -> None:
@@ -6099,12 +6419,14 @@ class Api:
         return user
 
     def _alert_password_changed(self, user: User, client: str) -> None:
-        variables = {"event": "your password was changed", "ip": client,
+        locale = _user_locale(user)
+        event = self.enqueuer.catalog.pick(locale).strings["password_changed"]
+        variables = {"event": event, "ip": client,
                      "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.clock()))}
         if user.name:
             variables["name"] = user.name
         try:
-            self.enqueuer.enqueue_template("security-alert", user.email, variables)
+            self.enqueuer.enqueue_template("security-alert", user.email, variables, locale)
         except SysmailError as exc:  # the password is changed: report, do not undo
             log_event(logging.ERROR, "alert_not_queued", user=user.id, reason=str(exc))
 
@@ -6142,32 +6464,39 @@ class Api:
         self._authorize(request)
         fields = _json_object(request)
         template, to, variables = fields.get("template"), fields.get("to"), fields.get("vars", {})
+        locale = fields.get("locale")
+        if not isinstance(locale, str | None):
+            raise HttpError(400, '"locale" is a language tag like de or fr-CA')
         if "recipients" in fields and isinstance(template, str) and _is_str_map(variables):
-            return self._send_batch(request, template, fields["recipients"], variables)
+            return self._send_batch(request, template, fields["recipients"], variables, locale)
         if not isinstance(template, str) or not _is_recipients(to) or not _is_str_map(variables):
-            raise HttpError(400, 'send {"template": NAME, "to": ADDR or [ADDR], "vars": {...}}, '
-                                 'or "recipients": [ADDR or {"to": ADDR, "vars": {...}}]')
-        enqueue = functools.partial(self.enqueuer.enqueue_template, template, to, variables)
+            raise HttpError(400, 'send {"template": NAME, "to": ADDR or [ADDR], "vars": {...}, '
+                                 '"locale": TAG}, or "recipients": [ADDR or {"to": ADDR, '
+                                 '"vars": {...}, "locale": TAG}]')
+        enqueue = functools.partial(self.enqueuer.enqueue_template, template, to, variables,
+                                    locale)
         message_id, duplicate = self._once(request, enqueue)
         return json_response(202, {"messageId": message_id, **duplicate,
                                    **_suppressed(getattr(message_id, "suppressed", ()))})
 
     def _send_batch(self, request: Request, template: str, recipients: object,
-                    variables: dict) -> Response:
+                    variables: dict, locale: str | None) -> Response:
         """One message per recipient, queued together (Enqueuer.enqueue_many)."""
         if not isinstance(recipients, list) or not 0 < len(recipients) <= MAX_BATCH_RECIPIENTS:
             raise HttpError(400, f'"recipients" is a list of 1 to {MAX_BATCH_RECIPIENTS} '
-                                 'addresses or {"to": ADDR, "vars": {...}}')
-        pairs = [(item, {}) if isinstance(item, str) else
-                 (item.get("to"), item.get("vars", {})) if isinstance(item, dict) else (None, {})
-                 for item in recipients]
-        if not all(isinstance(to, str) and _is_str_map(own) for to, own in pairs):
-            raise HttpError(400, 'each recipient is an address or {"to": ADDR, "vars": {...}}')
+                                 'addresses or {"to": ADDR, "vars": {...}, "locale": TAG}')
+        entries = [(item, {}, None) if isinstance(item, str) else
+                   (item.get("to"), item.get("vars", {}), item.get("locale"))
+                   if isinstance(item, dict) else (None, {}, None) for item in recipients]
+        if not all(isinstance(to, str) and _is_str_map(own) and isinstance(tag, str | None)
+                   for to, own, tag in entries):
+            raise HttpError(400, 'each recipient is an address or {"to": ADDR, "vars": {...}, '
+                                 '"locale": TAG}')
 
         left_out: list[str] = []
 
         def enqueue() -> str:
-            queued = self.enqueuer.enqueue_many(template, pairs, variables)
+            queued = self.enqueuer.enqueue_many(template, entries, variables, locale)
             left_out.extend(address for q in queued for address in q.suppressed)
             return json.dumps(queued)
         try:
@@ -7172,7 +7501,8 @@ class ForgotWorker:
         variables = {"reset_url": link, "expires_minutes": str(max(ttl // 60, 1))}
         if user.name:
             variables["name"] = user.name
-        self.enqueuer.enqueue_template("password-reset", user.email, variables)
+        self.enqueuer.enqueue_template("password-reset", user.email, variables,
+                                       _user_locale(user))
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -7261,14 +7591,16 @@ class Mailer:
         """A Mailer configured from env (os.environ by default); raise ConfigError when invalid."""
         return cls(Config.from_env(with_credentials(os.environ if env is None else env)))
 
-    def enqueue(self, template: str, /, to: str | list[str], **variables: object) -> str:
-        """Queue a system email from a template; return its Message-ID."""
-        return self.app.enqueuer.enqueue_template(template, to, variables)
+    def enqueue(self, template: str, /, to: str | list[str], *, locale: str | None = None,
+                **variables: object) -> str:
+        """Queue a system email from a template, in the locale's language (de-AT, else de,
+        else the default); return its Message-ID."""
+        return self.app.enqueuer.enqueue_template(template, to, variables, locale)
 
     def enqueue_template(self, template: str, to: str | list[str],
-                         variables: Mapping[str, object]) -> str:
+                         variables: Mapping[str, object], locale: str | None = None) -> str:
         """enqueue, with the variables as a mapping (any names, even "to")."""
-        return self.app.enqueuer.enqueue_template(template, to, variables)
+        return self.app.enqueuer.enqueue_template(template, to, variables, locale)
 
     def enqueue_message(self, to: str | list[str], subject: str, text: str, html: str = "", *,
                         priority: int = BULK, ttl_seconds: int = ADHOC_TTL_SECONDS) -> str:
@@ -7277,15 +7609,18 @@ class Mailer:
                                                  ttl_seconds=ttl_seconds)
 
     def enqueue_many(self, template: str, /, recipients: Iterable[str | Mapping[str, object]],
-                     **variables: object) -> list[str]:
-        """Queue one message per recipient: an address, or a mapping {"to": address, ...its
-        own variables}; return the Message-IDs in order. Much faster than enqueue in a loop
-        (256 messages share one sync); on QueueUnavailable, its `queued` lists the
-        Message-IDs queued before the failure, in recipients' order."""
-        pairs = [(item, {}) if isinstance(item, str) else
-                 (str(item.get("to", "")), {k: v for k, v in item.items() if k != "to"})
-                 for item in recipients]
-        return self.app.enqueuer.enqueue_many(template, pairs, variables)
+                     *, locale: str | None = None, **variables: object) -> list[str]:
+        """Queue one message per recipient: an address, or a mapping {"to": address,
+        "locale": its own (optional), ...its own variables}; return the Message-IDs in order.
+        Much faster than enqueue in a loop (256 messages share one sync); on
+        QueueUnavailable, its `queued` lists the Message-IDs queued before the failure, in
+        recipients' order."""
+        entries = [(item, {}, None) if isinstance(item, str) else
+                   (str(item.get("to", "")),
+                    {k: v for k, v in item.items() if k not in ("to", "locale")},
+                    item.get("locale"))
+                   for item in recipients]
+        return self.app.enqueuer.enqueue_many(template, entries, variables, locale)
 
     def check_queue(self) -> None:
         """Raise QueueUnavailable unless a message could be stored now (spool or Redis)."""
@@ -7394,6 +7729,7 @@ def _add_mail_commands(commands: argparse._SubParsersAction) -> None:
     send.add_argument("--template", metavar="NAME", help="a template (listed below)")
     send.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
                       help="a template variable; repeat for each")
+    send.add_argument("--locale", metavar="TAG", help="the recipient's language (de, fr-CA)")
     send.add_argument("--subject", help="subject of an ad-hoc mail (without --template)")
     send.add_argument("--text", help="its plain text; - reads standard input")
     send.add_argument("--html", default="", help="an optional HTML part; - reads standard input")
@@ -7408,6 +7744,7 @@ def _add_mail_commands(commands: argparse._SubParsersAction) -> None:
                          help="a variable instead of its sample value; repeat for each")
     preview.add_argument("--part", choices=("message", "text", "html"), default="message",
                          help="the whole message (default), or only its text or HTML part")
+    preview.add_argument("--locale", metavar="TAG", help="render in this language (de, fr-CA)")
     _command(commands, "serve", "run the HTTP API and the sender until SIGTERM (SYSMAIL_LISTEN)",
              ["sysmail serve", "sysmail --env-file /etc/sysmail/sysmail.env serve"],
              handler=cmd_serve)
@@ -7488,6 +7825,7 @@ def _add_bounce_commands(commands: argparse._SubParsersAction) -> None:
         "sysmail unsuppress ada@example.com"], handler=cmd_unsuppress)
     unsuppress.add_argument("address", metavar="ADDRESS", help="the address to send to again")
 
+
 def _add_user_commands(commands: argparse._SubParsersAction) -> None:
     user = _command(commands, "user", "manage the SQLite store's users", [
         "sysmail user add ada@example.com --name Ada", "sysmail user list --json"])
@@ -7499,6 +7837,7 @@ def _add_user_commands(commands: argparse._SubParsersAction) -> None:
         handler=cmd_user_add)
     add.add_argument("email", help="the user's address")
     add.add_argument("--name", default="", help="the name mails greet them with")
+    add.add_argument("--locale", default="", metavar="TAG", help="the language of their mail")
     listing = _command(user_commands, "list", "list the users", [
         "sysmail user list", "sysmail user list --json"], handler=cmd_user_list)
     listing.add_argument("--json", action="store_true", help="print JSON instead of lines")
@@ -7530,6 +7869,8 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
     System mail never shows one user's address to another: several --to make several mails."""
     if args.template and (args.subject or args.text or args.html):
         raise UsageError("--template cannot be combined with --subject, --text or --html")
+    if not args.template and args.locale:
+        raise UsageError("--locale goes with --template (an ad-hoc mail is sent as written)")
     if not args.template and (args.subject is None or args.text is None):
         raise UsageError("send needs --template NAME, or --subject and --text")
     if args.text == "-" and args.html == "-":
@@ -7543,7 +7884,7 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
     mailer = build_app(config).enqueuer
     for to in [args.to] if args.shared else [[address] for address in args.to]:
         if args.template:
-            message_id = mailer.enqueue_template(args.template, to, variables)
+            message_id = mailer.enqueue_template(args.template, to, variables, args.locale)
         else:
             message_id = mailer.enqueue_message(to, args.subject, text, html,
                                                 priority=URGENT if args.urgent else BULK)
@@ -7906,19 +8247,17 @@ def cmd_delete(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_preview(args: argparse.Namespace, config: Config) -> int:
     """Print a template rendered with the given variables and samples for the rest."""
-    templates = build_app(config).enqueuer.templates
-    if args.template not in templates:
-        raise MessageError(f"there is no template {args.template!r} "
-                           f"(templates: {', '.join(templates)})")
-    template = templates[args.template]
-    variables = {**template.samples, **_parse_vars(args.var)}
-    rendered = render(template, variables, {"brand": config.from_name, "domain": config.domain})
+    enqueuer = build_app(config).enqueuer
+    template = enqueuer.templates.get(args.template)
+    variables = {**(template.samples if template else {}), **_parse_vars(args.var)}
+    _, rendered = enqueuer.render(args.template, variables, args.locale)
     if args.part != "message":
         print(getattr(rendered, args.part))
         return EX_OK
     now = time.time()
     data = build_message(config, ["ada@example.com"], rendered,
-                         make_message_id(config.domain, now), now)
+                         make_message_id(config.domain, now), now,
+                         to_name=str(variables.get("name", "")))
     sys.stdout.write(data.decode("ascii", "replace").replace("\r\n", "\n"))
     return EX_OK
 
@@ -7985,7 +8324,7 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
         raise MessageError(f"the password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
                            "characters long")
     store = _user_store(config, "add_user")
-    user = store.add_user(args.email, args.name, password or None)
+    user = store.add_user(args.email, args.name, password or None, args.locale)
     print(f"added user {user.id}: {user.email}" + (" with a password" if password else ""))
     return EX_OK
 
@@ -8021,7 +8360,8 @@ def _user_store(config: Config, method: str) -> SqliteStore:
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
-    """Report the configuration and probe the relay (EHLO, STARTTLS, AUTH) without sending."""
+    """Report the configuration, the signing backend and the templates, warn about look-alike
+    variables, and probe the relay (EHLO, STARTTLS, AUTH) without sending."""
     print(f"configuration ok: From {config.from_name} <{config.from_addr}>, spool "
           f"{config.spool_dir}")
     if config.dkim_key:
@@ -8031,17 +8371,22 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         print(f"DKIM ed25519-sha256: selector {config.ed25519_selector}")
     if not config.signing:
         print("DKIM: no key configured, mail goes out unsigned")
-    else:
-        print(f"DKIM signing: {signing_backend_note(build_app(config).signer.backend)}")
+    app = build_app(config)
+    if config.signing:
+        print(f"DKIM signing: {signing_backend_note(app.signer.backend)}")
     for warning in lookalike_variables(args.environment):
         print(f"warning: {warning}")
     problems = template_problems(config.templates_dir) if config.templates_dir else []
+    try:
+        lines = app.enqueuer.check_templates()
+    except ConfigError as exc:
+        problems, lines = problems + exc.problems, []
     if problems:
         raise ConfigError(problems)
-    if config.templates_dir:
-        print(f"templates: the overrides in {config.templates_dir} are valid")
+    for line in lines:
+        print(line)
     try:
-        steps = build_app(config).transport().probe()
+        steps = app.transport().probe()
     except RelayUnavailable as exc:
         if exc.smtp_code and 500 <= exc.smtp_code < 600:
             raise ConfigError([f"SMTP_URL: {exc}"]) from None

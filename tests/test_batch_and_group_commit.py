@@ -272,11 +272,11 @@ def test_the_batch_form_of_post_v1_emails(make_service, smtp_server: SmtpServer)
     again = json_reply(svc.send(payload, {"Idempotency-Key": "batch-1"}), 202)
     assert again == {**body, "duplicate": True}
     mails = wait_mails(smtp_server, 4)
-    by_recipient = {m["To"]: m for m in mails}
+    by_recipient = {m["To"].addresses[0].addr_spec: m for m in mails}
     assert set(by_recipient) == {"user0@example.org", "user1@example.org", "user2@example.org",
                                  "plain@example.org"}
-    assert [m["Message-ID"] for m in mails if m["To"] == "user1@example.org"] == [
-        body["messageIds"][1]]
+    assert [m["Message-ID"] for m in mails
+            if m["To"].addresses[0].addr_spec == "user1@example.org"] == [body["messageIds"][1]]
     big = {**payload, "recipients": [f"u{n}@example.org" for n in range(1000)]}  # ~22 KiB
     assert len(json.dumps(big)) > sysmail.MAX_BODY_BYTES
     assert len(json_reply(svc.send(big), 202)["messageIds"]) == 1000

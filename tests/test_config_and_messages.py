@@ -22,17 +22,21 @@ RELAY_PASSWORD = "Pw-" + secrets.token_hex(8)
 BAD_ED25519_SEED = base64.b64encode(secrets.token_bytes(31)).decode()  # one byte short
 NOW = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
 BRAND = {"brand": "Example Cloud", "domain": "example.com"}
-SPEC_VARIABLES = {  # template -> (required, optional) as listed in issue 2
+SPEC_VARIABLES = {  # template -> (required, optional) as listed in issues 2 and 13
     "password-reset": (("reset_url",), {"name", "expires_minutes"}),
     "email-verification": (("verify_url",), {"name"}),
     "two-factor-code": (("code",), {"expires_minutes"}),
-    "security-alert": (("event",), {"ip", "time", "name"}),
+    "magic-link": (("login_url",), {"expires_minutes", "name"}),
+    "security-alert": (("event",), {"ip", "time", "name", "device", "location", "action_url"}),
+    "email-change-notice": (("new_email",), {"undo_url", "time", "ip", "name"}),
     "billing-notification": (("summary",), {"amount", "due_date", "billing_url", "name"}),
     "service-announcement": (("title", "body"), {"name"}),
     "account-suspension": (("reason",), {"appeal_url", "name"}),
 }
 URL_VARIABLES = [("password-reset", "reset_url"), ("email-verification", "verify_url"),
-                 ("billing-notification", "billing_url"), ("account-suspension", "appeal_url")]
+                 ("billing-notification", "billing_url"), ("account-suspension", "appeal_url"),
+                 ("magic-link", "login_url"), ("security-alert", "action_url"),
+                 ("email-change-notice", "undo_url")]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -445,7 +449,7 @@ def test_parse_env_file_joins_backslash_continued_lines_without_the_newline() ->
 # --------------------------------------------------------------------------- templates
 
 
-def test_the_seven_system_templates_exist() -> None:
+def test_the_nine_system_templates_exist() -> None:
     assert set(sysmail.TEMPLATES) == set(SPEC_VARIABLES)
 
 
@@ -468,9 +472,10 @@ def test_template_renders_its_samples_into_subject_text_and_html(name: str) -> N
     assert rendered.html.startswith("<!DOCTYPE html>")
     assert "<img" not in rendered.html
     for variable, value in template.samples.items():
+        shown = sysmail.mask_address(value) if variable in template.masked else value
         if variable != "title":  # the announcement's title is its subject
-            assert value in rendered.text, variable
-        assert value in rendered.html, variable
+            assert shown in rendered.text, variable
+        assert shown in rendered.html, variable
 
 
 @pytest.mark.parametrize(("name", "variable"),
@@ -525,9 +530,9 @@ def test_security_alert_without_ip_and_time_drops_those_lines() -> None:
     assert "\n\n\n" not in rendered.text
 
 
-def test_security_alert_with_ip_keeps_the_from_address_line() -> None:
+def test_security_alert_with_ip_keeps_the_ip_address_line() -> None:
     rendered = render("security-alert", event="a new sign-in", ip="203.0.113.7")
-    assert "From address: 203.0.113.7\n" in rendered.text
+    assert "IP address: 203.0.113.7\n" in rendered.text
     assert "When:" not in rendered.text
 
 
@@ -612,11 +617,17 @@ def test_templates_folder_overrides_the_html_part(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "two-factor-code.html").write_text("<p>Code: <b>${code}</b></p>\n",
                                                   encoding="utf-8")
+    (folder / "magic-link.html").write_text("<!DOCTYPE html>\n<p>${login_url}</p>\n",
+                                             encoding="utf-8")
     templates = sysmail.load_templates(folder)
     rendered = sysmail.render(templates["two-factor-code"], {"code": "<1>"}, BRAND)
-    assert rendered.html == "<p>Code: <b>&lt;1&gt;</b></p>\n"
+    # a fragment goes into the shared layout; a whole document is sent as it is
+    assert rendered.html.startswith("<!DOCTYPE html>\n<html lang=\"en\"")
+    assert "\n<p>Code: <b>&lt;1&gt;</b></p>\n" in rendered.html
     assert rendered.text == sysmail.render(sysmail.TEMPLATES["two-factor-code"],
                                            {"code": "<1>"}, BRAND).text
+    whole = sysmail.render(templates["magic-link"], {"login_url": "https://e.example/l"}, BRAND)
+    assert whole.html == "<!DOCTYPE html>\n<p>https://e.example/l</p>\n"
 
 
 def test_missing_templates_folder_is_a_config_error(tmp_path: Path) -> None:
@@ -695,7 +706,9 @@ def test_cli_preview_uses_the_templates_folder(tmp_path: Path) -> None:
     result = run_cli(["preview", "security-alert", "--part", "text"],
                      env_for(tmp_path, SYSMAIL_TEMPLATES=str(folder)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "ALERT a new sign-in from Firefox on Linux for Ada\n\n"
+    assert result.stdout == ("ALERT a new sign-in for Ada\n\n-- \nThis is an automated message "
+                             "from Example Cloud (example.com). Replies to this address are not "
+                             "read.\n\n")
 
 
 def test_cli_preview_missing_required_variable_exits_65(tmp_path: Path) -> None:
@@ -717,7 +730,8 @@ def test_enqueued_template_message_has_the_rfc5322_headers(tmp_path: Path) -> No
     message = entry.message
     assert message["From"] == "Example Cloud <noreply@example.com>"
     assert message["From"].addresses[0].display_name == "Example Cloud"
-    assert message["To"] == "ada@example.com"
+    assert b'\r\nTo: "Ada" <ada@example.com>\r\n' in entry.data
+    assert message["To"].addresses[0].display_name == "Ada"
     assert message["Subject"] == "Reset your Example Cloud password"
     assert email.utils.parsedate_to_datetime(message["Date"]).timestamp() == NOW
     assert message["Message-ID"] == message_id

@@ -469,10 +469,16 @@ def test_check_validates_template_overrides(tmp_path: Path) -> None:
     env = _env(tmp_path / "spool", SYSMAIL_TEMPLATES=str(folder))
     error = _one_sentence(run_cli(["check"], env), 78)
     assert "password_reset.txt overrides no template (did you mean password-reset.txt?)" in error
-    assert "two-factor-code.txt uses ${cod}, which two-factor-code does not have" in error
+    [unknown] = [line for line in error.splitlines() if "'cod'" in line]
+    assert "two-factor-code" in unknown and "unknown variable" in unknown
+    (folder / "de").mkdir()  # a language's subfolder is checked the same way
+    (folder / "de" / "two-factor-code.subjet").write_text("Ihr Code\n")
+    error = _one_sentence(run_cli(["check"], env), 78)
+    assert "de/two-factor-code.subjet overrides no template (did you mean " in error
     (folder / "password_reset.txt").rename(folder / "password-reset.txt")
     (folder / "two-factor-code.txt").write_text("Your code: ${code} (${brand})\n")
-    assert f"templates: the overrides in {folder} are valid" in _ok(run_cli(["check"], env))
+    (folder / "de" / "two-factor-code.subjet").rename(folder / "de" / "two-factor-code.subject")
+    assert "templates de:" in _ok(run_cli(["check"], env))
 
 
 def test_check_warns_about_lookalike_variables_and_names_the_signing_backend(

@@ -390,6 +390,8 @@ def long_values(template: sysmail.Template) -> dict[str, str]:
     for name in template.variables:
         if name.endswith("_url"):
             values[name] = "https://dashboard.example.com/" + "a" * 1500
+        elif name.endswith("_email"):
+            values[name] = "a" * 64 + "@" + "b" * 60 + ".example.com"
         elif name in ("code", "expires_minutes"):
             values[name] = template.samples.get(name) or template.defaults[name]
         else:

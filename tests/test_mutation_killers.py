@@ -148,9 +148,9 @@ def test_sqlite_add_user_hashes_the_password_and_lists_users(tmp_path: Path) -> 
     assert store.password_hash(bob) is None
     assert store.users() == [
         {"id": ada.id, "email": "ada@example.com", "name": "", "has_password": True,
-         "created_at": 1234.5},
+         "created_at": 1234.5, "locale": ""},
         {"id": bob.id, "email": "bob@example.com", "name": "Bob", "has_password": False,
-         "created_at": 1234.5}]
+         "created_at": 1234.5, "locale": ""}]
     assert repr(store) == f"SqliteStore({str(tmp_path / 's.db')!r})"
 
 

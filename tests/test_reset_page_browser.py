@@ -226,7 +226,8 @@ def mail_to(outbox: Path, address: str, subject_prefix: str, timeout: float = 15
         for path in sorted(outbox.glob("*.eml")) if outbox.is_dir() else []:
             message = BytesParser(policy=email.policy.default).parsebytes(path.read_bytes())
             assert isinstance(message, EmailMessage)
-            if message["To"] == address and str(message["Subject"]).startswith(subject_prefix):
+            to = message["To"].addresses[0].addr_spec
+            if to == address and str(message["Subject"]).startswith(subject_prefix):
                 return message
         assert time.monotonic() < give_up, f"no mail {subject_prefix!r} to {address} in {outbox}"
         time.sleep(0.1)

@@ -62,7 +62,7 @@ def test_serve_uses_the_configured_store(tmp_path: Path) -> None:
         outbox = tmp_path / "outbox"
         _wait_for(lambda: outbox.is_dir() and any(outbox.iterdir()))
         [mail] = list(outbox.iterdir())
-        assert b"To: grace@example.com" in mail.read_bytes()
+        assert b"\r\nTo: \"Grace\" <grace@example.com>\r\n" in mail.read_bytes()
     finally:
         stop_process(service)
     assert not (tmp_path / "never.db").exists()

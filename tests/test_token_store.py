@@ -451,8 +451,10 @@ def test_cli_user_add_and_list(tmp_path: Path) -> None:
     users = json.loads(listed.stdout)
     created = [u.pop("created_at") for u in users]
     assert users == [
-        {"id": "1", "email": "ada@example.com", "name": "Ada Lovelace", "has_password": True},
-        {"id": "2", "email": "Grace@example.com", "name": "", "has_password": False},
+        {"id": "1", "email": "ada@example.com", "name": "Ada Lovelace", "has_password": True,
+         "locale": ""},
+        {"id": "2", "email": "Grace@example.com", "name": "", "has_password": False,
+         "locale": ""},
     ]
     assert all(started - 1 <= c <= time.time() + 1 for c in created)
 

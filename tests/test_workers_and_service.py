@@ -736,7 +736,8 @@ def test_the_zipapp_sends_from_an_empty_folder_with_the_system_python(
         pytest.skip(f"{SYSTEM_PYTHON} (the unit's ExecStart interpreter) is not installed")
     with zipfile.ZipFile(pyz) as archive:
         names = archive.namelist()
-    assert {"__main__.py", "sysmail.py", "dkim/__init__.py"} <= set(names)
+    assert {"__main__.py", "sysmail.py", "dkim/__init__.py", "templates/de/strings.json",
+            "templates/de/password-reset.txt"} <= set(names)
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
     # -I -S: no site-packages, no PYTHON* variables: the system Python alone lacks dkimpy
     bare = subprocess.run([str(SYSTEM_PYTHON), "-I", "-S", "-c", "import dkim"],
@@ -768,3 +769,11 @@ def test_the_zipapp_sends_from_an_empty_folder_with_the_system_python(
     assert _verify(received.data, rsa_key)  # dkimpy, from inside the zip, signed it
     assert os.listdir(folder) == ["spool"]
     assert os.listdir(folder / "spool" / "new") == os.listdir(folder / "spool" / "cur") == []
+    # the shipped translations travel inside the zip: a German sign-in code, lang="de"
+    sent = run("send", "--to", "a@example.com", "--template", "two-factor-code", "--locale",
+               "de-AT", "--var", "code=654321")
+    assert sent.returncode == 0, sent.stderr
+    assert run("worker", "--once").returncode == 0
+    german = smtp_server.wait_for(2)[1].data
+    assert b"Subject: =?utf-8?q?Ihr_Anmeldecode_f=C3=BCr_example=2Ecom=3A_654321?=" in german
+    assert b'<html lang=3D"de" dir=3D"ltr">' in german

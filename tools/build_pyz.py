@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build sysmail.pyz: sysmail.py and its pure-Python dependencies in one zipapp.
+"""Build sysmail.pyz: sysmail.py, its translations and pure-Python dependencies in one zipapp.
 
     python3 tools/build_pyz.py [--output sysmail.pyz]
 
@@ -35,6 +35,7 @@ def build(output: Path) -> Path:
             shutil.rmtree(junk)
         shutil.rmtree(stage / "bin", ignore_errors=True)
         shutil.copy2(REPO / "sysmail.py", stage / "sysmail.py")
+        shutil.copytree(REPO / "templates", stage / "templates")  # the shipped translations
         (stage / "__main__.py").write_text(MAIN)
         compiled = [p for p in stage.rglob("*") if p.suffix in (".so", ".pyd")]
         if compiled:
