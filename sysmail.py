@@ -12,12 +12,14 @@ store (SQLite by default) and takes mail from internal callers.
 Environment (see Config.from_env; every bad value is reported at once, exit 78):
 @ENVIRONMENT@
 Command line:
-    sysmail [--env-file FILE] send --to ADDR --template NAME [--var KEY=VALUE ...] [--locale TAG]
-    sysmail send --to ADDR --subject S --text T [--html H] [--urgent]
-    sysmail serve | worker [--once] | status [--json] | failed [--json] | retry ID...|--all
-    sysmail dns | keygen [--type rsa|ed25519] | check | preview TEMPLATE [--var KEY=VALUE ...]
+    sysmail [--env-file FILE] send --to ADDR... [--shared] --template NAME [--var KEY=VALUE ...]
         [--locale TAG]
-    sysmail user add EMAIL [--name NAME] [--locale TAG] (password on stdin) | user list [--json]
+    sysmail send --to ADDR --subject S --text T|- [--html H|-] [--urgent]
+    sysmail serve | worker [--once] | status [--json] | queue [--json] | show ID [--raw]
+    sysmail failed [--json] | retry ID...|--all | delete ID...|--all-failed   (ID: or Message-ID)
+    sysmail dns | keygen [--type rsa|ed25519] [--out FILE] | check | preview TEMPLATE [--var ...]
+        [--locale TAG]
+    sysmail user add EMAIL [--name NAME] [--locale TAG] | user list [--json]
     sysmail suppressed [--json] | suppress ADDRESS [--reason R] | unsuppress ADDRESS
     sysmail bounce [--dry-run] [--json] [--recipient ADDR] < message
 
@@ -36,6 +38,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import difflib
 import email.header
 import email.message
 import email.parser
@@ -44,6 +47,7 @@ import email.utils
 import errno
 import fcntl
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -78,7 +82,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, Self
+from typing import Any, BinaryIO, Protocol, Self
 
 __version__ = "0.1.0"
 __all__ = [
@@ -394,13 +398,21 @@ def _ed25519_seed(text: str) -> bytes:
     return seed
 
 
-def _nacl_available() -> bool:
-    """True when PyNaCl, which dkimpy needs for ed25519, can be imported."""
-    try:
-        import nacl.signing  # noqa: F401
-    except ImportError:
-        return False
-    return True
+ED25519_INSTALL_HINT = ("pip install '.[ed25519]' from a checkout, or apt install "
+                        "python3-cryptography")
+FAST_HINT = "pip install '.[fast]' from a checkout, or apt install python3-cryptography"
+
+
+def _ed25519_library() -> str:
+    """The library that signs ed25519: cryptography (OpenSSL), else PyNaCl, else ""."""
+    for module, name in (("cryptography.hazmat.primitives.asymmetric.ed25519", "cryptography"),
+                         ("nacl.signing", "pynacl")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return name
+    return ""
 
 
 def _txt_record(name: str, value: str) -> str:
@@ -432,10 +444,18 @@ def _rsa_public_key_b64(pem: bytes) -> str:
 
 def _ed25519_public_key_b64(seed_b64: bytes) -> str:
     """The base64 raw public key of an ed25519 seed, for the DKIM p= tag."""
-    import nacl.signing
-
     seed = base64.b64decode(seed_b64)
-    return base64.b64encode(nacl.signing.SigningKey(seed).verify_key.encode()).decode()
+    if _ed25519_library() == "cryptography":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        import nacl.signing
+
+        public = nacl.signing.SigningKey(seed).verify_key.encode()
+    return base64.b64encode(public).decode()
 
 
 # ---- Configuration ---- #
@@ -916,9 +936,9 @@ class _EnvReader(_EnvValues):
             self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY is neither a PEM ed25519 key "
                                  "nor the base64 of a 32-byte seed")
             return None
-        if not _nacl_available():
-            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY needs PyNaCl: "
-                                 "pip install 'sysmail[ed25519]'")
+        if not _ed25519_library():
+            self.problems.append("SYSTEM_DKIM_ED25519_PRIVATE_KEY needs the cryptography "
+                                 f"package (or PyNaCl): {ED25519_INSTALL_HINT}")
             return None
         return base64.b64encode(seed)
 
@@ -994,6 +1014,22 @@ def environment_help() -> str:
         lines += textwrap.wrap(text, 96, initial_indent=f"    {variable:33} ",
                                subsequent_indent=" " * 38)
     return "\n".join(lines)
+
+
+def lookalike_variables(env: Mapping[str, str]) -> list[str]:
+    """Warnings for variables that look like sysmail's but are not (SYSTEM_DOMIAN): a typo
+    there would otherwise leave a setting at its default without a word."""
+    names = [variable for variable, _, _ in ENVIRONMENT]
+    warnings = []
+    for key in sorted(set(env) - set(names)):
+        if key.startswith("SYSMAIL_RETRY_SCHEDULE_"):
+            continue  # per kind; Config reports a kind that does not exist
+        guess = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+        if guess:
+            warnings.append(f"{key} is not a sysmail variable: did you mean {guess[0]}?")
+        elif key.startswith(("SYSMAIL_", "SYSTEM_")):
+            warnings.append(f"{key} is not a sysmail variable (sysmail --help lists them)")
+    return warnings
 
 
 def _shown_default(name: str, value: object) -> str:
@@ -1641,6 +1677,22 @@ def _shipped_reader(tag: str) -> Callable[[str], str | None]:
                 return loader.get_data(os.path.join(folder, name)).decode("utf-8")
         return None
     return read
+
+
+def template_problems(folder: Path, prefix: str = "") -> list[str]:
+    """Files in a folder of overrides (and in its language subfolders) that override nothing:
+    a misspelled name would otherwise leave the built-in wording without a word."""
+    known = {f"{name}{suffix}" for name in TEMPLATES for suffix in _PART_SUFFIXES.values()}
+    known.add("strings.json")
+    problems = []
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() and not prefix and _LANGUAGE_TAG.fullmatch(path.name.replace("_", "-")):
+            problems += template_problems(path, f"{path.name}/")
+        elif path.name not in known:
+            guess = difflib.get_close_matches(path.name, known, n=1)
+            hint = f"did you mean {guess[0]}?" if guess else "names are TEMPLATE.subject, .txt, .html"
+            problems.append(f"SYSMAIL_TEMPLATES: {prefix}{path.name} overrides no template ({hint})")
+    return problems
 
 
 def render(template: Template, variables: Mapping[str, object], brand: Mapping[str, str],
@@ -2369,9 +2421,18 @@ def _signing_backend(requested: str) -> str:
         import cryptography.hazmat.primitives.asymmetric.padding  # noqa: F401
     except ImportError:
         if requested == "openssl":
-            raise ConfigError(["OpenSSL signing needs: pip install 'sysmail[fast]'"]) from None
+            raise ConfigError([f"OpenSSL signing needs the cryptography package: {FAST_HINT}"]
+                              ) from None
         return "dkimpy"
     return "openssl"
+
+
+def signing_backend_note(backend: str) -> str:
+    """Which code signs, and why: for check and the sender's startup log line."""
+    if backend == "openssl":
+        return "OpenSSL (the cryptography package is installed)"
+    return ("pure Python (dkimpy), as the cryptography package is not installed; for OpenSSL, "
+            f"about 11x faster: {FAST_HINT}")
 
 
 def _rsa_signer(pem: bytes, backend: str) -> Callable[[bytes], bytes]:
@@ -2420,7 +2481,7 @@ SPOOL_FORMAT = b"sysmail-spool/2 "  # then the entry's MAC in hex, a space, the 
 TMP_MAX_AGE_SECONDS = 36 * 3600
 SPOOL_MIN_FREE_BYTES = 1024 * 1024
 SPOOL_DIR_MODE = 0o700
-SPOOL_FOLDERS = ("tmp", "new", "cur", "failed", "wake", "idempotency")
+SPOOL_FOLDERS = ("tmp", "new", "cur", "failed", "wake", "idempotency", "replies")
 SPOOL_FILE_MODE = 0o600
 _WAKE_PREFIX = "\0sysmail-wake-"
 
@@ -2530,8 +2591,9 @@ class Queue(Protocol):
     def ack(self, claim: Claim) -> None:
         """Forget a delivered message."""
 
-    def defer(self, claim: Claim, due: float) -> None:
-        """Put a message back for another attempt at `due` (attempt + 1)."""
+    def defer(self, claim: Claim, due: float, reply: str = "") -> None:
+        """Put a message back for another attempt at `due` (attempt + 1), keeping the relay's
+        reply for the operators' queue listing."""
 
     def release(self, claim: Claim, due: float | None = None) -> None:
         """Put a message back with its attempt unchanged, due now (or at due): its try was
@@ -2551,6 +2613,9 @@ class Queue(Protocol):
 
     def retry(self, ids: list[str] | None = None) -> list[str]:
         """Put dead letters (all when ids is None) back, due now with attempt 0; return ids."""
+
+    def entries(self) -> list[dict]:
+        """The messages waiting or being sent, for `sysmail queue` (read, not authenticated)."""
 
     def counts(self) -> dict:
         """Messages per state: new (due now), deferred, cur (claimed) and failed."""
@@ -2721,6 +2786,7 @@ class Spool:
             for name, (header, data, _) in zip(names, entries, strict=True):
                 fds.append(os.open(f"{root}/tmp/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                                    SPOOL_FILE_MODE))
+                _give_to_folder_owner(fds[-1], f"{root}/tmp")
                 _write_all(fds[-1], _entry_bytes(header, data, self._mac_key))
             _sync_files(fds)  # the data is on disk before any name appears in new/
             for name in names:
@@ -2833,11 +2899,16 @@ class Spool:
     def ack(self, claim: Claim) -> None:
         """Forget a delivered message."""
         _unlink_quietly(claim.path)
+        if claim.name.attempt:  # only a deferred message has a last reply kept
+            _unlink_quietly(f"{self.root}/replies/{claim.name.id}")
 
-    def defer(self, claim: Claim, due: float) -> None:
-        """Put a message back for another attempt at `due`."""
+    def defer(self, claim: Claim, due: float, reply: str = "") -> None:
+        """Put a message back for another attempt at `due`; keep reply for `sysmail queue`."""
         name = dataclasses.replace(claim.name, due_ms=int(due * 1000),
                                    attempt=claim.name.attempt + 1)
+        if reply:
+            _write_file_atomically(self.root / "replies" / claim.name.id, reply.encode(),
+                                   self.root / "tmp")
         self._return(claim, str(name))
 
     def release(self, claim: Claim, due: float | None = None) -> None:
@@ -2856,6 +2927,7 @@ class Spool:
         self._write_reason(str(claim.name), reason)
         os.rename(claim.path, self.root / "failed" / str(claim.name))
         _fsync_dir(self.root / "failed")
+        _unlink_quietly(self.root / "replies" / claim.name.id)  # the reason has the reply
 
     def add_failed(self, message: SpooledMessage, rcpts: tuple[str, ...], reason: dict) -> None:
         """Write a dead letter for some recipients of a message whose others were served."""
@@ -2945,6 +3017,58 @@ class Spool:
             moved.append(name.id)
         return moved
 
+    # -- the operators' view: sysmail queue, show, delete -- #
+
+    def messages(self, states: tuple[str, ...] = ("new", "cur", "failed"),
+                 ) -> Iterator[tuple[str, SpoolName, Path]]:
+        """(state, name, path) of every message in the given folders."""
+        for state in states:
+            for entry in _scan(self.root / state):
+                name = None if entry.endswith(".json") else _parse_name(entry)
+                if name is not None:
+                    yield state, name, self.root / state / entry
+
+    def peek(self, name: SpoolName, path: Path) -> SpooledMessage | None:
+        """A message as stored, for an operator's eyes: not authenticated (the sender does
+        that before it sends); None when it is gone or not a queue entry."""
+        try:
+            return _peek_entry(_read_regular(path), name)
+        except OSError:
+            return None
+
+    def entries(self, states: tuple[str, ...] = ("new", "cur")) -> list[dict]:
+        """The messages in the given states, most urgent and soonest due first: id, state,
+        header fields, attempt, next try and the relay's last reply."""
+        return sorted((_entry_row(name, "sending" if state == "cur" else state,
+                                  self.peek(name, path), self._last_reply(name, state))
+                       for state, name, path in self.messages(states)), key=_queue_order)
+
+    def _last_reply(self, name: SpoolName, state: str) -> str:
+        try:
+            if state == "failed":
+                return self._reason(str(name)).get("reply", "")
+            return _read_regular(self.root / "replies" / name.id).decode() if name.attempt else ""
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def delete(self, ident: str) -> str:
+        """Remove a queued or dead message: "deleted"; "sending" when a worker holds it (it is
+        left alone: its SMTP transaction may be under way); "missing" when there is none."""
+        for state, name, path in self.messages():
+            if name.id != ident:
+                continue
+            if state == "cur":
+                return "sending"
+            try:
+                os.unlink(path)  # a claim renames it away first: then this fails, never both
+            except FileNotFoundError:
+                return "sending"
+            _fsync_dir(path.parent)
+            _unlink_quietly(f"{path}.json")
+            _unlink_quietly(self.root / "replies" / ident)
+            return "deleted"
+        return "missing"
+
     # -- status -- #
 
     def counts(self) -> dict:
@@ -2988,6 +3112,7 @@ class Spool:
         except FileNotFoundError:
             with contextlib.suppress(OSError):
                 stamp.touch(mode=SPOOL_FILE_MODE)
+                _give_to_folder_owner(stamp, self.root)
         except OSError:
             pass  # a broken spool must not fail a delivery that already happened
 
@@ -3071,6 +3196,7 @@ class _WakeListener:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sent it
         self._socket.bind(self._address)
         self._marker.touch(mode=SPOOL_FILE_MODE)
+        _give_to_folder_owner(self._marker, folder)
         self._on_wake = on_wake
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="sysmail-wake", daemon=True)
@@ -3116,9 +3242,17 @@ def _entry_mac(key: bytes, body: bytes) -> bytes:
 def _parse_entry(raw: bytes, name: SpoolName, key: bytes) -> SpooledMessage:
     """Parse a queue entry; UnauthenticatedEntry when its MAC is wrong (forged, truncated,
     or written under another key), SpoolError when it is not an entry at all."""
-    tag, mac, body = raw[:len(SPOOL_FORMAT)], raw[len(SPOOL_FORMAT):][:64], raw[81:]
+    tag, mac, body = raw[:len(SPOOL_FORMAT)], raw[len(SPOOL_FORMAT):][:64], raw[_ENTRY_BODY_AT:]
     if tag != SPOOL_FORMAT or not hmac.compare_digest(mac, _entry_mac(key, body)):
         raise UnauthenticatedEntry(f"queue entry {name.id} fails its authentication")
+    return _entry_message(body, name)
+
+
+_ENTRY_BODY_AT = len(SPOOL_FORMAT) + 64 + 1  # after the format tag, the hex MAC and a space
+
+
+def _entry_message(body: bytes, name: SpoolName) -> SpooledMessage:
+    """The message in an entry's body (JSON header line, then the bytes); SpoolError if none."""
     try:
         head, _, data = body.partition(b"\n")
         meta = json.loads(head)
@@ -3131,8 +3265,46 @@ def _parse_entry(raw: bytes, name: SpoolName, key: bytes) -> SpooledMessage:
         raise SpoolError(f"queue entry {name.id} is unreadable") from exc
 
 
+def _peek_entry(raw: bytes, name: SpoolName) -> SpooledMessage | None:
+    """The message in a queue entry, unauthenticated (for an operator's eyes only)."""
+    try:
+        return _entry_message(raw[_ENTRY_BODY_AT:], name)
+    except SpoolError:
+        return None
+
+
+def _entry_row(name: SpoolName, state: str, message: SpooledMessage | None,
+               last_reply: str) -> dict:
+    """One line of `sysmail queue`, as a dict (its --json)."""
+    return {"id": name.id, "state": state, "message_id": message.message_id if message else "",
+            "kind": (message.template or "ad-hoc") if message else "unreadable",
+            "to": list(message.rcpts) if message else [],
+            "queued_at": message.queued_at if message else _id_time(name.id),
+            "attempt": name.attempt, "next_try": name.due_ms / 1000,
+            "priority": PRIORITY_NAMES.get(name.priority, str(name.priority)),
+            "last_reply": last_reply}
+
+
+def _queue_order(row: dict) -> tuple:
+    """Being sent first, then urgent before bulk, then soonest due."""
+    return (row["state"] != "sending", row["priority"] != "urgent", row["next_try"])
+
+
 def _make_private_dir(path: Path) -> None:
     path.mkdir(mode=SPOOL_DIR_MODE, parents=True, exist_ok=True)
+    if path.parent.exists() and path.stat().st_uid == 0:
+        _give_to_folder_owner(path, path.parent)
+
+
+def _give_to_folder_owner(target: int | Path | str, folder: Path | str) -> None:
+    """As root, give a file or folder just made inside someone else's folder to that folder's
+    owner: a service reads what an operator's root shell queued in its spool (a file only
+    root can read would become an "unreadable" dead letter). OSError when it cannot."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(folder)
+    if owner.st_uid or owner.st_gid:
+        os.chown(target, owner.st_uid, owner.st_gid)  # target may be an open descriptor
 
 
 def _read_regular(path: Path | str) -> bytes:
@@ -3166,6 +3338,7 @@ def _write_synced(path: Path | str, payload: bytes,
     """Create a new private file with payload and sync it (never over an existing one)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
     try:
+        _give_to_folder_owner(fd, os.path.dirname(path))
         _write_all(fd, payload)
         sync(fd)
     except BaseException:
@@ -3446,8 +3619,10 @@ class RedisQueue:
             pipe.execute()
         self._call(forget)
 
-    def defer(self, claim: Claim, due: float) -> None:
+    def defer(self, claim: Claim, due: float, reply: str = "") -> None:
         """Put a message back for another attempt at `due`."""
+        if reply:
+            self._call(lambda: self._redis.hset(self._key("msg", claim.name.id), "reply", reply))
         self._unclaim(claim.name.id, due, claim.name.attempt + 1, self._owner)
 
     def release(self, claim: Claim, due: float | None = None) -> None:
@@ -3539,6 +3714,24 @@ class RedisQueue:
             self._call(pipe.execute)
             moved.append(ident)
         return moved
+
+    def entries(self) -> list[dict]:
+        """The messages waiting or being sent, like Spool.entries (each with "queue": "redis")."""
+        def members() -> list:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in (self._key("queue", "0"), self._key("queue", "1"), self._key("claimed")):
+                pipe.zrange(key, 0, -1, withscores=True)
+            return pipe.execute()
+        urgent, bulk, claimed = self._call(members)
+        rows = []
+        for state, ident, score in [("new", i, s) for i, s in urgent + bulk] + [
+                ("sending", i, s) for i, s in claimed]:
+            entry, attempt, priority, reply = self._call(lambda i=ident: self._redis.hmget(
+                self._key("msg", i.decode()), "entry", "attempt", "priority", "reply"))
+            name = SpoolName(int(priority or 1), int(score), int(attempt or 0), ident.decode())
+            rows.append({**_entry_row(name, state, _peek_entry(entry or b"", name),
+                                      (reply or b"").decode()), "queue": "redis"})
+        return sorted(rows, key=_queue_order)
 
     def counts(self) -> dict:
         """Messages per state, like Spool.counts."""
@@ -4358,6 +4551,10 @@ class SmtpTransport:
             self._smtp = self._connect()
         except smtplib.SMTPAuthenticationError as exc:
             raise RelayUnavailable("the relay refused the SMTP credentials", exc.smtp_code) from None
+        except smtplib.SMTPNotSupportedError:
+            raise RelayUnavailable(f"reached the relay {self.url.host}:{self.url.port}, but it "
+                                   "offers no STARTTLS (smtps:// for implicit TLS; smtp+plain:// "
+                                   "only for a loopback relay)") from None
         except (OSError, smtplib.SMTPException) as exc:
             raise RelayUnavailable(f"cannot reach the relay {self.url.host}:{self.url.port}: "
                                    f"{_reply_text(str(exc))}") from None
@@ -5194,7 +5391,7 @@ class _Settler:
             attempt = message.attempt + (0 if split else 1)
             due = self.clock() if split else verdict.reason["due"]
             if whole:
-                claim.queue.defer(claim, due)
+                claim.queue.defer(claim, due, f"{reason.get('code') or ''} {reason.get('reply') or ''}")
             else:
                 claim.queue.enqueue(message.header(verdict.rcpts), message.data,
                                     message.priority, due=due, attempt=attempt)
@@ -5298,7 +5495,9 @@ class Sender:
         self._stop = stop
         listener = self.spool.listen(self.wake)
         log_event(logging.INFO, "sender_started", spool=str(self.spool.root),
-                  transport=repr(self.transport), signing=self.signer is not None)
+                  transport=repr(self.transport), signing=self.signer is not None,
+                  signing_backend=signing_backend_note(self.signer.backend) if self.signer
+                  else "unsigned")
         try:
             while not stop.is_set():
                 self._cycle()
@@ -7405,9 +7604,11 @@ class Mailer:
     """The embedding API: enqueue system emails, and optionally run the sender in a thread.
 
         mailer = sysmail.Mailer.from_env()
-        mailer.start()                                   # background sender (optional)
         mailer.enqueue("password-reset", to="ada@example.com", reset_url=url)
-        mailer.stop()
+        mailer.flush(timeout=30)            # a script: deliver now, in this thread
+
+        mailer.start()                      # a long-running program: a sender thread instead
+        mailer.stop()                       # ends it; what is still queued stays queued
     """
 
     def __init__(self, config: Config, *, clock: Clock = time.time, app: App | None = None):
@@ -7468,8 +7669,28 @@ class Mailer:
         self.app.sending.start(lambda: self.app.on_cycle(on_cycle or (lambda: None)))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the sender thread after its current SMTP transaction; queued mail stays queued."""
+        """Stop the sender thread after its current SMTP transaction. It does not deliver what
+        is still queued: that stays in the spool for the next start, a worker or the service
+        (call flush() first to deliver it now)."""
         self.app.sending.stop(timeout)
+
+    def flush(self, timeout: float = 30.0) -> DeliveryCounts:
+        """Deliver what is queued and due, in this thread, and return the counts. Returns
+        when a pass finds nothing more to do, when the relay cannot be reached (released),
+        or once timeout seconds have passed; mail deferred by a 4xx waits for its next try."""
+        totals = DeliveryCounts()
+        deadline = time.monotonic() + timeout
+        sender = self.app.sender()
+        try:
+            while time.monotonic() < deadline:
+                counts = sender.run_once()
+                for outcome in ("sent", "deferred", "failed", "expired", "released", "paced"):
+                    totals.add(outcome, getattr(counts, outcome))
+                if counts.released or counts == DeliveryCounts():
+                    break
+        finally:
+            sender.close()
+        return totals
 
     def __enter__(self) -> Self:
         return self
@@ -7495,78 +7716,165 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="sysmail", description="Queue and send system emails.",
                              epilog="environment:\n" + environment_help(),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sysmail {__version__}")
     parser.add_argument("--env-file", metavar="FILE",
                         help="read variables from a systemd EnvironmentFile (the environment wins)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=_ArgumentParser)
-    send = commands.add_parser("send", help="queue one mail and print its Message-ID")
-    send.add_argument("--to", action="append", required=True, metavar="ADDR")
-    send.add_argument("--template", metavar="NAME")
-    send.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
-    send.add_argument("--subject")
-    send.add_argument("--text")
-    send.add_argument("--html", default="")
-    send.add_argument("--urgent", action="store_true", help="ad-hoc mail goes first")
+    _add_mail_commands(commands)
+    _add_queue_commands(commands)
+    _add_setup_commands(commands)
+    _add_bounce_commands(commands)
+    _add_user_commands(commands)
+    return parser
+
+
+def _command(commands: argparse._SubParsersAction, name: str, summary: str,
+             examples: list[str], extra: str = "", **defaults: object) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and ends with examples (after extra)."""
+    epilog = (f"{extra}\n\n" if extra else "") + "examples:\n" + "\n".join(
+        f"  {example}" for example in examples)
+    command = commands.add_parser(name, help=summary, description=f"{summary[0].upper()}"
+                                  f"{summary[1:]}.", epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.set_defaults(**defaults)
+    return command
+
+
+def _templates_help() -> str:
+    """The templates and their variables, for the --help of send and preview."""
+    lines = ["templates (required variables, then [optional ones]):"]
+    for name, template in TEMPLATES.items():
+        optional = " ".join(v for v in template.variables if v not in template.required)
+        lines.append(f"  {name:22} {' '.join(template.required)}"
+                     + (f" [{optional}]" if optional else ""))
+    return "\n".join(lines)
+
+
+def _add_mail_commands(commands: argparse._SubParsersAction) -> None:
+    send = _command(commands, "send", "queue a mail per recipient and print each Message-ID", [
+        "sysmail send --to ada@example.com --template two-factor-code --var code=123456",
+        "make report | sysmail send --to ops@example.com --subject 'Nightly export' --text -"],
+        _templates_help(), handler=cmd_send)
+    send.add_argument("--to", action="append", required=True, metavar="ADDR",
+                      help="a recipient; several --to make one mail each")
+    send.add_argument("--shared", action="store_true",
+                      help="one mail to every --to instead (each sees the others' addresses)")
+    send.add_argument("--template", metavar="NAME", help="a template (listed below)")
+    send.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                      help="a template variable; repeat for each")
     send.add_argument("--locale", metavar="TAG", help="the recipient's language (de, fr-CA)")
-    send.set_defaults(handler=cmd_send)
-    worker = commands.add_parser("worker", help="deliver queued mail")
-    worker.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
-    worker.set_defaults(handler=cmd_worker)
-    status = commands.add_parser("status", help="queue counts and the last successful send")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(handler=cmd_status)
-    failed = commands.add_parser("failed", help="list dead letters with their reasons")
-    failed.add_argument("--json", action="store_true")
-    failed.set_defaults(handler=cmd_failed)
-    retry = commands.add_parser("retry", help="put dead letters back in the queue")
-    retry.add_argument("ids", nargs="*", metavar="ID")
-    retry.add_argument("--all", action="store_true")
-    retry.set_defaults(handler=cmd_retry)
-    suppressed = commands.add_parser("suppressed", help="list the suppressed addresses")
-    suppressed.add_argument("--json", action="store_true")
-    suppressed.set_defaults(handler=cmd_suppressed)
-    suppress = commands.add_parser("suppress", help="stop mail to an address (see README)")
-    suppress.add_argument("address", metavar="ADDRESS")
-    suppress.add_argument("--reason", default="manual")
-    suppress.set_defaults(handler=cmd_suppress)
-    unsuppress = commands.add_parser("unsuppress", help="take an address off the list")
-    unsuppress.add_argument("address", metavar="ADDRESS")
-    unsuppress.set_defaults(handler=cmd_unsuppress)
-    commands.add_parser("dns", help="print the SPF, DKIM and DMARC records").set_defaults(
-        handler=cmd_dns)
-    keygen = commands.add_parser("keygen", help="print a new DKIM key and its DNS record")
-    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
-    keygen.add_argument("--bits", type=int, default=2048)
-    keygen.set_defaults(handler=cmd_keygen, needs_config=False)
-    commands.add_parser("check", help="validate the configuration and probe the relay"
-                        ).set_defaults(handler=cmd_check)
-    preview = commands.add_parser("preview", help="print a rendered template")
-    preview.add_argument("template", metavar="TEMPLATE")
-    preview.add_argument("--var", action="append", default=[], metavar="KEY=VALUE")
-    preview.add_argument("--part", choices=("message", "text", "html"), default="message")
+    send.add_argument("--subject", help="subject of an ad-hoc mail (without --template)")
+    send.add_argument("--text", help="its plain text; - reads standard input")
+    send.add_argument("--html", default="", help="an optional HTML part; - reads standard input")
+    send.add_argument("--urgent", action="store_true",
+                      help="ad-hoc mail goes first, with the sign-in codes (default: bulk)")
+    preview = _command(commands, "preview", "print a template rendered with sample values", [
+        "sysmail preview password-reset",
+        "sysmail preview two-factor-code --var code=424242 --part text"],
+        _templates_help(), handler=cmd_preview)
+    preview.add_argument("template", metavar="TEMPLATE", help="the template's name")
+    preview.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                         help="a variable instead of its sample value; repeat for each")
+    preview.add_argument("--part", choices=("message", "text", "html"), default="message",
+                         help="the whole message (default), or only its text or HTML part")
     preview.add_argument("--locale", metavar="TAG", help="render in this language (de, fr-CA)")
-    preview.set_defaults(handler=cmd_preview)
-    commands.add_parser("serve", help="run the HTTP API and the sender (SYSMAIL_LISTEN)"
-                        ).set_defaults(handler=cmd_serve)
-    bounce = commands.add_parser("bounce", help="read a bounce, complaint or reply on stdin "
-                                 "and record it (exit 75: the MTA should retry)")
+    _command(commands, "serve", "run the HTTP API and the sender until SIGTERM (SYSMAIL_LISTEN)",
+             ["sysmail serve", "sysmail --env-file /etc/sysmail/sysmail.env serve"],
+             handler=cmd_serve)
+    worker = _command(commands, "worker", "deliver queued mail until SIGTERM", [
+        "sysmail worker", "sysmail worker --once"], handler=cmd_worker)
+    worker.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+
+
+def _add_queue_commands(commands: argparse._SubParsersAction) -> None:
+    ops = "sysmail --env-file /etc/sysmail/sysmail.env"
+    json_help = "print JSON instead of a table"
+    status = _command(commands, "status", "queue counts, the oldest message and the last send",
+                      [f"{ops} status", "sysmail status --json"], handler=cmd_status,
+                      spool_only=True)
+    status.add_argument("--json", action="store_true", help=json_help)
+    mailq = _command(commands, "queue", "list the messages waiting or being sent, like mailq",
+                     [f"{ops} queue", "sysmail queue --json"], handler=cmd_queue, spool_only=True)
+    mailq.add_argument("--json", action="store_true", help=json_help)
+    show = _command(commands, "show", "print one message's headers and text, like postcat", [
+        "sysmail show '<1733011200000.5f2c@example.com>'", "sysmail show 6618a5a263ab --raw"],
+        handler=cmd_show, spool_only=True)
+    show.add_argument("id", metavar="ID", help="the internal id, or the Message-ID send printed")
+    show.add_argument("--raw", action="store_true",
+                      help="the message as stored, a reset link or code included")
+    failed = _command(commands, "failed", "list the dead letters with their reasons", [
+        f"{ops} failed", "sysmail failed --json"], handler=cmd_failed, spool_only=True)
+    failed.add_argument("--json", action="store_true", help=json_help)
+    retry = _command(commands, "retry", "put dead letters back in the queue, due now", [
+        "sysmail retry --all", "sysmail retry '<1733011200000.5f2c@example.com>'"],
+        handler=cmd_retry, spool_only=True)
+    retry.add_argument("ids", nargs="*", metavar="ID",
+                       help="internal ids or Message-IDs (see sysmail failed)")
+    retry.add_argument("--all", action="store_true", help="every dead letter that can be retried")
+    delete = _command(commands, "delete", "delete queued messages or dead letters, like "
+                      "postsuper -d", ["sysmail delete '<1733011200000.5f2c@example.com>'",
+                                       "sysmail delete --all-failed"],
+                      handler=cmd_delete, spool_only=True)
+    delete.add_argument("ids", nargs="*", metavar="ID",
+                        help="internal ids or Message-IDs (see sysmail queue)")
+    delete.add_argument("--all-failed", action="store_true", help="every dead letter")
+
+
+def _add_setup_commands(commands: argparse._SubParsersAction) -> None:
+    _command(commands, "check", "validate the configuration and templates, probe the relay", [
+        "sysmail check", "sysmail --env-file /etc/sysmail/sysmail.env check"], handler=cmd_check)
+    _command(commands, "dns", "print the SPF, DKIM and DMARC records to publish", [
+        "sysmail dns", "SYSTEM_DOMAIN=example.com sysmail dns"], handler=cmd_dns)
+    keygen = _command(commands, "keygen", "make a DKIM key: an env line, or a file, and its "
+                      "DNS record", ["SYSTEM_DOMAIN=example.com sysmail keygen",
+                                     "sysmail keygen --out /etc/sysmail/dkim.pem"],
+                      handler=cmd_keygen, needs_config=False)
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (default; every receiver checks it) or ed25519 (a second one)")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--out", metavar="FILE",
+                        help="also write the key as a PEM file, mode 0600, for LoadCredential=")
+
+
+
+def _add_bounce_commands(commands: argparse._SubParsersAction) -> None:
+    bounce = _command(commands, "bounce", "read a bounce, complaint or reply on stdin and record "
+                      "it (exit 75: the MTA should retry)", [
+                          "sysmail bounce --dry-run --json < returned.eml",
+                          "sysmail bounce --recipient bounces@example.com < returned.eml"],
+                      handler=cmd_bounce, needs_config=False)
     bounce.add_argument("--dry-run", action="store_true", help="print what it says, change nothing")
-    bounce.add_argument("--json", action="store_true")
+    bounce.add_argument("--json", action="store_true", help="print JSON (with --dry-run)")
     bounce.add_argument("--recipient", default="", metavar="ADDR",
                         help="the envelope recipient (Postfix pipe: ${recipient})")
-    bounce.set_defaults(handler=cmd_bounce, needs_config=False)
-    user = commands.add_parser("user", help="manage the SQLite store's users")
+    suppressed = _command(commands, "suppressed", "list the suppressed addresses", [
+        "sysmail suppressed", "sysmail suppressed --json"], handler=cmd_suppressed)
+    suppressed.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    suppress = _command(commands, "suppress", "stop mail to an address (see README)", [
+        "sysmail suppress ada@example.com --reason 'asked by phone'"], handler=cmd_suppress)
+    suppress.add_argument("address", metavar="ADDRESS", help="the address to stop mail to")
+    suppress.add_argument("--reason", default="manual", help="why, one line (default: manual)")
+    unsuppress = _command(commands, "unsuppress", "take an address off the suppression list", [
+        "sysmail unsuppress ada@example.com"], handler=cmd_unsuppress)
+    unsuppress.add_argument("address", metavar="ADDRESS", help="the address to send to again")
+
+
+def _add_user_commands(commands: argparse._SubParsersAction) -> None:
+    user = _command(commands, "user", "manage the SQLite store's users", [
+        "sysmail user add ada@example.com --name Ada", "sysmail user list --json"])
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True,
                                         parser_class=_ArgumentParser)
-    add = user_commands.add_parser("add", help="add a user; a password may come on stdin")
-    add.add_argument("email")
-    add.add_argument("--name", default="")
+    add = _command(user_commands, "add", "add a user, asking for a password at a terminal", [
+        "sysmail user add ada@example.com --name Ada",
+        "printf '%s\\n' \"$PASSWORD\" | sysmail user add ada@example.com"],
+        handler=cmd_user_add)
+    add.add_argument("email", help="the user's address")
+    add.add_argument("--name", default="", help="the name mails greet them with")
     add.add_argument("--locale", default="", metavar="TAG", help="the language of their mail")
-    add.set_defaults(handler=cmd_user_add)
-    listing = user_commands.add_parser("list", help="list the users")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(handler=cmd_user_list)
-    return parser
+    listing = _command(user_commands, "list", "list the users", [
+        "sysmail user list", "sysmail user list --json"], handler=cmd_user_list)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
 
 def _parse_vars(pairs: list[str]) -> dict[str, str]:
@@ -7579,25 +7887,44 @@ def _parse_vars(pairs: list[str]) -> dict[str, str]:
     return variables
 
 
+def _existing_spool_app(config: Config) -> App:
+    """The App of a queue command; ConfigError when there is no spool at all: a queue command
+    never makes an empty one (a spool that exists but cannot be read leaves Redis to show)."""
+    if not os.path.lexists(config.spool_dir):
+        where = config.spool_dir.absolute()
+        problem = f"there is no spool at {where} (SYSMAIL_SPOOL; serve, worker and send create it)"
+        raise ConfigError([problem])
+    return build_app(config)
+
+
 def cmd_send(args: argparse.Namespace, config: Config) -> int:
-    """Queue one mail (template or ad hoc) and print its Message-ID."""
-    mailer = build_app(config).enqueuer
-    if args.template:
-        if args.subject or args.text or args.html:
-            raise UsageError("--template cannot be combined with --subject, --text or --html")
-        message_id = mailer.enqueue_template(args.template, args.to, _parse_vars(args.var),
-                                             args.locale)
-    elif args.locale:
+    """Queue a mail per recipient (one shared mail with --shared); print each Message-ID.
+
+    System mail never shows one user's address to another: several --to make several mails."""
+    if args.template and (args.subject or args.text or args.html):
+        raise UsageError("--template cannot be combined with --subject, --text or --html")
+    if not args.template and args.locale:
         raise UsageError("--locale goes with --template (an ad-hoc mail is sent as written)")
-    elif args.subject is None or args.text is None:
+    if not args.template and (args.subject is None or args.text is None):
         raise UsageError("send needs --template NAME, or --subject and --text")
-    else:
-        priority = URGENT if args.urgent else BULK
-        message_id = mailer.enqueue_message(args.to, args.subject, args.text, args.html,
-                                            priority=priority)
-    print(message_id)
-    if message_id.suppressed:
-        _say(f"not queued for {', '.join(message_id.suppressed)}: suppressed (see the log)")
+    if args.text == "-" and args.html == "-":
+        raise UsageError("only one of --text and --html can read standard input")
+    text, html = (sys.stdin.read() if part == "-" else part for part in (args.text, args.html))
+    variables = _parse_vars(args.var)
+    if len(args.to) > MAX_RECIPIENTS:  # as for one shared mail: send is not a mailing list
+        raise MessageError(f"send takes 1 to {MAX_RECIPIENTS} recipients")
+    for address in args.to:  # every address checked first: none is queued if one is wrong
+        validate_address(address)
+    mailer = build_app(config).enqueuer
+    for to in [args.to] if args.shared else [[address] for address in args.to]:
+        if args.template:
+            message_id = mailer.enqueue_template(args.template, to, variables, args.locale)
+        else:
+            message_id = mailer.enqueue_message(to, args.subject, text, html,
+                                                priority=URGENT if args.urgent else BULK)
+        print(message_id, flush=True)
+        if message_id.suppressed:
+            _say(f"not queued for {', '.join(message_id.suppressed)}: suppressed (see the log)")
     return EX_OK
 
 
@@ -7765,7 +8092,7 @@ def _wait_for_stop_signal() -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     """Print the queue counts, the oldest message's age and the last successful send."""
-    app = build_app(config)
+    app = _existing_spool_app(config)
     spool = app.spool
     try:
         status: dict[str, object] = spool.counts()
@@ -7807,7 +8134,7 @@ def _failed_of(source: Queue) -> list[dict]:
 
 def cmd_failed(args: argparse.Namespace, config: Config) -> int:
     """List the dead letters with their reasons."""
-    letters = [letter for source in build_app(config).queues
+    letters = [letter for source in _existing_spool_app(config).queues
                for letter in _failed_of(source)]
     if args.json:
         print(json.dumps(letters))
@@ -7826,12 +8153,129 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     """Put dead letters back in the queue."""
     if args.all == bool(args.ids):
         raise UsageError("retry takes message ids or --all (not both)")
-    ids = None if args.all else args.ids
-    moved = [i for source in build_app(config).queues for i in source.retry(ids)]
-    missing = sorted(set(args.ids) - set(moved))
+    queues = _existing_spool_app(config).queues
+    letters = [letter for source in queues for letter in _failed_of(source)]
+    named = {key: [letter["id"] for letter in letters if key == letter["id"]
+                   or _same_message_id(key, letter.get("rfcMessageId", ""))] for key in args.ids}
+    ids = None if args.all else [ident for found in named.values() for ident in found]
+    moved = [i for source in queues for i in source.retry(ids)]
+    missing = [key for key, found in named.items() if not set(found) & set(moved)]
     print(f"requeued {len(moved)} message(s)")
     if missing:
         raise MessageError(f"no failed message with id {missing[0]}")
+    return EX_OK
+
+
+def _same_message_id(key: str, message_id: str) -> bool:
+    """True when key is message_id, with or without its angle brackets."""
+    return bool(message_id) and key.strip("<>") == message_id.strip("<>")
+
+
+def _spool_matches(spool: Spool, key: str,
+                   states: tuple[str, ...] = ("new", "cur", "failed")) -> list[tuple]:
+    """(state, name, path) of the spool's messages that key names: the internal id, or the
+    Message-ID that send printed (one message may have several entries after a split)."""
+    if "@" not in key:
+        return [found for found in spool.messages(states) if found[1].id == key]
+    return [(state, name, path) for state, name, path in spool.messages(states)
+            if (message := spool.peek(name, path)) and _same_message_id(key, message.message_id)]
+
+
+def cmd_queue(args: argparse.Namespace, config: Config) -> int:
+    """List the messages waiting or being sent, like mailq."""
+    queues = _existing_spool_app(config).queues
+    rows = sorted((row for source in queues for row in _entries_of(source)), key=_queue_order)
+    if args.json:
+        print(json.dumps(rows))
+        return EX_OK
+    if not rows:
+        print("the queue is empty")
+        return EX_OK
+    now = time.time()
+    _print_table(("ID", "MESSAGE-ID", "KIND", "TO", "AGE", "ATTEMPT", "NEXT TRY", "LAST REPLY"),
+                 [(row["id"], row["message_id"], row["kind"], ", ".join(row["to"]),
+                   _duration(now - row["queued_at"]), str(row["attempt"]), _next_try(row, now),
+                   row["last_reply"] or "-") for row in rows])
+    return EX_OK
+
+
+def _entries_of(source: Queue) -> list[dict]:
+    """A queue's waiting messages; a queue that cannot be read is reported and skipped."""
+    try:
+        return source.entries()
+    except (SpoolError, QueueUnavailable) as exc:
+        _say(f"{exc}; its messages are not listed")
+        return []
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns aligned to their widest cell, two spaces apart."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _duration(seconds: float) -> str:
+    """12s, 5m, 3h, 2d: a duration as an operator reads it at a glance."""
+    for unit, size in (("d", DAY_SECONDS), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(int(seconds), 0)}s"
+
+
+def _next_try(row: dict, now: float) -> str:
+    if row["state"] == "sending":
+        return "sending"
+    return "now" if row["next_try"] <= now else f"in {_duration(row['next_try'] - now)}"
+
+
+def cmd_show(args: argparse.Namespace, config: Config) -> int:
+    """Print one message: its queue facts, headers and text; secrets redacted unless --raw."""
+    spool = _existing_spool_app(config).spool
+    found = _spool_matches(spool, args.id)
+    if not found:
+        raise MessageError(f"no message with id {args.id} in the spool {spool.root}")
+    state, name, path = found[0]
+    message = spool.peek(name, path)
+    if message is None:
+        raise MessageError(f"message {name.id} cannot be read (gone, or not a queue entry)")
+    if args.raw:
+        sys.stdout.buffer.write(message.data)
+        return EX_OK
+    secret = _carries_secret(message)  # a reset link or code: shown only with --raw
+    print(f"id: {name.id}  state: {'sending' if state == 'cur' else state}  attempt: "
+          f"{name.attempt}  envelope: {message.mail_from} -> {', '.join(message.rcpts)}")
+    parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+    for header, value in parsed.items():
+        if not secret or header.lower().encode() in _REDACTED_KEEPS:
+            print(f"{header}: {value}")
+    print()
+    text = parsed.get_body(("plain",))
+    if secret:
+        print(f"(subject and body hidden: this {message.template} mail carries a one-time link "
+              "or code; sysmail show --raw prints it)")
+    else:
+        print(text.get_content().rstrip("\n") if text is not None else "(no text part)")
+    return EX_OK
+
+
+def cmd_delete(args: argparse.Namespace, config: Config) -> int:
+    """Delete queued or dead messages (by id or Message-ID), or every dead letter."""
+    if args.all_failed == bool(args.ids):
+        raise UsageError("delete takes message ids or --all-failed (not both)")
+    spool = _existing_spool_app(config).spool
+    named = {key: [name.id for _, name, _ in _spool_matches(spool, key)] for key in args.ids}
+    if args.all_failed:
+        named = {"--all-failed": [name.id for _, name, _ in spool.messages(("failed",))]}
+    outcomes = {ident: spool.delete(ident) for found in named.values() for ident in found}
+    print(f"deleted {sum(o == 'deleted' for o in outcomes.values())} message(s)")
+    busy = [ident for ident, outcome in outcomes.items() if outcome == "sending"]
+    if busy:
+        raise SpoolError(f"message {busy[0]} is being sent right now and was left alone; "
+                         "delete it again once it is settled (sysmail queue)")
+    missing = [key for key, found in named.items() if not found and key != "--all-failed"]
+    if missing:
+        raise MessageError(f"no message with id {missing[0]} in the spool {spool.root}")
     return EX_OK
 
 
@@ -7908,7 +8352,8 @@ def _read_bounded(stream: BinaryIO, limit: int) -> bytes:
 
 def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
     """Add a user to the SQLite store; a password, if any, is read from stdin."""
-    password = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read().rstrip("\r\n")
+    password = _ask_password() if sys.stdin is not None and sys.stdin.isatty() else (
+        "" if sys.stdin is None else sys.stdin.read().rstrip("\r\n"))
     if password and not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
         raise MessageError(f"the password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
                            "characters long")
@@ -7916,6 +8361,14 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
     user = store.add_user(args.email, args.name, password or None, args.locale)
     print(f"added user {user.id}: {user.email}" + (" with a password" if password else ""))
     return EX_OK
+
+
+def _ask_password() -> str:
+    """At a terminal: the password twice, without echo (empty: no password)."""
+    password = getpass.getpass("Password (empty for none): ")
+    if password and getpass.getpass("Password again: ") != password:
+        raise UsageError("the two passwords differ")
+    return password
 
 
 def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
@@ -7941,7 +8394,8 @@ def _user_store(config: Config, method: str) -> SqliteStore:
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
-    """Report the configuration and probe the relay (EHLO, STARTTLS, AUTH) without sending."""
+    """Report the configuration, the signing backend and the templates, warn about look-alike
+    variables, and probe the relay (EHLO, STARTTLS, AUTH) without sending."""
     print(f"configuration ok: From {config.from_name} <{config.from_addr}>, spool "
           f"{config.spool_dir}")
     if config.dkim_key:
@@ -7952,7 +8406,18 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
     if not config.signing:
         print("DKIM: no key configured, mail goes out unsigned")
     app = build_app(config)
-    for line in app.enqueuer.check_templates():
+    if config.signing:
+        print(f"DKIM signing: {signing_backend_note(app.signer.backend)}")
+    for warning in lookalike_variables(args.environment):
+        print(f"warning: {warning}")
+    problems = template_problems(config.templates_dir) if config.templates_dir else []
+    try:
+        lines = app.enqueuer.check_templates()
+    except ConfigError as exc:
+        problems, lines = problems + exc.problems, []
+    if problems:
+        raise ConfigError(problems)
+    for line in lines:
         print(line)
     try:
         steps = app.transport().probe()
@@ -7998,20 +8463,26 @@ def _print_bounce_records(bounce_domain: str) -> None:
 
 
 def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """Print a new DKIM key as an environment line, and the DNS record that publishes it."""
+    """Print a new DKIM key as an environment line (and write it to --out as a PEM file for
+    LoadCredential=), and the DNS record that publishes it."""
     domain = env.get("SYSTEM_DOMAIN") or "YOUR_DOMAIN"
+    if args.out and os.path.lexists(args.out):
+        raise UsageError(f"--out {args.out}: the file exists (keygen never overwrites a key)")
     if args.type == "ed25519":
         selector = env.get("SYSTEM_DKIM_ED25519_SELECTOR") or "ed25519"
-        seed = _ed25519_seed(_openssl(["genpkey", "-algorithm", "ed25519"]))
-        key_b64 = base64.b64encode(seed)
+        pem = _openssl(["genpkey", "-algorithm", "ed25519"])
+        key_b64 = base64.b64encode(_ed25519_seed(pem))
         print(f'SYSTEM_DKIM_ED25519_PRIVATE_KEY="{key_b64.decode()}"')
-        record = f"v=DKIM1; k=ed25519; p={_ed25519_public_key_b64(key_b64)}"
+        _write_key_file(args.out, pem, "dkim-ed25519.pem")
+        public_der = _openssl(["pkey", "-pubout", "-outform", "DER"], pem.encode(), text=False)
+        record = f"v=DKIM1; k=ed25519; p={base64.b64encode(public_der[-32:]).decode()}"
     else:
         if args.bits < RSA_MIN_BITS:
             raise UsageError(f"--bits must be at least {RSA_MIN_BITS}")
         selector = env.get("SYSTEM_DKIM_SELECTOR") or "default"
         pem = _openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{args.bits}"])
         print('SYSTEM_DKIM_PRIVATE_KEY="' + pem.strip().replace("\n", "\\n") + '"')
+        _write_key_file(args.out, pem, "dkim.pem")
         record = f"v=DKIM1; k=rsa; p={_rsa_public_key_b64(pem.encode())}"
     variable = "SYSTEM_DKIM_ED25519_SELECTOR" if args.type == "ed25519" else "SYSTEM_DKIM_SELECTOR"
     print(f"; publish in DNS, then set {variable}={selector}")
@@ -8019,13 +8490,28 @@ def cmd_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EX_OK
 
 
-def _openssl(args: list[str]) -> str:
+def _write_key_file(path: str | None, pem: str, credential: str) -> None:
+    """Write a new key as a PEM file only its owner reads, for systemd's LoadCredential=."""
+    if not path:
+        return
     try:
-        result = subprocess.run(["openssl", *args], capture_output=True, text=True, check=True,
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SPOOL_FILE_MODE)
+    except OSError as exc:
+        raise UsageError(f"--out {path}: {exc.strerror} (keygen never overwrites a key)") from None
+    with os.fdopen(fd, "w", encoding="ascii") as file:
+        file.write(pem)
+    print(f"; wrote {path} (mode 0600); in sysmail.service: "
+          f"LoadCredential={credential}:{Path(path).absolute()}")
+
+
+def _openssl(args: list[str], stdin: bytes = b"", text: bool = True) -> Any:
+    """The openssl command's output (str, or bytes with text=False); needs no Python library."""
+    try:
+        result = subprocess.run(["openssl", *args], input=stdin, capture_output=True, check=True,
                                 timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise SysmailError("keygen needs the openssl command, which failed or is missing") from exc
-    return result.stdout
+    return result.stdout.decode("ascii") if text else result.stdout
 
 
 def _setup_logging(level: int) -> None:
@@ -8051,13 +8537,22 @@ def _read_env(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str
     return {**parse_env_file(text), **env}
 
 
+# what the queue commands (status, queue, show, failed, retry, delete) read: a service's env
+# file works for them even though its DKIM key comes as a systemd credential
+SPOOL_VARIABLES = ("SYSMAIL_SPOOL", "REDIS_URL", "SYSMAIL_QUEUE_KEY", "SYSMAIL_DEAD_LETTER_DAYS",
+                   "SYSMAIL_LOG_LEVEL")
+
+
 def _run(argv: list[str] | None, env: Mapping[str, str]) -> int:
     args = _build_parser().parse_args(argv)
     env = with_credentials(_read_env(args, env))
     if not getattr(args, "needs_config", True):  # keygen works without a valid environment
         return args.handler(args, env)
+    if getattr(args, "spool_only", False):
+        env = {k: v for k, v in env.items() if k in SPOOL_VARIABLES}
     config = Config.from_env(env)
     _setup_logging(config.log_level)
+    args.environment = env  # check looks for misspelled variables in it
     return args.handler(args, config)
 
 
@@ -8084,6 +8579,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return EX_TEMPFAIL
+    except BrokenPipeError:  # `sysmail keygen | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EX_OK
     except Exception:  # noqa: BLE001 - the one boundary where anything unexpected is caught
         _log.exception("internal_error", extra={"fields": {}})
         _say("internal error; the log has the details")

@@ -500,7 +500,9 @@ def test_rejected_redis_mail_is_listed_counted_and_retried_by_the_cli(
     sender = mailer.sender()
     assert sender.run_once() == sysmail.DeliveryCounts(failed=1)
     assert smtp_server.messages == []
-    # the operator's shell: the same Redis, the spool repaired (an empty one)
+    # the operator's shell: the same Redis, the spool repaired (an empty one: a spool that
+    # does not exist is a configuration error for the queue commands)
+    (tmp_path / "repaired-spool").mkdir()
     env = _env(redis_server.url, smtp_server.url, tmp_path / "repaired-spool")
 
     listed = run_cli(["failed", "--json"], env)

@@ -220,8 +220,7 @@ class Service:
 
 def _env_file(relay: SmtpServer, listen: str, ops_listen: str) -> str:
     return (f"SMTP_URL={relay.url}\nSYSTEM_DOMAIN={DOMAIN}\nSYSMAIL_API_KEY={API_KEY}\n"
-            f"SYSMAIL_LISTEN={listen}\nSYSMAIL_METRICS_LISTEN={ops_listen}\n"
-            "SYSMAIL_SPOOL=/var/lib/sysmail/spool\n")
+            f"SYSMAIL_LISTEN={listen}\nSYSMAIL_METRICS_LISTEN={ops_listen}\n")
 
 
 @pytest.fixture(scope="module")
