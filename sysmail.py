@@ -36,6 +36,7 @@ import base64
 import bisect
 import concurrent.futures
 import contextlib
+import csv
 import ctypes
 import dataclasses
 import difflib
@@ -4258,14 +4259,14 @@ class Enqueuer:
         return self._store(*self._from_template(template, to, variables, locale))
 
     def enqueue_many(self, template: str, recipients: Sequence[tuple],
-                     variables: Mapping[str, object], locale: str | None = None
-                     ) -> list[Queued]:
+                     variables: Mapping[str, object], locale: str | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[Queued]:
         """Queue one message per recipient, (address, own variables) or (address, own
         variables, own locale), the shared variables under each one's own; return the
         Message-IDs in order (a suppressed recipient's says so, and nothing was queued for
         it). Every recipient is checked before any mail is queued; then ENQUEUE_BATCH
         messages share one sync. When the queues fail, the QueueUnavailable's `queued` holds
-        the Message-IDs queued before."""
+        the Message-IDs queued before. progress(count) is called after each batch."""
         chosen = self._template(template)
         entries = [(to, {**variables, **own}, rest[0] if rest and rest[0] else locale)
                    for to, own, *rest in recipients]
@@ -4292,6 +4293,8 @@ class Enqueuer:
                 for (header, _, priority), (ident, backend) in zip(built, placed, strict=False):
                     self._record(header, ident, backend, priority)
             queued += [Queued(message_id, suppressed) for message_id, _, suppressed in builds]
+            if progress is not None:
+                progress(len(queued))
         return queued
 
     def _template(self, name: str) -> Template:
@@ -7754,10 +7757,17 @@ def _templates_help() -> str:
 def _add_mail_commands(commands: argparse._SubParsersAction) -> None:
     send = _command(commands, "send", "queue a mail per recipient and print each Message-ID", [
         "sysmail send --to ada@example.com --template two-factor-code --var code=123456",
-        "make report | sysmail send --to ops@example.com --subject 'Nightly export' --text -"],
+        "make report | sysmail send --to ops@example.com --subject 'Nightly export' --text -",
+        "sysmail send --to-file users.csv --template service-announcement --var title=Down"],
         _templates_help(), handler=cmd_send)
-    send.add_argument("--to", action="append", required=True, metavar="ADDR",
+    send.add_argument("--to", action="append", default=[], metavar="ADDR",
                       help="a recipient; several --to make one mail each")
+    send.add_argument("--to-file", metavar="FILE",
+                      help="recipients, one address a line, or CSV with a header (an email or "
+                           "to column, the rest variables, locale too): one mail each, 256 "
+                           "per disk sync; - reads standard input")
+    send.add_argument("--skip", type=int, default=0, metavar="N",
+                      help="with --to-file: leave out its first N recipients (to resume)")
     send.add_argument("--shared", action="store_true",
                       help="one mail to every --to instead (each sees the others' addresses)")
     send.add_argument("--template", metavar="NAME", help="a template (listed below)")
@@ -7909,6 +7919,10 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("send needs --template NAME, or --subject and --text")
     if args.text == "-" and args.html == "-":
         raise UsageError("only one of --text and --html can read standard input")
+    if bool(args.to) == bool(args.to_file):
+        raise UsageError("send takes --to ADDR (repeatable) or --to-file FILE")
+    if args.to_file:
+        return _send_to_file(args, config)
     text, html = (sys.stdin.read() if part == "-" else part for part in (args.text, args.html))
     variables = _parse_vars(args.var)
     if len(args.to) > MAX_RECIPIENTS:  # as for one shared mail: send is not a mailing list
@@ -7926,6 +7940,54 @@ def cmd_send(args: argparse.Namespace, config: Config) -> int:
         if message_id.suppressed:
             _say(f"not queued for {', '.join(message_id.suppressed)}: suppressed (see the log)")
     return EX_OK
+
+
+def _send_to_file(args: argparse.Namespace, config: Config) -> int:
+    """send --to-file: one templated mail per recipient of the file, printing each Message-ID
+    as its batch is queued; on failure, how to resume (the queued ones are always the first)."""
+    if not args.template:
+        raise UsageError("--to-file goes with --template")
+    recipients = _recipients_file(args.to_file)[max(args.skip, 0):]
+    show = sys.stderr.isatty()
+
+    def progress(count: int) -> None:
+        if show:
+            print(f"\rqueued {count:,} of {len(recipients):,}", end="", file=sys.stderr)
+    try:
+        queued = build_app(config).enqueuer.enqueue_many(
+            args.template, recipients, _parse_vars(args.var), args.locale, progress)
+    except QueueUnavailable as exc:
+        done = getattr(exc, "queued", [])
+        print("\n".join(done), flush=True)
+        raise QueueUnavailable(f"{exc}; the first {len(done):,} of these {len(recipients):,} "
+                               f"recipients are queued: run again with --skip "
+                               f"{args.skip + len(done)} for the rest") from None
+    if show:
+        print(file=sys.stderr)
+    print("\n".join(queued), flush=True)
+    left_out = [address for message_id in queued for address in message_id.suppressed]
+    if left_out:
+        _say(f"not queued for {len(left_out)} suppressed address(es) (see the log)")
+    return EX_OK
+
+
+def _recipients_file(path: str) -> list[tuple[str, dict, str | None]]:
+    """(address, variables, locale) per recipient: a line each, or CSV rows under a header."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MessageError(f"--to-file {path} cannot be read ({exc.__class__.__name__})") from None
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not lines or "," not in lines[0]:
+        return [(line.strip(), {}, None) for line in lines]
+    rows = list(csv.DictReader(lines))
+    column = next((c for c in rows[0] if c and c.strip().lower() in ("email", "to")), None) \
+        if rows else None
+    if column is None:
+        raise MessageError(f"--to-file {path}: the CSV header needs an email (or to) column")
+    return [(row[column].strip(), {k.strip(): v for k, v in row.items()
+                                   if k and k not in (column, "locale") and v is not None},
+             row.get("locale") or None) for row in rows]
 
 
 def cmd_suppressed(args: argparse.Namespace, config: Config) -> int:

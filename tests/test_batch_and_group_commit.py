@@ -4,13 +4,15 @@ enqueues share their syncs), each still durable before the caller hears "queued"
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RedisServer, SmtpServer
+from conftest import REPO, RedisServer, SmtpServer, run_cli
 from test_durability_syscalls import (  # the strace machinery of the durability tests
     STRACE,
     WRITES,
@@ -292,3 +294,73 @@ def test_a_bad_batch_is_a_400_and_queues_nothing(make_service, recipients: objec
                       "recipients": recipients})
     assert error_reply(reply, 400)
     assert svc.app.spool.counts()["new"] == 0
+
+
+# --------------------------------------------------------------------------- send --to-file
+
+
+def test_send_to_file_queues_one_mail_per_csv_row_with_its_variables(tmp_path: Path) -> None:
+    """A CSV with a header: email, then variables and a locale per row; one Message-ID a row
+    on stdout, each mail in its recipient's language with its own name."""
+    rows = ["email,name,locale", "ada@example.org,Ada,de", "bob@example.org,Bob,"]
+    (tmp_path / "users.csv").write_text("\n".join(rows) + "\n")
+    env = {"SYSMAIL_SPOOL": str(tmp_path / "spool"), "SYSTEM_DOMAIN": DOMAIN}
+    result = run_cli(["send", "--to-file", str(tmp_path / "users.csv"), "--template",
+                      "service-announcement", "--var", "title=Wartung", "--var", "body=B."], env)
+    assert result.returncode == 0, result.stderr
+    ids = result.stdout.split()
+    messages = {m.message_id: m for m in spooled(tmp_path / "spool")}
+    assert list(messages) and set(messages) == set(ids) and len(ids) == 2
+    ada, bob = messages[ids[0]], messages[ids[1]]
+    assert ada.rcpts == ("ada@example.org",) and b'lang="de"' in ada.data and b"Ada" in ada.data
+    assert bob.rcpts == ("bob@example.org",) and b'lang="en"' in bob.data and b"Bob" in bob.data
+
+
+def test_send_to_file_with_one_bad_line_queues_nothing(tmp_path: Path) -> None:
+    (tmp_path / "list.txt").write_text("a@example.org\n# a comment\n\nnot an address\n")
+    env = {"SYSMAIL_SPOOL": str(tmp_path / "spool"), "SYSTEM_DOMAIN": DOMAIN}
+    result = run_cli(["send", "--to-file", str(tmp_path / "list.txt"), "--template",
+                      "service-announcement", "--var", "title=T", "--var", "body=B"], env)
+    assert result.returncode == 65 and "Traceback" not in result.stderr
+    assert "not an address" in result.stderr
+    assert spooled(tmp_path / "spool") == []
+
+
+def test_send_to_file_on_a_full_disk_says_how_to_resume(tiny_disk: Path) -> None:
+    """The disk fills: exit 75, stdout holds the Message-IDs queued (the first recipients),
+    stderr the --skip that resumes; with room again, the resumed run queues the rest, and
+    every recipient has exactly one mail."""
+    recipients = [f"user{n}@example.org" for n in range(2000)]
+    (tiny_disk.parent / "list.txt").write_text("\n".join(recipients) + "\n")
+    env = {"SYSMAIL_SPOOL": str(tiny_disk / "spool"), "SYSTEM_DOMAIN": DOMAIN}
+    command = ["send", "--to-file", str(tiny_disk.parent / "list.txt"), "--template",
+               "service-announcement", "--var", "title=T", "--var", "body=B"]
+    first = run_cli(command, env)
+    assert first.returncode == 75 and "Traceback" not in first.stderr
+    done = first.stdout.split()
+    assert 0 < len(done) < 2000 and f"--skip {len(done)}" in first.stderr
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)
+    second = run_cli([*command, "--skip", str(len(done))], env)
+    assert second.returncode == 0, second.stderr
+    messages = spooled(tiny_disk / "spool")
+    assert sorted(m.rcpts[0] for m in messages) == sorted(recipients)
+    assert sorted(m.message_id for m in messages) == sorted(done + second.stdout.split())
+
+
+def test_send_to_file_shows_progress_on_a_terminal(tmp_path: Path) -> None:
+    """stderr on a terminal (a real pty) shows how many are queued; stdout stays the IDs."""
+    import pty
+    (tmp_path / "list.txt").write_text("\n".join(f"u{n}@example.org" for n in range(600)))
+    main, child = pty.openpty()
+    env = {"PATH": os.environ["PATH"], "SYSMAIL_SPOOL": str(tmp_path / "spool"),
+           "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_LOG_LEVEL": "warning"}
+    result = subprocess.run([sys.executable, str(REPO / "sysmail.py"), "send", "--to-file",
+                             str(tmp_path / "list.txt"), "--template", "service-announcement",
+                             "--var", "title=T", "--var", "body=B"], env=env, stderr=child,
+                            stdout=subprocess.PIPE, text=True, timeout=60, check=False)
+    os.close(child)
+    shown = os.read(main, 65536).decode()
+    os.close(main)
+    assert result.returncode == 0
+    assert "queued 256 of 600" in shown and "queued 600 of 600" in shown
+    assert len(result.stdout.split()) == 600
