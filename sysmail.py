@@ -1192,6 +1192,9 @@ class Metrics:
         self._latency_count = 0
         self._sent_hours: dict[int, int] = {}
         self.build_info = dict(build_info or {})
+        self.peers: Path | None = None  # where this process's sender processes publish
+        self.publish_path: Path | None = None  # where this sender process publishes
+        self._published = 0.0
         for name, labels in self.SERIES_AT_START:
             self.declare(name, **labels)
 
@@ -1228,6 +1231,51 @@ class Metrics:
                     self._buckets[index] += 1
             self._latency_sum += seconds
             self._latency_count += 1
+
+    def snapshot(self) -> dict:
+        """These counts as JSON, for the process that serves /metrics."""
+        with self._lock:
+            return {"counters": [[name, labels, value]
+                                 for (name, labels), value in self._counters.items()],
+                    "buckets": list(self._buckets), "sum": self._latency_sum,
+                    "count": self._latency_count, "sent_hours": list(self._sent_hours.items())}
+
+    def absorb(self, snapshot: dict) -> None:
+        """Add another process's snapshot to these counts."""
+        with self._lock:
+            for name, labels, value in snapshot["counters"]:
+                key = (str(name), tuple((str(k), str(v)) for k, v in labels))
+                self._counters[key] = self._counters.get(key, 0) + int(value)
+            self._buckets = [a + int(b) for a, b in
+                             zip(self._buckets, snapshot["buckets"], strict=True)]
+            self._latency_sum += float(snapshot["sum"])
+            self._latency_count += int(snapshot["count"])
+            for hour, count in snapshot["sent_hours"]:
+                self._sent_hours[int(hour)] = self._sent_hours.get(int(hour), 0) + int(count)
+
+    def publish_if_due(self, now: float) -> None:
+        """In a sender process of serve or worker: write the snapshot for the parent's
+        /metrics, at most once a second (a rename, no fsync: counts, not mail)."""
+        if self.publish_path is None or now - self._published < 1.0:
+            return
+        self._published = now
+        with contextlib.suppress(OSError):
+            self.publish_path.parent.mkdir(mode=0o700, exist_ok=True)
+            tmp = self.publish_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
+            os.replace(tmp, self.publish_path)
+
+    def with_peers(self) -> Metrics:
+        """These counts plus those this process's sender processes published (self alone
+        when it has none): the whole service's /metrics."""
+        if self.peers is None:
+            return self
+        view = Metrics(self.build_info)
+        view.absorb(self.snapshot())
+        for path in sorted(self.peers.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                view.absorb(json.loads(path.read_text(encoding="utf-8")))
+        return view
 
     def render(self, gauges: Mapping[str, tuple[str, Mapping[str, str], float]]) -> str:
         """The exposition text: build info, the given gauges (name -> help, labels, value), then
@@ -6701,7 +6749,9 @@ class Api:
         return True
 
     def metrics_page(self, request: Request) -> Response:
-        """Prometheus text: queue gauges read from the spool, then the process's counters."""
+        """Prometheus text: queue gauges read from the spool, then the counters of this
+        process and of its sender processes."""
+        metrics = self.metrics.with_peers()
         counts = self.enqueuer.spool.counts()
         gauges = {f"sysmail_queue_messages{{{state}}}": (
             "Messages in the spool by state.", {"state": state}, counts[state])
@@ -6711,18 +6761,18 @@ class Api:
         if self.relays is not None:
             gauges.update(self.relays.gauges())
         if self.enqueuer.suppressions is not None:
-            gauges.update(self._suppression_gauges(self.enqueuer.suppressions))
+            gauges.update(self._suppression_gauges(self.enqueuer.suppressions, metrics))
         last = self.enqueuer.spool.last_sent()
         gauges["sysmail_last_send_age_seconds"] = (
             "Seconds since the last successful send (since the start before the first one).",
             {}, round(self.clock() - (self.started if last is None else last), 3))
-        body = self.metrics.render(gauges).encode()
+        body = metrics.render(gauges).encode()
         return Response(200, body, "text/plain; version=0.0.4; charset=utf-8", _JSON_HEADERS)
 
-    def _suppression_gauges(self, suppressions: SuppressionList
+    def _suppression_gauges(self, suppressions: SuppressionList, metrics: Metrics
                             ) -> dict[str, tuple[str, Mapping[str, str], float]]:
         """The list's size by reason; bounces and complaints (every host's) over the last
-        24 hours, and their rates against the mail this process sent in that time."""
+        24 hours, and their rates against the mail this service sent in that time."""
         entries = suppressions.entries()
         gauges: dict[str, tuple[str, Mapping[str, str], float]] = {}
         for reason in (*SUPPRESSION_REASONS, "manual"):
@@ -6735,8 +6785,8 @@ class Api:
             gauges[f"sysmail_bounces_last_24h{{{kind}}}"] = (
                 "Verified bounces and complaints in the last 24 hours, by kind.",
                 {"kind": kind}, count)
-        sent = self.metrics.sent_last_24h(self.clock())
-        gauges["sysmail_sent_last_24h"] = ("Messages this process sent in the last 24 hours.",
+        sent = metrics.sent_last_24h(self.clock())
+        gauges["sysmail_sent_last_24h"] = ("Messages this service sent in the last 24 hours.",
                                            {}, sent)
         gauges["sysmail_bounce_rate_24h"] = ("Hard bounces per message sent, last 24 hours.",
                                              {}, round(bounces["hard"] / sent, 6) if sent else 0)
@@ -7350,6 +7400,7 @@ class App:
         refresh."""
         (then or self.notifier.heartbeat)()
         self.suppressions.refresh_if_due()
+        self.metrics.publish_if_due(time.monotonic())
 
     @functools.cached_property
     def bounces(self) -> SuppressingBounces:
@@ -8087,22 +8138,29 @@ _SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
 PR_SET_PDEATHSIG = 1
 
 
-def _extra_senders(args: argparse.Namespace, config: Config) -> SenderProcesses:
+def _extra_senders(args: argparse.Namespace, config: Config,
+                   metrics: Metrics) -> SenderProcesses:
     """serve's or worker's other sender processes: SYSMAIL_SENDERS (one per core) minus this
-    one, each running `worker` with this command's --env-file."""
+    one, each running `worker` with this command's --env-file; metrics adds their counts."""
     count = (config.senders or os.cpu_count() or 1) - 1
+    if count > 0:
+        metrics.peers = config.spool_dir / "senders"
+        for stale in metrics.peers.glob("*"):  # an earlier run's senders
+            _unlink_quietly(stale)
     env_file = ["--env-file", os.path.abspath(args.env_file)] if args.env_file else []
     return SenderProcesses(count, [sys.executable, "-m", "sysmail", *env_file, "worker"])
 
 
-def _die_with_supervisor() -> None:
-    """In a sender started by serve: end when serve ends, even by SIGKILL (Linux)."""
+def _die_with_supervisor() -> bool:
+    """In a sender started by serve or worker: end when it ends, even by SIGKILL (Linux);
+    True in such a sender."""
     supervisor = os.environ.get("SYSMAIL_SUPERVISOR_PID", "")
     prctl = _libc_function("prctl") if supervisor else None
     if prctl is not None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if str(os.getppid()) != supervisor:  # it died before the line above
             os.kill(os.getpid(), signal.SIGTERM)
+    return bool(supervisor)
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
@@ -8123,8 +8181,9 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         return EX_OK
     with contextlib.suppress(SpoolError):
         app.spool.recover()
-    _die_with_supervisor()
-    others = _extra_senders(args, config)
+    if _die_with_supervisor():
+        app.metrics.publish_path = config.spool_dir / "senders" / f"{os.getpid()}.json"
+    others = _extra_senders(args, config, app.metrics)
     app.sending.start(on_cycle=app.on_cycle)
     others.start()
     app.notifier.ready()
@@ -8134,6 +8193,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         app.notifier.stopping()
         others.terminate()
         app.sending.stop(timeout=STOP_GRACE_SECONDS + 60)
+        app.metrics.publish_if_due(math.inf)  # the last counts
         others.wait(timeout=STOP_GRACE_SECONDS + 2)
     return EX_OK
 
@@ -8362,7 +8422,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     """Run the HTTP API and the sender until SIGTERM or SIGINT."""
     _block_stop_signals()
     app = build_app(config)
-    others = _extra_senders(args, config)
+    others = _extra_senders(args, config, app.metrics)
     app.start()
     others.start()
     try:

@@ -164,7 +164,9 @@ def test_alert_rules_load_and_fire_as_their_comments_say() -> None:
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
     assert {rule["alert"] for rule in rules} == {
         "SysmailQueueNotDraining", "SysmailOldestMessageTooOld", "SysmailDeadLettersGrowing",
-        "SysmailRelayDown", "SysmailNoRelayUp", "SysmailSpoolFallingBackToRedis"}
+        "SysmailRelayDown", "SysmailNoRelayUp", "SysmailSpoolFallingBackToRedis",
+        "SysmailComplaintRateHigh", "SysmailComplaintRateCritical", "SysmailBounceRateHigh",
+        "SysmailBounceRateCritical"}
     assert all(rule["labels"]["severity"] in ("warning", "critical") for rule in rules)
     text = RULES.read_text()
     for rule in rules:  # the threshold is explained just above the rule

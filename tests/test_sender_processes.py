@@ -6,8 +6,10 @@ senders with it, and a crash of all of them resends at most one message per proc
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -114,3 +116,26 @@ def test_killing_every_sender_mid_drain_resends_at_most_one_message_each(
     assert set(received) == set(ids)
     assert sum(received.values()) - len(ids) <= len(group), received.most_common(5)
     assert again.term(timeout=20) == 0
+
+
+def test_metrics_count_the_mail_of_every_sender_process(
+        smtp_server: SmtpServer, tmp_path: Path, start: Callable[..., Proc]) -> None:  # noqa: F811
+    """/metrics of serve adds the counts its sender processes publish (spool/senders/): 300
+    messages sent by three processes show as 300 sent, not as serve's own share."""
+    spool = tmp_path / "spool"
+    _enqueue_many(spool, 300)
+    port = free_port()
+    env = {**serve_env(smtp_server, spool, 3), "SYSMAIL_METRICS_LISTEN": f"127.0.0.1:{port}"}
+    serve = start(env, "serve")
+    _wait_until(lambda: _spool_empty(spool) and len(smtp_server.messages) >= 300, 60,
+                "the queue to drain")
+
+    def sent() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            page = reply.read().decode()
+        found = re.search(r'^sysmail_messages_total\{outcome="sent"\} (\d+)', page,
+                          re.MULTILINE)
+        return int(found.group(1)) if found else -1
+    _wait_until(lambda: sent() == len(smtp_server.messages), 15, "every process's sends counted")
+    assert len(list((spool / "senders").glob("*.json"))) == 2
+    assert serve.term(timeout=20) == 0
