@@ -2563,29 +2563,34 @@ class _DueIndex:
     """
 
     RESCAN_SECONDS = 5.0
+    LIMIT = 50_000  # names held at once: a million queued cost a few MB, not hundreds
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self, clock: Clock = time.monotonic, limit: int = LIMIT) -> None:
+        self.clock, self.limit = clock, limit
         self._lock = threading.Lock()
         self._heaps: dict[int, list[str]] = {}
         self._built_at: float | None = None
+        self._scan_seconds = 0.0
 
     def needs_scan(self) -> bool:
-        """True when the index was never built or is old enough to refresh."""
+        """True when the index was never built or is old enough to refresh: RESCAN_SECONDS,
+        or twenty scans' time for a folder so large that a scan takes long."""
         built = self._built_at
-        return built is None or self.clock() - built >= self.RESCAN_SECONDS
+        return built is None or (self.clock() - built
+                                 >= max(self.RESCAN_SECONDS, 20 * self._scan_seconds))
 
-    def rebuild(self, entries: list[str]) -> None:
-        """Replace the index with a fresh scan of new/ (100,000 names in about 50 ms)."""
-        heaps: dict[int, list[str]] = {}
+    def rebuild(self, entries: Iterable[str]) -> None:
+        """Replace the index with the `limit` most urgent, earliest due names of a fresh scan
+        of new/ (names sort by priority, then due time); when those are claimed and nothing
+        indexed is due, the sender scans again."""
+        started = time.monotonic()
         match = _NEW_ENTRY.fullmatch
-        for entry in entries:
-            if match(entry):
-                heaps.setdefault(ord(entry[0]) - 48, []).append(entry)
-        for heap in heaps.values():
-            heapq.heapify(heap)
+        heaps: dict[int, list[str]] = {}
+        for entry in heapq.nsmallest(self.limit, (e for e in entries if match(e))):
+            heaps.setdefault(ord(entry[0]) - 48, []).append(entry)  # sorted: each a heap
         with self._lock:
             self._heaps, self._built_at = heaps, self.clock()
+            self._scan_seconds = time.monotonic() - started
 
     def add(self, entry: str) -> None:
         """Index one name that just appeared in new/."""
@@ -2678,9 +2683,12 @@ class _Census:
     changed_ns: int
     due_ms: list[int]
     oldest: float
+    read_at: float = 0.0  # time.monotonic() when read
+    scan_seconds: float = 0.0
 
 
 CENSUS_SETTLED_NS = 1_000_000_000
+CENSUS_SLOW_SECONDS = 0.25  # a folder this slow to read (~250,000 names) is read 10x less
 
 
 @dataclass(frozen=True)
@@ -2912,7 +2920,7 @@ class Spool:
         """Claim up to limit due messages, most urgent first; also return the next due time."""
         now_ms = int(self.clock() * 1000)
         if self._index.needs_scan() or self._nothing_due(now_ms):
-            self._index.rebuild(_scan(self.root / "new"))
+            self._index.rebuild(_scan_names(self.root / "new"))
         owner = _process_token(os.getpid())
         claims: list[Claim] = []
         while len(claims) < limit:
@@ -3145,11 +3153,19 @@ class Spool:
             raise SpoolError(f"cannot read the spool folder {folder}: {exc.strerror}") from exc
         kept = self._censuses.get(state)
         settled = time.time_ns() - changed > CENSUS_SETTLED_NS  # coarse mtimes: wait a second
-        if kept is not None and kept.changed_ns == changed and settled:
-            return kept
-        names = [n for e in _scan(folder) if not e.endswith(".json") and (n := _parse_name(e))]
-        census = _Census(changed, sorted(n.due_ms for n in names),
-                         min((_id_time(n.id) for n in names), default=math.inf))
+        if kept is not None and ((kept.changed_ns == changed and settled) or (
+                kept.scan_seconds > CENSUS_SLOW_SECONDS
+                and time.monotonic() - kept.read_at < 10 * kept.scan_seconds)):
+            return kept  # unchanged, or so large that counts a few seconds old must do
+        started = time.monotonic()
+        due_ms, oldest = [], math.inf
+        for entry in _scan_names(folder):
+            if not entry.endswith(".json") and (name := _parse_name(entry)):
+                due_ms.append(name.due_ms)
+                oldest = min(oldest, _id_time(name.id))
+        due_ms.sort()
+        census = _Census(changed, due_ms, oldest, time.monotonic(),
+                         time.monotonic() - started)
         self._censuses[state] = census
         return census
 
@@ -3450,6 +3466,19 @@ def _fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _scan_names(folder: Path) -> Iterator[str]:
+    """The names in a spool folder one at a time (a million cost no list of a million);
+    SpoolError when it cannot be read."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                yield entry.name
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SpoolError(f"cannot read the spool folder {folder}: {exc.strerror}") from exc
 
 
 def _scan(folder: Path) -> list[str]:
@@ -7322,7 +7351,7 @@ class SystemdNotifier:
             self._last_ping = now if ping else self._last_ping
             self._last_status = now if status else self._last_status
         lines = (["WATCHDOG=1"] if ping else []) + ([f"STATUS={self._status_text()}"]
-                                                    if status else [])
+                                                    if status and self.address else [])
         if lines:
             self.notify(*lines)
 

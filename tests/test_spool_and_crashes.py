@@ -1076,3 +1076,26 @@ def test_failed_lists_dead_letters_and_retry_puts_them_back(smtp_server: SmtpSer
     assert run_cli(["worker", "--once"], env).returncode == 0
     assert sorted(_received_ids(smtp_server)) == sorted(message_ids)  # same Message-IDs
     assert _counts(_status(env)) == {"new": 0, "deferred": 0, "cur": 0, "failed": 0}
+
+
+def test_an_index_holding_ten_names_still_claims_thirty_five_in_order(tmp_path: Path) -> None:
+    """The due index holds at most `limit` names (a million queued must not cost hundreds of
+    MB): with a limit of 10, 35 queued messages are all claimed, each once, urgent first and
+    then oldest due first, and an urgent one queued mid-way goes next."""
+    clock = FakeClock(T0)
+    spool = sysmail.Spool(tmp_path / "spool", clock=clock, index=sysmail._DueIndex(limit=10))
+    subjects = {}
+    for number in range(35):
+        _, header, _ = _enqueue(spool, f"bulk {number:02d}", due=T0 - 100 + number)
+        subjects[header["message_id"]] = f"bulk {number:02d}"
+    order: list[str] = []
+    claims, _ = spool.claim(4)
+    order += [subjects[spool.read(claim).message_id] for claim in claims]
+    assert sum(map(len, spool._index._heaps.values())) == 6  # 10 indexed, 4 claimed
+    _, header, _ = _enqueue(spool, "urgent", sysmail.URGENT, due=T0)
+    subjects[header["message_id"]] = "urgent"
+    while claims:
+        claims, _ = spool.claim(4)
+        order += [subjects[spool.read(claim).message_id] for claim in claims]
+    assert order[:5] == ["bulk 00", "bulk 01", "bulk 02", "bulk 03", "urgent"]
+    assert order[5:] == [f"bulk {n:02d}" for n in range(4, 35)]
