@@ -7837,7 +7837,6 @@ def _templates_help() -> str:
 def _add_mail_commands(commands: argparse._SubParsersAction) -> None:
     send = _command(commands, "send", "queue a mail per recipient and print each Message-ID", [
         "sysmail send --to ada@example.com --template two-factor-code --var code=123456",
-        "make report | sysmail send --to ops@example.com --subject 'Nightly export' --text -",
         "sysmail send --to-file users.csv --template service-announcement --var title=Down"],
         _templates_help(), handler=cmd_send)
     send.add_argument("--to", action="append", default=[], metavar="ADDR",
