@@ -21,7 +21,7 @@ from conftest import FakeClock, SmtpServer, run_cli
 
 import sysmail
 
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "bounces" / "samples"
+SAMPLES = Path(__file__).resolve().parent / "data" / "bounces" / "samples"  # ../shared/bounces
 KEY_TEXT = "q" * 40
 ADA = "ada@example.org"
 
