@@ -71,7 +71,8 @@ def _function(name: str) -> str:
 
 
 SECTIONS: dict[str, list[str]] = {
-    "spool": [_method("Spool"), _method("_DueIndex"), _function("_write_synced"),
+    "spool": [_method("Spool"), _method("_DueIndex"), _method("_GroupSync"),
+              _function("_sync_files"), _function("_write_synced"),
               _function("_write_file_atomically"), _function("_move_no_replace"),
               _function("_fsync_dir"), _function("_owner_alive"), _function("_parse_entry")],
     "settle-retry": [_method("_Settler"), _method("Sender", "_deliver"),
@@ -95,9 +96,10 @@ KILLERS = "tests/test_mutation_killers.py"
 DESELECTED: tuple[str, ...] = ()
 TESTS: dict[str, list[str]] = {
     "spool": ["tests/test_spool_and_crashes.py", "tests/test_queue_contract.py",
-              "tests/test_durability_syscalls.py"],
-    "settle-retry": ["tests/test_delivery.py"],
-    "redis-queue": ["tests/test_redis_fallback.py", "tests/test_queue_contract.py"],
+              "tests/test_durability_syscalls.py", "tests/test_batch_and_group_commit.py"],
+    "settle-retry": ["tests/test_delivery.py", "tests/test_relays.py"],
+    "redis-queue": ["tests/test_redis_fallback.py", "tests/test_queue_contract.py",
+                    "tests/test_relays.py"],
     "token-store": ["tests/test_token_store.py", "tests/test_store_config.py"],
     "http-auth": ["tests/test_http_api.py"],
     "idempotency": ["tests/test_http_api.py", "tests/test_timing_and_expiry.py"],
