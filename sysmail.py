@@ -3158,14 +3158,17 @@ class Spool:
                 and time.monotonic() - kept.read_at < 10 * kept.scan_seconds)):
             return kept  # unchanged, or so large that counts a few seconds old must do
         started = time.monotonic()
-        due_ms, oldest = [], math.inf
+        due_ms, first = [], ""  # ids start with fixed-width hex time: the least is the oldest
         for entry in _scan_names(folder):
-            if not entry.endswith(".json") and (name := _parse_name(entry)):
-                due_ms.append(name.due_ms)
-                oldest = min(oldest, _id_time(name.id))
+            parts = entry.split(".", 4)
+            if (len(parts) < 4 or entry.endswith(".json")
+                    or not (parts[0].isdigit() and parts[1].isdigit() and parts[2].isdigit())):
+                continue  # a foreign name: not mail
+            due_ms.append(int(parts[1]))
+            first = min(first, parts[3][:13]) if first else parts[3][:13]
         due_ms.sort()
-        census = _Census(changed, due_ms, oldest, time.monotonic(),
-                         time.monotonic() - started)
+        census = _Census(changed, due_ms, _id_time(first) if first else math.inf,
+                         time.monotonic(), time.monotonic() - started)
         self._censuses[state] = census
         return census
 
