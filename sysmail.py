@@ -8278,10 +8278,19 @@ def _redis_counts(fallback: RedisQueue, totals: dict) -> dict | str:
 
 def _failed_of(source: Queue) -> list[dict]:
     """A queue's dead letters; a queue that cannot be read is reported and skipped."""
+    return _read_or_skip(source.failed, "dead letters")
+
+
+def _entries_of(source: Queue) -> list[dict]:
+    """A queue's waiting messages; a queue that cannot be read is reported and skipped."""
+    return _read_or_skip(source.entries, "messages")
+
+
+def _read_or_skip(read: Callable[[], list[dict]], what: str) -> list[dict]:
     try:
-        return source.failed()
+        return read()
     except (SpoolError, QueueUnavailable) as exc:
-        _say(f"{exc}; its dead letters are not listed")
+        _say(f"{exc}; its {what} are not listed")
         return []
 
 
@@ -8350,15 +8359,6 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> int:
                    _duration(now - row["queued_at"]), str(row["attempt"]), _next_try(row, now),
                    row["last_reply"] or "-") for row in rows])
     return EX_OK
-
-
-def _entries_of(source: Queue) -> list[dict]:
-    """A queue's waiting messages; a queue that cannot be read is reported and skipped."""
-    try:
-        return source.entries()
-    except (SpoolError, QueueUnavailable) as exc:
-        _say(f"{exc}; its messages are not listed")
-        return []
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

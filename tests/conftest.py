@@ -1019,3 +1019,23 @@ def wait_socket_released(inode: int, pid: int | None = None, timeout: float = 30
         if time.monotonic() >= deadline:
             raise AssertionError(f"socket {inode} still open in {fd_dir} after {timeout}s")
         time.sleep(0.01)
+
+
+@pytest.fixture
+def small_mount(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount real tmpfs file systems of a given size (root only; skipped elsewhere)."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,18 +82,9 @@ def test_one_bad_recipient_anywhere_queues_nothing(bad: dict, tmp_path: Path) ->
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+def tiny_disk(small_mount: Callable[[str], Path]) -> Path:
     """A 1 MiB tmpfs: room for a few hundred messages, not a thousand."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
-                             str(mount)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    return small_mount("size=1m,mode=0700")
 
 
 def test_a_disk_that_fills_mid_batch_says_exactly_what_was_queued(tiny_disk: Path) -> None:

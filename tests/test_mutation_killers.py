@@ -912,26 +912,6 @@ def test_spool_mark_sent_on_a_vanished_spool_does_not_raise(tmp_path: Path) -> N
     assert spool.last_sent() is None
 
 
-@pytest.fixture
-def small_mount(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """Mount real tmpfs file systems of a given size (root only; skipped elsewhere)."""
-    mounted: list[Path] = []
-
-    def mount(options: str) -> Path:
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def test_spool_writable_checks_room_inodes_read_only_and_folders(
         small_mount: Callable[[str], Path]) -> None:
     """writable(): room and inodes left on a writable file system, tmp/ and new/ folders."""
