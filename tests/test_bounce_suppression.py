@@ -141,11 +141,17 @@ def test_the_mailto_unsubscribe_reaches_the_list(tmp_path: Path) -> None:
                               {**env_for(tmp_path), "SYSMAIL_SPOOL": str(other)}).stdout) == []
 
 
-def test_post_v1_bounces_suppresses_through_the_tag_only(tmp_path: Path) -> None:
+def started_api(tmp_path: Path) -> tuple[sysmail.App, str]:
+    """A started service taking POST /v1/bounces with its API key; the caller stops it."""
     api_key = "bounce-api-key-0123456789"
     app = app_for(tmp_path, SYSMAIL_API_KEY=api_key, SYSMAIL_LISTEN="127.0.0.1:0",
                   SYSMAIL_METRICS_LISTEN="off", SYSMAIL_DB=str(tmp_path / "db"))
     app.start()
+    return app, api_key
+
+
+def test_post_v1_bounces_suppresses_through_the_tag_only(tmp_path: Path) -> None:
+    app, api_key = started_api(tmp_path)
     try:
         tagged = sysmail.verp_address("bounces@b.example", app.config.queue_key, "<m@x>", ADA,
                                       app.clock())
@@ -185,10 +191,7 @@ def test_a_550_at_rcpt_to_suppresses_its_recipient(tmp_path: Path,
 def test_an_ses_notification_suppresses_through_its_mail_source(tmp_path: Path) -> None:
     """SES rewrites the envelope sender but reports the one it was given (mail.source): the
     tag there proves whom the notification is about; without it, nothing changes."""
-    api_key = "bounce-api-key-0123456789"
-    app = app_for(tmp_path, SYSMAIL_API_KEY=api_key, SYSMAIL_LISTEN="127.0.0.1:0",
-                  SYSMAIL_METRICS_LISTEN="off", SYSMAIL_DB=str(tmp_path / "db"))
-    app.start()
+    app, api_key = started_api(tmp_path)
     try:
         tagged = sysmail.verp_address("bounces@b.example", app.config.queue_key, "<m@x>", ADA,
                                       app.clock())

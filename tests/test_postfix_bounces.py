@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
+from test_bounce_suppression import DSN  # a DSN naming {rcpt}, sent to {to}
 
 PYTHON = "/usr/bin/python3"  # readable by nobody (the test's own Python may sit under /root)
 BOUNCE_DOMAIN = "b.example"
@@ -204,38 +205,12 @@ def test_a_postfix_bounce_suppresses_the_right_address(postfix: Postfix) -> None
     assert f"not queued for {UNKNOWN}: suppressed" in again.stderr
 
 
-FORGED_DSN = """\
-From: MAILER-DAEMON@mta.sysmail.test
-To: {to}
-Subject: Undelivered Mail Returned to Sender
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary="b"
-
---b
-Content-Type: text/plain
-
-The mail to {victim} could not be delivered.
-
---b
-Content-Type: message/delivery-status
-
-Reporting-MTA: dns; mta.sysmail.test
-
-Final-Recipient: rfc822; {victim}
-Action: failed
-Status: 5.1.1
-Diagnostic-Code: smtp; 550 5.1.1 no such user
-
---b--
-"""
-
-
 def test_a_forged_bounce_through_postfix_changes_nothing(postfix: Postfix) -> None:
     import smtplib
 
     forged_to = f"bounces+{'a' * 24}@{BOUNCE_DOMAIN}"
     with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as smtp:
-        smtp.sendmail("", [forged_to], FORGED_DSN.format(to=forged_to, victim=DISCARDED).encode())
+        smtp.sendmail("", [forged_to], DSN.format(to=forged_to, rcpt=DISCARDED).encode())
     (piped,) = postfix.wait_log(rf"to=<{re.escape(forged_to)}>, relay=sysmail-bounce")
     assert "status=sent" in piped  # handled (exit 0): the MTA need not retry
     assert suppressed(postfix) == {}
