@@ -1956,7 +1956,7 @@ def _encoded_header(name: str, value: str) -> str:
 def _mime_part(subtype: str, text: str) -> str:
     """Content headers, a blank line and the body: 7bit when it can be, else quoted-printable."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if text.isascii() and all(len(line) <= MAX_LINE_CHARS for line in text.split("\n")):
+    if text.isascii() and max(map(len, text.split("\n"))) <= MAX_LINE_CHARS:
         encoding, body = "7bit", text
     else:
         encoding = "quoted-printable"
@@ -3380,10 +3380,13 @@ def _read_regular(path: Path | str) -> bytes:
     someone put in the spool must never block the sender)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        with os.fdopen(os.dup(fd), "rb") as file:
-            return file.read()
+        data = os.read(fd, status.st_size + 1)  # a short read of a regular file is its end
+        while len(data) > status.st_size and (more := os.read(fd, 1 << 20)):
+            data += more  # it grew since fstat
+        return data
     finally:
         os.close(fd)
 
@@ -4347,17 +4350,20 @@ class Enqueuer:
         it). Every recipient is checked before any mail is queued; then ENQUEUE_BATCH
         messages share one sync. When the queues fail, the QueueUnavailable's `queued` holds
         the Message-IDs queued before. progress(count) is called after each batch."""
-        chosen = self._template(template)
-        entries = [(to, {**variables, **own}, rest[0] if rest and rest[0] else locale)
-                   for to, own, *rest in recipients]
-        for to, merged, own_locale in entries:
+        self._template(template)  # an unknown one fails even for no recipients
+        rendered: dict[tuple, tuple] = {}  # one render per distinct variables and language
+        entries = []
+        for to, own, *rest in recipients:
+            merged, own_locale = {**variables, **own}, rest[0] if rest and rest[0] else locale
             validate_address(to)
-            self.catalog.pick(own_locale)
-            _template_values(chosen, merged)
+            key = (tuple(sorted((k, str(v)) for k, v in merged.items())), own_locale)
+            if key not in rendered:  # renders check the variables and the locale
+                rendered[key] = self._from_template(template, to, merged, own_locale)[1:]
+            entries.append((to, key))
         queued: list[Queued] = []
         for start in range(0, len(entries), ENQUEUE_BATCH):
-            builds = [self._build(*self._from_template(template, *entry))
-                      for entry in entries[start:start + ENQUEUE_BATCH]]
+            builds = [self._build(to, *rendered[key])
+                      for to, key in entries[start:start + ENQUEUE_BATCH]]
             built = [entry for _, entries_of_one, _ in builds for entry in entries_of_one]
             try:
                 placed = [(ident, "spool") for ident in self.spool.enqueue_many(built)]
@@ -4838,9 +4844,12 @@ class SmtpTransport:
             smtp.close()
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
 def _dot_stuffed(data: bytes) -> bytes:
     """Message content for DATA: leading dots doubled, CRLF-terminated, then the final dot."""
-    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    stuffed = _LEADING_DOT.sub(b"..", data) if b"\n." in data or data[:1] == b"." else data
     return stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n"
 
 

@@ -276,6 +276,49 @@ def naive_rate(sink: Sink, key: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+def floor_cpu_ms(bench: Bench, sink: Sink, count: int) -> float:
+    """CPU ms per message of the least a Python sender must do, on one open connection: claim
+    (rename), read, check the entry's MAC, hash and RSA-sign, send MAIL, RCPT, DATA and the
+    content pipelined, read four replies, unlink. No canonicalization, logging, metrics or
+    retry bookkeeping: the floor under any sender written in CPython."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    env = bench.env(sink)
+    bulk_fill(env, count)
+    queue_key, spool = sysmail.Config.from_env(env).queue_key, Path(env["SYSMAIL_SPOOL"])
+    key = serialization.load_pem_private_key(bench.key.encode(), password=None)
+    body_at = len(sysmail.SPOOL_FORMAT) + 65
+    with socket.create_connection(("127.0.0.1", sink.port)) as sock, sock.makefile("rb") as reply:
+        reply.readline()
+        sock.sendall(b"EHLO floor\r\n")
+        while reply.readline()[3:4] == b"-":
+            pass
+        started = resource.getrusage(resource.RUSAGE_SELF)
+        for name in os.listdir(spool / "new"):
+            os.rename(spool / "new" / name, spool / "cur" / name)
+            fd = os.open(spool / "cur" / name, os.O_RDONLY)
+            raw = os.read(fd, 1 << 20)
+            os.close(fd)
+            entry = raw[body_at:]
+            mac = sysmail.hmac.new(queue_key, entry, sysmail.hashlib.sha256).hexdigest().encode()
+            assert sysmail.hmac.compare_digest(raw[body_at - 65:body_at - 1], mac)
+            head, _, data = entry.partition(b"\n")
+            header = json.loads(head)
+            headers, _, body = data.partition(b"\r\n\r\n")
+            digest = sysmail.hashlib.sha256(
+                headers + sysmail.hashlib.sha256(body).digest()).digest()
+            signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+            sock.sendall(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
+                         % (header["from"].encode(), header["to"][0].encode()))
+            reply.readline(), reply.readline(), reply.readline()
+            sock.sendall(b"DKIM-Signature: b=" + signature + b"\r\n" + data + b"\r\n.\r\n")
+            reply.readline()
+            os.unlink(spool / "cur" / name)
+        ended = resource.getrusage(resource.RUSAGE_SELF)
+    return (ended.ru_utime + ended.ru_stime - started.ru_utime - started.ru_stime) / count * 1000
+
+
 def steady_rate(times: list[float]) -> float:
     """Deliveries per second between the 5th and the 95th percent of them: the processes'
     start-up (importing OpenSSL bindings, building the index) and the last stragglers are
@@ -311,6 +354,7 @@ def bench_delivery(bench: Bench) -> list[Row]:
         ours = steady_rate(sorted(t for m, t in sink.received().items() if m not in before))
         naive = (naive_before + naive_rate(sink, bench.key, bench.sizes.naive // 2)) / 2
         through_serve = serve_delivery_rate(bench, sink)
+        floor_ms = floor_cpu_ms(bench, sink, bench.sizes.delivery // 2)
     finally:
         sink.stop()
     cores = min(os.cpu_count() or 1, bench.workers * bench.connections)
@@ -329,8 +373,11 @@ def bench_delivery(bench: Bench) -> list[Row]:
             through_serve / ours, ">= 0.9", through_serve / ours >= 0.9),
         Row("CPU per delivered message (workers, with start-up)",
             f"{cpu_ms:.2f} ms (+ sink {sink_ms:.2f} ms)",
-            f"one RSA-2048 signature {1000 / per_core:.2f} ms", 1000 / per_core / cpu_ms,
-            "report", None),
+            f"one RSA-2048 signature {1000 / per_core:.2f} ms", cpu_ms * per_core / 1000,
+            "<= 2.0", cpu_ms * per_core / 1000 <= 2.0),
+        Row("CPU per message, the least a CPython sender does (bench/run.py floor_cpu_ms)",
+            f"{floor_ms:.2f} ms", f"one RSA-2048 signature {1000 / per_core:.2f} ms",
+            floor_ms * per_core / 1000, "report", None),
     ]
 
 
