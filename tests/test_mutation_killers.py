@@ -951,3 +951,56 @@ def test_move_no_replace_refuses_an_existing_target(tmp_path: Path) -> None:
     assert (source.read_bytes(), target.read_bytes()) == (b"new", b"old")
     sysmail._move_no_replace(str(source), str(tmp_path / "free"))
     assert not source.exists() and (tmp_path / "free").read_bytes() == b"new"
+
+
+# --------------------------------------------------------------------------- Redis dead letters
+
+DEAD_LETTER_SECONDS = 3 * 86400  # not the 14-day default: the queue must use its setting
+
+
+def _dead_letter_queue(redis_server: RedisServer) -> tuple[sysmail.RedisQueue, FakeClock]:
+    clock = FakeClock(T_QUEUE)
+    return sysmail.RedisQueue(redis_server.url, clock=clock, prefix=f"d{secrets.token_hex(3)}:",
+                              dead_letter_seconds=DEAD_LETTER_SECONDS), clock
+
+
+def _bury_part(queue: sysmail.RedisQueue, to: str) -> None:
+    """Deliver a two-recipient message to one and write a dead letter for the other."""
+    queue.enqueue({**_header(to), "to": ["served@example.org", to]}, b"body", 1)
+    [claim], _ = queue.claim(1)
+    queue.add_failed(queue.read(claim), (to,), {"reason": "rejected"})
+    queue.ack(claim)
+
+
+def test_a_redis_dead_letter_is_stored_for_dead_letter_seconds_and_no_longer(
+        redis_server: RedisServer) -> None:
+    """A dead letter (a whole message failed, or a refused recipient's part) is kept in Redis
+    for dead_letter_seconds, then Redis drops it: the one key holding it carries that TTL."""
+    queue, clock = _dead_letter_queue(redis_server)
+    whole = _bury(queue, clock, 1, "ada@example.org")
+    _bury_part(queue, "bob@example.org")
+    client = redis.Redis.from_url(redis_server.url)
+    letters = [letter["id"] for letter in queue.failed()]
+    assert whole in letters and len(letters) == 2
+    for ident in letters:
+        [stored] = [key for key in client.scan_iter(match=f"{queue.prefix}*")
+                    if ident.encode() in key]
+        assert client.hget(stored, "reason") is not None  # the dead letter itself
+        assert DEAD_LETTER_SECONDS - 5 <= client.ttl(stored) <= DEAD_LETTER_SECONDS, stored
+
+
+def test_a_redis_dead_letter_is_forgotten_dead_letter_seconds_after_it_failed(
+        redis_server: RedisServer) -> None:
+    """By the queue's clock: a dead letter is listed (and retryable) until dead_letter_seconds
+    after it failed, then it leaves the list; a younger one stays until its own time."""
+    queue, clock = _dead_letter_queue(redis_server)
+    old = _bury(queue, clock, 1, "ada@example.org")  # failed at T_QUEUE; the clock is at +1
+    clock.advance(DEAD_LETTER_SECONDS / 2)
+    _bury_part(queue, "bob@example.org")
+    [young] = [letter["id"] for letter in queue.failed() if letter["id"] != old]
+    clock.now = T_QUEUE + DEAD_LETTER_SECONDS - 0.5
+    assert [letter["id"] for letter in queue.failed()] == [old, young]  # not before its time
+    clock.now = T_QUEUE + DEAD_LETTER_SECONDS
+    assert [letter["id"] for letter in queue.failed()] == [young]
+    assert queue.counts()["failed"] == 1
+    assert queue.retry() == [young]  # the forgotten one cannot come back
