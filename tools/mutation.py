@@ -99,7 +99,7 @@ TESTS: dict[str, list[str]] = {
               "tests/test_durability_syscalls.py", "tests/test_batch_and_group_commit.py"],
     "settle-retry": ["tests/test_delivery.py", "tests/test_relays.py", "tests/test_faults.py"],
     "redis-queue": ["tests/test_redis_fallback.py", "tests/test_queue_contract.py",
-                    "tests/test_relays.py"],
+                    "tests/test_relays.py", "tests/test_faults.py"],
     "token-store": ["tests/test_token_store.py", "tests/test_store_config.py"],
     "http-auth": ["tests/test_http_api.py"],
     "idempotency": ["tests/test_http_api.py", "tests/test_timing_and_expiry.py"],
