@@ -680,43 +680,6 @@ def test_sigkill_during_enqueue_never_leaves_a_partial_file_in_new(tmp_path: Pat
     assert {spool.read(c).message_id for c in claims} == set(message_ids)
 
 
-@pytest.mark.parametrize("connections", ["1", None],
-                         ids=["one-connection", "default-connections"])
-def test_sigkilled_worker_loses_nothing_after_restart(
-        smtp_server: SmtpServer, tmp_path: Path, workers: Callable[..., Worker],
-        connections: str | None) -> None:
-    spool = tmp_path / "spool"
-    ids = _enqueue_many(spool, 300)
-    env = _env(smtp_server, spool)
-    if connections is not None:  # None: SYSMAIL_SMTP_CONNECTIONS unset, its default
-        env["SYSMAIL_SMTP_CONNECTIONS"] = connections
-    orphaned_claims = []
-    kills = 0
-    for threshold in (60, 160):
-        worker = workers(env)
-        token = worker.token
-        _wait_until(lambda n=threshold: len(smtp_server.messages) >= n, 15,
-                    f"{threshold} messages at the sink")
-        worker.kill()
-        kills += 1
-        assert len(set(_received_ids(smtp_server))) < len(ids), "killed after it had finished"
-        orphaned_claims.append([e for e in _ls(spool / "cur") if e.endswith(f".{token}")])
-    assert any(orphaned_claims), "no kill left a claim in cur/: recovery was not exercised"
-
-    final = workers(env)
-    _wait_until(lambda: set(_received_ids(smtp_server)) >= set(ids) and _spool_empty(spool),
-                20, "every message delivered and the spool drained")
-    assert final.term(timeout=10) == 0
-    received = _received_ids(smtp_server)
-    per_id = Counter(received)
-    assert set(per_id) == set(ids)
-    # what can be resent: the message between the relay's 250 and the unlink, one per crashed
-    # worker whatever its connections (README; test_the_duplicate_window_is_one_message_...)
-    duplicates = len(received) - len(per_id)
-    assert duplicates <= kills, f"{duplicates} duplicates: {per_id.most_common(4)}"
-    assert _counts(_status(env)) == {"new": 0, "deferred": 0, "cur": 0, "failed": 0}
-
-
 class SlowAckSMTP(SinkSMTP):
     """The sink's SMTP that, while `hold` is set, records a message and waits before its 250."""
 
@@ -769,6 +732,59 @@ class BriefAckSMTP(SlowAckSMTP):
 
     hold = threading.Event()
     delay = 1.0
+
+
+class KillAckSMTP(SlowAckSMTP):
+    """SlowAckSMTP with a hold of its own (a worker is killed while it waits for a 250)."""
+
+    hold = threading.Event()
+
+
+@pytest.mark.parametrize("connections", ["1", None],
+                         ids=["one-connection", "default-connections"])
+def test_sigkilled_worker_loses_nothing_after_restart(
+        tmp_path: Path, workers: Callable[..., Worker], connections: str | None) -> None:
+    """Two workers SIGKILLed mid-queue, each while it holds claims (the relay holds back its
+    250s at that moment, so the kill cannot fall between two batches), then a third: every
+    message arrives, at most one twice per kill, and the spool ends empty."""
+    relay = SmtpServer("smtp+plain", smtp_class=KillAckSMTP)
+    relay.start()
+    try:
+        spool = tmp_path / "spool"
+        ids = _enqueue_many(spool, 300)
+        env = _env(relay, spool)
+        if connections is not None:  # None: SYSMAIL_SMTP_CONNECTIONS unset, its default
+            env["SYSMAIL_SMTP_CONNECTIONS"] = connections
+        orphaned_claims = []
+        for threshold in (60, 160):
+            worker = workers(env)
+            token = worker.token
+            _wait_until(lambda n=threshold: len(relay.messages) >= n, 60,
+                        f"{threshold} messages at the relay")
+            KillAckSMTP.hold.set()  # the next 250 waits: the worker holds its claims
+            _wait_until(lambda t=token: any(e.endswith(f".{t}") for e in _ls(spool / "cur")),
+                        10, "the worker to hold a claim")
+            worker.kill()
+            KillAckSMTP.hold.clear()
+            orphaned_claims.append([e for e in _ls(spool / "cur") if e.endswith(f".{token}")])
+        assert all(orphaned_claims), "a kill left no claim in cur/: recovery not exercised"
+        assert len(set(_received_ids(relay))) < len(ids), "killed after it had finished"
+
+        final = workers(env)
+        _wait_until(lambda: set(_received_ids(relay)) >= set(ids) and _spool_empty(spool),
+                    60, "every message delivered and the spool drained")
+        assert final.term(timeout=10) == 0
+        received = _received_ids(relay)
+    finally:
+        KillAckSMTP.hold.clear()
+        relay.stop()
+    per_id = Counter(received)
+    assert set(per_id) == set(ids)
+    # what can be resent: the message between the relay's 250 and the unlink, one per crashed
+    # worker whatever its connections (README; test_the_duplicate_window_is_one_message_...)
+    duplicates = len(received) - len(per_id)
+    assert duplicates <= len(orphaned_claims), f"{duplicates} duplicates: {per_id.most_common(4)}"
+    assert _counts(_status(env)) == {"new": 0, "deferred": 0, "cur": 0, "failed": 0}
 
 
 def test_a_running_worker_takes_back_the_claims_of_a_killed_peer(
