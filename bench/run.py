@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The sysmail benchmark: each figure is a ratio against a reference measured in the same run.
 
-    python3 bench/run.py                 # the full run, about two minutes; prints one table
+    python3 bench/run.py                 # the full run, about ten minutes; prints one table
+    python3 bench/run.py --only delivery # one stage (enqueue, delivery, latency, http, scale)
     python3 bench/run.py --write         # ... and records it in BENCHMARKS.md
     python3 bench/run.py --smoke         # a few seconds, tiny sizes (CI runs this)
 

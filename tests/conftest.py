@@ -376,7 +376,7 @@ class SmtpServer:
             self._sock.close()
             self._sock = None
 
-    def wait_for(self, n: int, timeout: float = 10) -> list[Received]:
+    def wait_for(self, n: int, timeout: float = 60) -> list[Received]:
         """Return a copy of messages once at least n arrived, else AssertionError."""
         deadline = time.monotonic() + timeout
         while len(self.messages) < n:
@@ -890,7 +890,7 @@ def wait_quiescent(
     spool_dir: str | os.PathLike[str] | None,
     smtp_server: SmtpServer,
     idle_seconds: float = 0.5,
-    timeout: float = 10,
+    timeout: float = 60,
     predicate: Callable[[], bool] | None = None,
 ) -> list[Received]:
     """Wait until the queue is settled and the relay idle; return a copy of the messages.

@@ -91,15 +91,19 @@ SECTIONS: dict[str, list[str]] = {
 # killers written for issue 15. mutmut runs, per mutant, only those of them that reach the
 # mutated function in-process, fastest first, stopping at the first failure.
 KILLERS = "tests/test_mutation_killers.py"
-# Tests to leave out of the mutation runs (a strict xfail that documents a bug would be
-# "killed" by a mutant that happens to fix it); none now.
-DESELECTED: tuple[str, ...] = ()
+# Tests to leave out of the mutation runs: a latency bound (mutmut's tracing run of the
+# unmutated code is several times slower, so its first pass fails on the bound and the run
+# stops; the wake-up it guards is also checked by test_faults' wake-up tests).
+DESELECTED: tuple[str, ...] = (
+    "tests/test_spool_and_crashes.py::"
+    "test_an_idle_worker_wakes_at_once_when_another_process_queues_mail",
+)
 TESTS: dict[str, list[str]] = {
     "spool": ["tests/test_spool_and_crashes.py", "tests/test_queue_contract.py",
               "tests/test_durability_syscalls.py", "tests/test_batch_and_group_commit.py"],
     "settle-retry": ["tests/test_delivery.py", "tests/test_relays.py", "tests/test_faults.py"],
     "redis-queue": ["tests/test_redis_fallback.py", "tests/test_queue_contract.py",
-                    "tests/test_relays.py"],
+                    "tests/test_relays.py", "tests/test_faults.py"],
     "token-store": ["tests/test_token_store.py", "tests/test_store_config.py"],
     "http-auth": ["tests/test_http_api.py"],
     "idempotency": ["tests/test_http_api.py", "tests/test_timing_and_expiry.py"],
