@@ -95,8 +95,8 @@ KILLERS = "tests/test_mutation_killers.py"
 # unmutated code is several times slower, so its first pass fails on the bound and the run
 # stops; the wake-up it guards is also checked by test_faults' wake-up tests).
 DESELECTED: tuple[str, ...] = (
-    "tests/test_spool_and_crashes.py::"
-    "test_an_idle_worker_wakes_at_once_when_another_process_queues_mail",
+    ("tests/test_spool_and_crashes.py::"
+     "test_an_idle_worker_wakes_at_once_when_another_process_queues_mail"),
 )
 TESTS: dict[str, list[str]] = {
     "spool": ["tests/test_spool_and_crashes.py", "tests/test_queue_contract.py",
