@@ -8,6 +8,7 @@ How to run (not part of CI; it takes long):
     python3 tools/mutation.py --section dkim        # one section (names: SECTIONS below)
     python3 tools/mutation.py --survivors           # rerun only what was not killed last time
     python3 tools/mutation.py --survivors --killers-only   # ... against the killers file alone
+    python3 tools/mutation.py --survivors --tests tests/test_faults.py  # ... against one file
     python3 tools/mutation.py --report [--diff]     # print the last results (and survivor diffs)
 
 How long, on this project's 2-core machine with --children 2: about 2 minutes for dkim, 5 for
@@ -131,7 +132,8 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           -11: "segfault", -9: "segfault", None: "not checked"}
 
 
-def _prepare(workdir: Path, section: str, fresh: bool, killers_only: bool = False) -> None:
+def _prepare(workdir: Path, section: str, fresh: bool, killers_only: bool = False,
+             only: list[str] | None = None) -> None:
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +145,7 @@ def _prepare(workdir: Path, section: str, fresh: bool, killers_only: bool = Fals
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy2(source, target)
-    tests = [*([] if killers_only else TESTS[section]),
+    tests = [*([] if killers_only else only or TESTS[section]),
              *([KILLERS] if (REPO / KILLERS).exists() else [])]
     pyproject = workdir / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + MUTMUT_CONFIG.format(
@@ -238,6 +240,10 @@ def main() -> int:
     parser.add_argument("--killers-only", action="store_true",
                         help=f"with --survivors: run them against {KILLERS} alone (the "
                              "section's other tests let them survive already)")
+    parser.add_argument("--tests", action="append", metavar="FILE",
+                        help="with --survivors: run them against this test file (repeatable) "
+                             f"and {KILLERS} instead of the section's files (e.g. a file "
+                             "added to TESTS since the last run)")
     args = parser.parse_args()
     sections = args.section or list(SECTIONS)
     workdir = args.workdir.resolve()
@@ -251,7 +257,7 @@ def main() -> int:
             if args.survivors and not names:
                 continue
             _prepare(workdir / section, section, args.fresh,
-                     killers_only=args.survivors and args.killers_only)
+                     killers_only=args.survivors and args.killers_only, only=args.tests)
             env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
             subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
                             str(max(1, min(args.children, 2))),
