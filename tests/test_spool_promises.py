@@ -228,3 +228,21 @@ def test_writable_trusts_inode_figures_only_where_the_file_system_counts_inodes(
     disk = os.statvfs(spool.root / "tmp")
     assert (disk.f_files, disk.f_favail) == (1, 0)
     assert not spool.writable()
+
+
+def test_an_entry_changed_after_it_was_queued_is_refused(tmp_path: Path) -> None:
+    """A spool entry with the right format tag whose header was changed (a recipient
+    swapped), or that was written under another queue key, fails its authentication."""
+    key = b"k" * 32
+    spool = sysmail.Spool(tmp_path / "spool", clock=FakeClock(1_800_000_000.0), key=key)
+    forged, foreign = _queue(spool, "forged"), _queue(spool, "foreign")
+    [forged_entry] = [e for e in os.listdir(spool.root / "new") if forged in e]
+    path = spool.root / "new" / forged_entry
+    path.write_bytes(path.read_bytes().replace(b"ada@example.org", b"eve@example.org"))
+    claims = _claim_all(spool)
+    with pytest.raises(sysmail.UnauthenticatedEntry, match=f"queue entry {forged} fails"):
+        spool.read(claims[forged])
+    assert spool.read(claims[foreign]).rcpts == ("ada@example.org",)
+    other = sysmail.Spool(spool.root, clock=spool.clock, key=b"o" * 32)
+    with pytest.raises(sysmail.UnauthenticatedEntry):
+        other.read(claims[foreign])
