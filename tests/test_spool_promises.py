@@ -246,3 +246,31 @@ def test_an_entry_changed_after_it_was_queued_is_refused(tmp_path: Path) -> None
     other = sysmail.Spool(spool.root, clock=spool.clock, key=b"o" * 32)
     with pytest.raises(sysmail.UnauthenticatedEntry):
         other.read(claims[foreign])
+
+
+def test_a_wake_up_naming_no_file_in_new_is_not_indexed(tmp_path: Path) -> None:
+    """A worker indexes a name another process announces only when that file is in new/: a
+    stale or forged datagram costs no claim; the name is found by the next scan instead."""
+    clock = FakeClock(1_800_000_000.0)
+    worker = sysmail.Spool(tmp_path / "spool", clock=clock,
+                           index=sysmail._DueIndex(clock=FakeClock(0.0)))
+    woken: list[int] = []
+    listener = worker.listen(lambda: woken.append(1))
+    if listener is None:
+        pytest.skip("no wake-up sockets on this platform")
+    try:
+        assert worker.claim(10) == ([], None)  # the index is built: no rescan for a while
+        writer = _spool(worker.root, clock)
+        phantom = f"1.{int(clock() * 1000)}.0.phantom1"
+        writer.notify(phantom)  # announced before it exists
+        real = _queue(writer, "real")  # its datagram follows the phantom's
+        deadline = time.monotonic() + 10
+        while not woken and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert woken, "the worker never heard of the real entry"
+        (worker.root / "new" / phantom).write_bytes(b"")
+        claims, _ = worker.claim(10)
+        assert [claim.name.id for claim in claims] == [real]
+        assert os.listdir(worker.root / "new") == [phantom]
+    finally:
+        listener.close()
