@@ -88,7 +88,8 @@ def build_rig(
     rand: Callable[[], float] | None = None,
     batch_size: int = sysmail.SENDER_BATCH_SIZE,
 ) -> Rig:
-    """Mailer(config, clock) plus Sender(...) with RetryPolicy() and rand (0.5: no jitter)."""
+    """Mailer(config, clock) plus Sender(...) with the config's retry schedules and rand (0.5:
+    no jitter)."""
     config = sysmail.Config.from_env(env)
     clock = FakeClock()
     mailer = sysmail.Mailer(config, clock=clock)
@@ -97,7 +98,7 @@ def build_rig(
         sysmail.transport_from_config(config),
         sysmail.DkimSigner.from_config(config),
         clock=clock,
-        retry=sysmail.RetryPolicy(),
+        retry=sysmail.RetryPolicy(config.retry_schedule, config.retry_schedules),
         rand=rand or sequence(0.5),
         batch_size=batch_size,
     )
@@ -488,6 +489,38 @@ def test_a_retry_schedule_is_set_per_kind_from_the_environment(tmp_path: Path) -
                                     "SYSMAIL_RETRY_SCHEDULE_TWO_FACTOR": "1"})
     with pytest.raises(sysmail.ConfigError, match="names no kind of mail"):
         sysmail.build_app(typo).sender()
+
+
+def test_a_deferred_message_waits_by_the_schedule_of_its_kind(
+        smtp_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey, rigs: list[Rig]) -> None:
+    """SYSMAIL_RETRY_SCHEDULE_TWO_FACTOR_CODE=7: a code the relay defers is due again in 7 s,
+    an alert by the general schedule (5 minutes)."""
+    rig = build_rig({**base_env(tmp_path, rsa_key, smtp_server), "SYSMAIL_RETRY_SCHEDULE": "5m",
+                     "SYSMAIL_RETRY_SCHEDULE_TWO_FACTOR_CODE": "7"}, smtp_server)
+    rigs.append(rig)
+    rig.mailer.enqueue("two-factor-code", to="ada@example.org", code="123456")
+    rig.mailer.enqueue("security-alert", to="bob@example.org", event="x")
+    smtp_server.sink.script_data(["451 4.3.0 later", "451 4.3.0 later"])
+    assert rig.sender.run_once() == DeliveryCounts(deferred=2)
+    due = sorted(due_ms / 1000 - rig.clock() for _, due_ms, _, _ in entries(rig.spool, "new"))
+    assert due == [7, 300]
+
+
+@pytest.mark.parametrize(("waited", "outcome"), [(59.5, "deferred"), (60, "expired")])
+def test_a_retry_due_at_the_deliver_by_time_expires_now(
+        smtp_server: SmtpServer, tmp_path: Path, rsa_key: RsaKey, rigs: list[Rig],
+        waited: float, outcome: str) -> None:
+    """A message that must be delivered within 120 s, deferred by the relay 60 s after it
+    was queued with 60 s to the next try: that try would fall at its deliver-by time, too
+    late, so it expires with the relay's reply now; half a second earlier it is deferred."""
+    rig = build_rig({**base_env(tmp_path, rsa_key, smtp_server),
+                     "SYSMAIL_RETRY_SCHEDULE": "60"}, smtp_server)
+    rigs.append(rig)
+    rig.mailer.enqueue_message("ada@example.org", "Hello", "Text.", ttl_seconds=120)
+    rig.clock.advance(waited)
+    smtp_server.sink.script_data(["451 4.3.0 later"])
+    counts = rig.sender.run_once()
+    assert (counts.deferred, counts.expired) == ((1, 0) if outcome == "deferred" else (0, 1))
 
 
 def test_status_shows_the_waiting_retries_and_the_soonest(rig: Rig) -> None:

@@ -208,6 +208,7 @@ def test_a_throttling_reply_slows_the_relay_and_costs_no_attempt(
         assert (counts.paced, counts.deferred, counts.failed) == (1, 0, 0)
         ((name),) = (tmp_path / "spool" / "new").iterdir()
         assert name.name.split(".")[2] == "0"  # no attempt spent
+        assert sysmail.SpoolName.parse(name.name).due_ms / 1000 > clock()  # back when paced
         page = app.api.metrics_page(sysmail.Request("GET", "/metrics", {}, {}, b"", "x")).body
         assert b"sysmail_relay_rate{" in page  # the relay is paced now
         clock.advance(3)
