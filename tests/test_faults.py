@@ -560,6 +560,9 @@ again = {k: v for k, v in spool.counts().items() if k in states}
 print(first, again, len(listings))
 open(f"{root}/new/0.00000000000001.0.idextra", "w").close()
 time.sleep(settle)
+deadline = time.monotonic() + 60  # a folder slow to read (a loaded machine) is read again
+while spool.counts()["new"] != 1 and time.monotonic() < deadline:  # after its throttle
+    time.sleep(0.1)
 print(spool.counts()["new"], len(listings))
 """
 

@@ -102,7 +102,7 @@ DESELECTED: tuple[str, ...] = (
 TESTS: dict[str, list[str]] = {
     "spool": ["tests/test_spool_and_crashes.py", "tests/test_queue_contract.py",
               "tests/test_durability_syscalls.py", "tests/test_batch_and_group_commit.py",
-              "tests/test_spool_operations.py"],
+              "tests/test_spool_operations.py", "tests/test_spool_promises.py"],
     "settle-retry": ["tests/test_delivery.py", "tests/test_relays.py", "tests/test_faults.py"],
     "redis-queue": ["tests/test_redis_fallback.py", "tests/test_queue_contract.py",
                     "tests/test_relays.py", "tests/test_faults.py"],
