@@ -236,8 +236,9 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only print the last results")
     parser.add_argument("--diff", action="store_true", help="show each survivor's diff")
     parser.add_argument("--survivors", action="store_true",
-                        help="rerun only the mutants not killed last time (with the tests as "
-                             "they are now) and merge their new verdicts into the old ones")
+                        help="rerun only the mutants not killed last time, timeouts and those "
+                             "not run included (with the tests as they are now), and merge their "
+                             "new verdicts into the old ones")
     parser.add_argument("--killers-only", action="store_true",
                         help=f"with --survivors: run them against {KILLERS} alone (the "
                              "section's other tests let them survive already)")
@@ -254,7 +255,7 @@ def main() -> int:
             print(f"== {section}", flush=True)
             before = {} if args.fresh else _results(workdir, section)
             names = [name for name, code in before.items()
-                     if STATUS.get(code) not in ("killed", "timeout")]
+                     if STATUS.get(code) != "killed"]  # a timeout is checked again
             if args.survivors and not names:
                 continue
             _prepare(workdir / section, section, args.fresh,
