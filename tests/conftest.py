@@ -759,6 +759,10 @@ def _first_start(server: RedisServer, attempts: int = 3) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+# mutmut selects a mutant by this variable; a subprocess must see it to run the same mutant
+MUTANT = {k: v for k, v in os.environ.items() if k == "MUTANT_UNDER_TEST"}
+
+
 def run_python(
     script: Path,
     args: list[str],
@@ -767,8 +771,9 @@ def run_python(
     timeout: float = 60,
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run script with this Python; env = PATH, PYTHONDONTWRITEBYTECODE=1, **env."""
-    full_env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", **env}
+    """Run script with this Python; env = PATH, PYTHONDONTWRITEBYTECODE=1, **env (and the
+    mutant under test, in a mutation run: tools/mutation.py)."""
+    full_env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", **MUTANT, **env}
     return subprocess.run(
         [sys.executable, str(script), *args],
         env=full_env,

@@ -133,8 +133,8 @@ def test_a_batch_reaches_the_relay(smtp_server: SmtpServer, tmp_path: Path) -> N
 
 @pytest.mark.skipif(not STRACE.exists(), reason=f"{STRACE} is not installed")
 def test_a_batch_is_on_disk_before_enqueue_many_returns(tmp_path: Path) -> None:
-    """Under strace: every file of the batch written, then one sync of the file system
-    (syncfs) after the last write, then each renamed into new/, then new/ fsynced once: all
+    """Under strace: every file of the batch written, then one sync of their file system
+    (syncfs on one of them) after the last write, then each renamed into new/, then new/ fsynced once: all
     before enqueue_many returns."""
     spool = tmp_path / "spool"
     trace = run_snippet(tmp_path, f"""
@@ -151,8 +151,9 @@ def test_a_batch_is_on_disk_before_enqueue_many_returns(tmp_path: Path) -> None:
     sources = [moved_into(events, new) for new in names]
     last_write = max(i for i, e in enumerate(events)
                      if e.name in WRITES and e.paths and Path(e.paths[0]) in sources)
-    sync = first_index(events, Step("syncfs", lambda e: e.name == "syncfs" and e.ok),
-                       last_write)
+    sync = first_index(events, Step("syncfs of the batch's file system", lambda e: (
+        e.name == "syncfs" and e.ok and bool(e.paths) and Path(e.paths[0]) in sources)),
+        last_write)
     assert sync is not None, "no syncfs after the last write"
     moves = [first_index(events, Step("move", lambda e, s=s, n=n: e.paths == (str(s), str(n))))
              for s, n in zip(sources, names, strict=True)]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import MUTANT, REPO
 
 STRACE = Path("/usr/bin/strace")
 TRACED = ("openat,open,write,pwrite64,fsync,fdatasync,syncfs,rename,renameat,renameat2,"
@@ -92,7 +92,7 @@ class Syscall:
 
 WRITES = {"write", "pwrite64"}
 SYNCS = {"fsync", "fdatasync"}
-FD_CALLS = WRITES | SYNCS | {"close"}
+FD_CALLS = WRITES | SYNCS | {"close", "syncfs"}
 MOVES = {"rename", "renameat", "renameat2", "link", "linkat"}
 
 _LINE = re.compile(r"^(?:(?P<pid>\d+)\s+)?(?P<name>\w+)\((?P<args>.*)\)\s+=\s+(?P<result>.*)$")
@@ -186,7 +186,8 @@ def run_traced(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
 
 def _env() -> dict[str, str]:
     """A minimal environment importing sysmail from the repository (as conftest.run_python)."""
-    return {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO)}
+    return {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO),
+            **MUTANT}
 
 
 def run_snippet(tmp_path: Path, *parts: str) -> Trace:

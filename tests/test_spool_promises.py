@@ -274,3 +274,20 @@ def test_a_wake_up_naming_no_file_in_new_is_not_indexed(tmp_path: Path) -> None:
         assert os.listdir(worker.root / "new") == [phantom]
     finally:
         listener.close()
+
+
+def test_a_spool_named_by_a_relative_path_works(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SYSMAIL_SPOOL=spool, relative to the working directory as a user of the command line
+    may set it: a message is queued into new/, claimed, deferred and delivered from there."""
+    monkeypatch.chdir(tmp_path)
+    clock = FakeClock()
+    spool = _spool(Path("spool"), clock)
+    ident = _queue(spool, "Relative")
+    assert [name.rsplit(".", 1)[-1] for name in os.listdir("spool/new")] == [ident]
+    (claim,) = _claim_all(spool).values()
+    spool.defer(claim, clock() + 60, "451 later")
+    clock.advance(61)
+    (claim,) = _claim_all(spool).values()
+    spool.ack(claim)
+    assert os.listdir("spool/new") == os.listdir("spool/cur") == []
