@@ -250,6 +250,50 @@ def test_a_failed_flush_fails_every_caller_of_its_round_and_the_next_round_works
     assert calls == [[1], [2]]
 
 
+def test_every_caller_whose_item_was_in_a_failed_flush_gets_its_error() -> None:
+    """Three callers wait behind a running flush; the flush that takes their items fails:
+    each of the three gets the error (none returns as if its message were durable). After
+    70 failed rounds the errors kept are the last 64, and each round still fails alone."""
+    calls: list[list[int]] = []
+    running, release = threading.Event(), threading.Event()
+
+    def flush(items: list[int]) -> None:
+        calls.append(sorted(items))
+        if len(calls) == 1:
+            running.set()
+            release.wait(10)
+            return
+        raise OSError(5, "Input/output error")
+
+    group = sysmail._GroupSync(flush)
+    first = threading.Thread(target=group.wait, args=(0,))
+    first.start()
+    assert running.wait(10)
+    outcomes: dict[int, object] = {}
+
+    def caller(item: int) -> None:
+        try:
+            group.wait(item)
+            outcomes[item] = "durable"
+        except OSError as exc:
+            outcomes[item] = exc.errno
+
+    others = [threading.Thread(target=caller, args=(n,)) for n in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    while len(group._pending) < 3:  # all three are waiting behind the running flush
+        threading.Event().wait(0.001)
+    release.set()
+    for thread in (first, *others):
+        thread.join(10)
+    assert calls[:2] == [[0], [1, 2, 3]]
+    assert outcomes == {1: 5, 2: 5, 3: 5}
+    for item in range(70):
+        with pytest.raises(OSError):
+            group.wait(item)
+    assert len(group._errors) == 64
+
+
 # --------------------------------------------------------------------------- over HTTP
 
 
