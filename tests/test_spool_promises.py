@@ -291,3 +291,16 @@ def test_a_spool_named_by_a_relative_path_works(tmp_path: Path,
     (claim,) = _claim_all(spool).values()
     spool.ack(claim)
     assert os.listdir("spool/new") == os.listdir("spool/cur") == []
+
+
+def test_a_message_the_spool_cannot_take_is_an_error_naming_the_spool_and_why(
+        tmp_path: Path) -> None:
+    """tmp/ gone (a careless cleanup): enqueue raises SpoolError naming the spool and the
+    system's reason, which the log line and the Redis fallback's warning repeat."""
+    spool = _spool(tmp_path / "spool", FakeClock())
+    (tmp_path / "spool" / "tmp").rmdir()
+    with pytest.raises(sysmail.SpoolError) as caught:
+        _queue(spool, "Lost")
+    assert str(caught.value) == (f"cannot write to the spool {tmp_path / 'spool'}: "
+                                 "No such file or directory")
+    assert os.listdir(tmp_path / "spool" / "new") == []
