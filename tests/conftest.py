@@ -760,7 +760,8 @@ def _first_start(server: RedisServer, attempts: int = 3) -> None:
 
 
 # mutmut selects a mutant by this variable; a subprocess must see it to run the same mutant
-MUTANT = {k: v for k, v in os.environ.items() if k == "MUTANT_UNDER_TEST"}
+# (only a mutant's name: its other values, such as "stats", need mutmut's own process)
+MUTANT = {k: v for k, v in os.environ.items() if k == "MUTANT_UNDER_TEST" and "__mutmut_" in v}
 
 
 def run_python(
