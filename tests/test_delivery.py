@@ -523,6 +523,16 @@ def test_a_retry_due_at_the_deliver_by_time_expires_now(
     assert (counts.deferred, counts.expired) == ((1, 0) if outcome == "deferred" else (0, 1))
 
 
+def test_a_deferred_message_keeps_the_relays_reply_for_the_queue_listing(rig: Rig) -> None:
+    """A 451 defers the message, and `sysmail queue` (Spool.entries) shows that reply as its
+    last one: code and text, as the relay said them."""
+    rig.mailer.enqueue("security-alert", to="ada@example.org", event="x")
+    rig.server.sink.script_data(["451 4.3.0 Try again later"])
+    assert rig.sender.run_once() == DeliveryCounts(deferred=1)
+    (row,) = rig.mailer.spool.entries()
+    assert (row["attempt"], row["last_reply"]) == (1, "451 4.3.0 Try again later")
+
+
 def test_status_shows_the_waiting_retries_and_the_soonest(rig: Rig) -> None:
     rig.mailer.enqueue("security-alert", to="ada@example.org", event="x")
     rig.server.sink.script_data(["451 4.3.0 later"])
