@@ -693,11 +693,21 @@ class SlowAckSMTP(SinkSMTP):
         await super().push(status)
 
 
-def test_the_duplicate_window_is_one_message_per_crashed_worker(
-        tmp_path: Path, workers: Callable[..., Worker]) -> None:
-    relay = SmtpServer("smtp+plain", smtp_class=SlowAckSMTP)
+@contextlib.contextmanager
+def held_relay(smtp_class: type[SlowAckSMTP]) -> Iterator[SmtpServer]:
+    """A plain relay of a SlowAckSMTP class, stopped (and its hold let go) afterwards."""
+    relay = SmtpServer("smtp+plain", smtp_class=smtp_class)
     relay.start()
     try:
+        yield relay
+    finally:
+        smtp_class.hold.clear()
+        relay.stop()
+
+
+def test_the_duplicate_window_is_one_message_per_crashed_worker(
+        tmp_path: Path, workers: Callable[..., Worker]) -> None:
+    with held_relay(SlowAckSMTP) as relay:
         spool = tmp_path / "spool"
         ids = _enqueue_many(spool, 8)
         env = _env(relay, spool)
@@ -717,9 +727,6 @@ def test_the_duplicate_window_is_one_message_per_crashed_worker(
         result = run_cli(["worker", "--once"], env)
         assert result.returncode == 0, result.stderr
         received = _received_ids(relay)
-    finally:
-        SlowAckSMTP.hold.clear()
-        relay.stop()
     assert set(received) == set(ids)
     assert len(received) - len(ids) == in_flight  # each accepted-unacknowledged one again
     # however many connections (4 by default) sign and negotiate at once, content is
@@ -747,9 +754,7 @@ def test_sigkilled_worker_loses_nothing_after_restart(
     """Two workers SIGKILLed mid-queue, each while it holds claims (the relay holds back its
     250s at that moment, so the kill cannot fall between two batches), then a third: every
     message arrives, at most one twice per kill, and the spool ends empty."""
-    relay = SmtpServer("smtp+plain", smtp_class=KillAckSMTP)
-    relay.start()
-    try:
+    with held_relay(KillAckSMTP) as relay:
         spool = tmp_path / "spool"
         ids = _enqueue_many(spool, 300)
         env = _env(relay, spool)
@@ -775,9 +780,6 @@ def test_sigkilled_worker_loses_nothing_after_restart(
                     60, "every message delivered and the spool drained")
         assert final.term(timeout=10) == 0
         received = _received_ids(relay)
-    finally:
-        KillAckSMTP.hold.clear()
-        relay.stop()
     per_id = Counter(received)
     assert set(per_id) == set(ids)
     # what can be resent: the message between the relay's 250 and the unlink, one per crashed
@@ -792,9 +794,7 @@ def test_a_running_worker_takes_back_the_claims_of_a_killed_peer(
     # While held, every 250 comes 1 s late, so the victim keeps its batch claimed until it is
     # killed, however slowly the two processes start (unheld, a victim that starts first can
     # send all 300 before the survivor runs).
-    relay = SmtpServer("smtp+plain", smtp_class=BriefAckSMTP)
-    relay.start()
-    try:
+    with held_relay(BriefAckSMTP) as relay:
         spool = tmp_path / "spool"
         ids = _enqueue_many(spool, 300)
         env = _env(relay, spool)
@@ -817,9 +817,6 @@ def test_a_running_worker_takes_back_the_claims_of_a_killed_peer(
         assert survivor.term(timeout=10) == 0
         received = _received_ids(relay)
         sent_by_survivor = {event["id"] for event in survivor.events("sent")}
-    finally:
-        BriefAckSMTP.hold.clear()
-        relay.stop()
     assert {sysmail.SpoolName.parse(name).id for name in held} & sent_by_survivor, \
         "the survivor sent none of the messages the victim held when it died"
     assert set(received) == set(ids)
