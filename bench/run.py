@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -302,13 +304,12 @@ def floor_cpu_ms(bench: Bench, sink: Sink, count: int) -> float:
             raw = os.read(fd, 1 << 20)
             os.close(fd)
             entry = raw[body_at:]
-            mac = sysmail.hmac.new(queue_key, entry, sysmail.hashlib.sha256).hexdigest().encode()
-            assert sysmail.hmac.compare_digest(raw[body_at - 65:body_at - 1], mac)
+            mac = hmac.new(queue_key, entry, hashlib.sha256).hexdigest().encode()
+            assert hmac.compare_digest(raw[body_at - 65:body_at - 1], mac)
             head, _, data = entry.partition(b"\n")
             header = json.loads(head)
             headers, _, body = data.partition(b"\r\n\r\n")
-            digest = sysmail.hashlib.sha256(
-                headers + sysmail.hashlib.sha256(body).digest()).digest()
+            digest = hashlib.sha256(headers + hashlib.sha256(body).digest()).digest()
             signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
             sock.sendall(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
                          % (header["from"].encode(), header["to"][0].encode()))
