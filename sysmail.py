@@ -5445,10 +5445,11 @@ class _Settler:
             self._record_rest(claim, message, unserved, counts)
 
     def _record_rest(self, claim: Claim, message: SpooledMessage, unserved: list[Verdict],
-                     counts: DeliveryCounts) -> None:
+                     counts: DeliveryCounts, again: bool = False) -> None:
         """Write a copy of the message per unserved group, then forget the claim. When the
         queue cannot take them (a full disk), the claim stays ours and the rest is kept here
-        to record later: whoever accepted the message must never get it again."""
+        to record later (counted and logged once, not at every try again): whoever accepted
+        the message must never get it again."""
         try:
             while unserved:
                 self._settle(claim, message, unserved[0], counts, whole=False)
@@ -5457,6 +5458,8 @@ class _Settler:
         except (QueueUnavailable, SpoolError, OSError) as exc:
             with self._lock:
                 self._unrecorded.append((claim, message, unserved))
+            if again:
+                return
             self.metrics.inc("sysmail_unrecorded_total")
             log_event(logging.ERROR, "unrecorded", id=claim.name.id, reason=str(exc),
                       rfcMessageId=message.message_id,
@@ -5468,7 +5471,7 @@ class _Settler:
         with self._lock:
             unrecorded, self._unrecorded = self._unrecorded, []
         for claim, message, unserved in unrecorded:
-            self._record_rest(claim, message, unserved, counts)
+            self._record_rest(claim, message, unserved, counts, again=True)
         self.release_leftovers()
 
     def _settle(self, claim: Claim, message: SpooledMessage | None, verdict: Verdict,
@@ -5482,15 +5485,15 @@ class _Settler:
             split = verdict.reason.get("reason") == RECIPIENT_LIMIT  # a new transaction now
             attempt = message.attempt + (0 if split else 1)
             due = self.clock() if split else verdict.reason["due"]
+            last_reply = " ".join(str(p) for p in (reason.get("code"), reason.get("reply")) if p)
             if whole:
-                claim.queue.defer(claim, due, f"{reason.get('code') or ''} {reason.get('reply') or ''}")
+                claim.queue.defer(claim, due, last_reply)
             else:
                 claim.queue.enqueue(message.header(verdict.rcpts), message.data,
                                     message.priority, due=due, attempt=attempt)
             log_event(logging.INFO, "deferred", rfcMessageId=message.message_id, id=message.id,
                       to=list(verdict.rcpts), attempt=attempt,
-                      next_try=_iso_time(due), code=reason.get("code"),
-                      reason=f"{reason.get('code')} {reason.get('reply')}")
+                      next_try=_iso_time(due), code=reason.get("code"), reason=last_reply)
         elif message is not None and _carries_secret(message):
             claim.queue.add_failed(_redacted(message), verdict.rcpts, {**reason, "redacted": True})
             if whole:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -57,21 +58,31 @@ def rig(spool: Path, server: SmtpServer, clock: FakeClock) -> tuple[sysmail.Mail
 
 
 def test_a_full_disk_never_resends_to_recipients_who_accepted(
-        small_disk: Path, smtp_server: SmtpServer) -> None:
+        small_disk: Path, smtp_server: SmtpServer, caplog: pytest.LogCaptureFixture) -> None:
     """Some recipients accept, one is refused for now, and the copy for the refused one cannot
-    be written (disk full): the accepted ones get the message once, however many cycles pass;
-    the rest is recorded once the disk has room, and delivered then."""
+    be written (disk full): the accepted ones get the message once, however many cycles pass,
+    and an error line says what waits in memory; the rest is recorded once the disk has room,
+    and delivered then."""
+    caplog.set_level(logging.INFO, logger="sysmail")
     clock = FakeClock()
     mailer, sender = rig(small_disk / "spool", smtp_server, clock)
     smtp_server.sink.refuse_rcpt({"busy@example.org": "450 4.2.1 mailbox busy"})
-    mailer.enqueue_message(["ada@example.org", "busy@example.org"], "Invoice", "Your invoice.")
+    message_id = mailer.enqueue_message(["ada@example.org", "busy@example.org"], "Invoice",
+                                        "Your invoice.")
+    [entry] = os.listdir(small_disk / "spool" / "new")
     filler = fill(small_disk)
     try:
         for _ in range(12):
             sender.run_once()
             clock.advance(1)
         assert [m.rcpt_tos for m in smtp_server.messages] == [["ada@example.org"]]
-        assert "sysmail_unrecorded_total 1" in mailer.metrics.render({})
+        assert "sysmail_unrecorded_total 1\n" in mailer.metrics.render({})  # once, not 12 times
+        [record] = [r for r in caplog.records if r.getMessage() == "unrecorded"]
+        assert record.levelno == logging.ERROR
+        assert "No space left on device" in record.fields.pop("reason")
+        assert record.fields == {
+            "id": entry.split(".")[3], "rfcMessageId": message_id, "to": ["busy@example.org"],
+            "note": "delivered to the others; kept in memory and recorded again later"}
         assert os.listdir(small_disk / "spool" / "tmp") == []  # no half-written copy
         filler.unlink()
         smtp_server.sink.refuse_rcpt({})
@@ -106,10 +117,12 @@ def limited_relay() -> Iterator[SmtpServer]:
         server.stop()
 
 
-def test_a_relay_recipient_limit_splits_the_transaction(limited_relay: SmtpServer,
-                                                        tmp_path: Path) -> None:
+def test_a_relay_recipient_limit_splits_the_transaction(
+        limited_relay: SmtpServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A relay answering 452 past its recipient limit gets the rest in new transactions at
-    once, costing no attempt; nobody becomes a dead letter and nobody gets two copies."""
+    once, costing no attempt (each split is logged at attempt 0 with the relay's reply);
+    nobody becomes a dead letter and nobody gets two copies."""
+    caplog.set_level(logging.INFO, logger="sysmail")
     clock = FakeClock()
     mailer, sender = rig(tmp_path / "spool", limited_relay, clock)
     rcpts = [f"user{i}@example.org" for i in range(5)]
@@ -119,6 +132,10 @@ def test_a_relay_recipient_limit_splits_the_transaction(limited_relay: SmtpServe
     finally:
         sender.close()
     assert [m.rcpt_tos for m in limited_relay.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    split = [(r.fields["to"], r.fields["attempt"], r.fields["code"], r.fields["reason"])
+             for r in caplog.records if r.getMessage() == "deferred"]
+    assert split == [(rcpts[2:], 0, 452, "452 4.5.3 Too many recipients"),
+                     (rcpts[4:], 0, 452, "452 4.5.3 Too many recipients")]
     assert counts.sent == 3
     assert counts.failed == 0 and mailer.spool.failed() == []
     assert mailer.spool.counts() == {**mailer.spool.counts(), "new": 0, "deferred": 0,

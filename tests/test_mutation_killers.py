@@ -7,6 +7,7 @@ fixture, real processes; no mocks and no patching.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -28,12 +29,14 @@ from pathlib import Path
 import dkim
 import pytest
 import redis
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import (
     Ed25519Key,
     FakeClock,
     RedisServer,
     RsaKey,
     SmtpServer,
+    SmtpSink,
     dkim_dns,
     free_port,
 )
@@ -595,6 +598,146 @@ def test_a_per_recipient_dead_letter_is_retried_to_that_recipient_only(rig: Rig)
     assert rig.sender.run_once() == sysmail.DeliveryCounts(sent=1)
     assert [m.rcpt_tos for m in rig.server.messages] == [["good@example.org"],
                                                          ["bad@example.org"]]
+
+
+def test_a_secret_carrying_dead_letter_is_redacted_and_names_only_the_refused(rig: Rig) -> None:
+    """A two-factor code to two people, one refused for good: the dead letter keeps the
+    refused address alone, and not the code."""
+    rig.server.sink.refuse_rcpt({"bad@example.org": "550 5.1.1 no such user"})
+    rig.mailer.enqueue("two-factor-code", to=["good@example.org", "bad@example.org"],
+                       code="731904")
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(sent=1, failed=1)
+    [letter] = rig.mailer.spool.failed()
+    assert (letter["to"], letter["redacted"], letter["code"]) == (["bad@example.org"], True, 550)
+    [(_, name, path)] = rig.mailer.spool.messages(("failed",))  # as `sysmail show` reads it
+    assert rig.mailer.spool.peek(name, path).rcpts == ("bad@example.org",)
+    assert b"731904" not in b"".join(p.read_bytes()
+                                     for p in (rig.mailer.spool.root / "failed").iterdir())
+
+
+def test_a_deferral_without_reply_text_keeps_the_code_alone(rig: Rig) -> None:
+    """A bare "451" (no text): the queue listing and the log show "451", nothing made up."""
+    rig.mailer.enqueue("security-alert", to="ada@example.org", event="x")
+    rig.server.sink.script_data(["451"])
+    assert rig.sender.run_once() == sysmail.DeliveryCounts(deferred=1)
+    (row,) = rig.mailer.spool.entries()
+    assert (row["attempt"], row["last_reply"]) == (1, "451")
+
+
+class RecordedBounces(sysmail.BounceHandler):
+    """Keeps every report handed to handle(); raises `failure` instead when it is set."""
+
+    def __init__(self, failure: Exception | None = None):
+        super().__init__(sysmail.Metrics())
+        self.failure = failure
+        self.handled: list[tuple[sysmail.BounceReport, str, str]] = []
+
+    def handle(self, report: sysmail.BounceReport, envelope_recipient: str = "",
+               source: str = "report") -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.handled.append((report, envelope_recipient, source))
+
+
+def _sender_with(rig: Rig, bounces: sysmail.BounceHandler | None) -> sysmail.Sender:
+    return sysmail.Sender(rig.mailer.spool, rig.sender.transport, None, clock=rig.clock,
+                          rand=lambda: 0.5, metrics=sysmail.Metrics(), bounces=bounces)
+
+
+GONE = "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown"
+
+
+def test_each_refusal_at_rcpt_is_reported_with_the_relays_own_words(rig: Rig) -> None:
+    """A 450, then a 550 at RCPT TO: the 450 is no bounce, and the 550 after it is reported
+    whole: hard, its address, its status, the relay's reply as the reason, the Message-ID,
+    the envelope sender, from the source "rcpt"."""
+    rig.server.sink.refuse_rcpt({"later@example.org": "450 4.2.1 mailbox busy",
+                                 "gone@example.org": GONE})
+    message_id = rig.mailer.enqueue_message(
+        ["later@example.org", "gone@example.org", "ok@example.org"], "Hello", "Text")
+    bounces = RecordedBounces()
+    sender = _sender_with(rig, bounces)
+    assert sender.run_once() == sysmail.DeliveryCounts(sent=1, failed=1, deferred=1)
+    assert bounces.handled == [(
+        sysmail.BounceReport("hard", ("gone@example.org",), "5.1.1", GONE, message_id),
+        rig.mailer.config.from_addr, "rcpt")]
+
+
+def test_a_bounce_handler_that_fails_is_logged_and_the_message_stays_settled(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """The handler raising: one error record "bounce_not_recorded" naming the spool entry,
+    with the traceback; the message is settled all the same (nobody gets it twice)."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    rig.server.sink.refuse_rcpt({"gone@example.org": GONE})
+    rig.mailer.enqueue_message(["gone@example.org", "ok@example.org"], "Hello", "Text")
+    ident = _spool_id(rig)
+    sender = _sender_with(rig, RecordedBounces(RuntimeError("the list is down")))
+    assert sender.run_once() == sysmail.DeliveryCounts(sent=1, failed=1)
+    [record] = [r for r in caplog.records if r.getMessage() == "bounce_not_recorded"]
+    assert (record.levelno, record.fields, record.exc_info[0]) == (
+        logging.ERROR, {"id": ident}, RuntimeError)
+    assert sender.run_once() == sysmail.DeliveryCounts()
+    assert [m.rcpt_tos for m in rig.server.messages] == [["ok@example.org"]]
+
+
+def test_a_refusal_at_rcpt_without_a_bounce_handler_logs_no_error(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sysmail")
+    rig.server.sink.refuse_rcpt({"gone@example.org": GONE})
+    rig.mailer.enqueue_message("gone@example.org", "Hello", "Text")
+    assert _sender_with(rig, None).run_once() == sysmail.DeliveryCounts(failed=1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+class GatedSink(SmtpSink):
+    """Holds every RCPT TO reply until the test opens the gate; says when one is waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+        self.gate = threading.Event()
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        self.waiting.set()
+        await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 30)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+def test_a_stop_while_the_relay_holds_a_transaction_puts_the_message_back_unharmed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM's path: the stop comes while the relay still holds RCPT TO; once it answers,
+    the transaction is abandoned and the message goes back to the queue as it was (no
+    attempt spent, no dead letter, no error), to be sent after the restart."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    server = SmtpServer("smtp+plain")
+    server.sink = sink = GatedSink()
+    server.start()
+    clock = FakeClock()
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SMTP_URL": server.url,
+        "SYSMAIL_SPOOL": str(tmp_path / "spool")})
+    mailer = sysmail.Mailer(config, clock=clock)
+    sender = sysmail.Sender(mailer.spool, sysmail.transport_from_config(config), None,
+                            clock=clock, metrics=sysmail.Metrics())
+    mailer.enqueue_message("ada@example.org", "Hello", "Text")
+    stop = threading.Event()
+    worker = threading.Thread(target=sender.run, args=(stop,))
+    try:
+        worker.start()
+        assert sink.waiting.wait(30)
+        stop.set()
+        sender.wake()
+        sink.gate.set()
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        stop.set()
+        sink.gate.set()
+        server.stop()
+    assert [(row["state"], row["attempt"]) for row in mailer.spool.entries()] == [("new", 0)]
+    assert mailer.spool.failed() == [] and server.messages == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --------------------------------------------------------------------------- Redis queue
