@@ -766,6 +766,50 @@ def _bury(queue: sysmail.RedisQueue, clock: FakeClock, priority: int, to: str) -
     return ident
 
 
+def _redis_message(to: str, template: str) -> dict:
+    return {**_header(to), "message_id": f"<{to}>", "template": template}
+
+
+def test_redis_queue_lists_every_waiting_message_like_the_spool(
+        redis_server: RedisServer) -> None:
+    """`sysmail queue` on the Redis fallback: the message being sent first (next try: when
+    its 5-minute lease ends, README), then urgent before bulk, then soonest due; each with
+    its Message-ID, kind, recipients, age, attempt, next try and the last reply of a
+    deferral; an entry that is no message is listed by its id."""
+    queue, clock = _redis_queue(redis_server)
+    sending = queue.enqueue(_redis_message("sending@example.org", "welcome"), b"x", 1)
+    queue.claim(1)
+    clock.advance(1)
+    urgent = queue.enqueue(_redis_message("u@example.org", "password-reset"), b"x", 0)
+    bulk = queue.enqueue(_redis_message("b@example.org", ""), b"x", 1)
+    busy = queue.enqueue(_redis_message("busy@example.org", ""), b"x", 1)
+    clock.advance(1)
+    claims, _ = queue.claim(3)
+    for claim in claims:
+        if claim.name.id == busy:
+            queue.defer(claim, T_QUEUE + 600, "451 4.2.1 Mailbox busy")
+        else:
+            queue.release(claim)
+    client = redis.Redis.from_url(redis_server.url)
+    broken = f"{int((T_QUEUE - 60) * 1e6):x}rbroken"
+    client.hset(queue._key("msg", broken), mapping={"entry": b"garbage", "priority": 1})
+    client.zadd(queue._key("queue", "1"), {broken: int((T_QUEUE + 900) * 1000)})
+
+    def row(ident: str, to: str, kind: str, **changed: object) -> dict:
+        return {"id": ident, "state": "new", "message_id": f"<{to}>", "kind": kind,
+                "to": [to], "queued_at": T_QUEUE, "attempt": 0, "next_try": T_QUEUE + 2,
+                "priority": "bulk", "last_reply": "", "queue": "redis", **changed}
+    assert queue.entries() == [
+        row(sending, "sending@example.org", "welcome", state="sending",
+            next_try=T_QUEUE + 300),
+        row(urgent, "u@example.org", "password-reset", priority="urgent"),
+        row(bulk, "b@example.org", "ad-hoc"),
+        row(busy, "busy@example.org", "ad-hoc", attempt=1, next_try=T_QUEUE + 600,
+            last_reply="451 4.2.1 Mailbox busy"),
+        {**row(broken, "", "unreadable", next_try=T_QUEUE + 900), "message_id": "", "to": [],
+         "queued_at": T_QUEUE - 60}]
+
+
 def test_redis_dead_letters_all_listed_and_retried_one_by_id(redis_server: RedisServer) -> None:
     """failed() lists every dead letter; retry(ids) moves just those asked for."""
     queue, clock = _redis_queue(redis_server)
