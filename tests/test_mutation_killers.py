@@ -810,6 +810,51 @@ def test_redis_queue_lists_every_waiting_message_like_the_spool(
          "queued_at": T_QUEUE - 60}]
 
 
+def test_redis_release_to_a_later_time_and_a_defer_without_a_reply(
+        redis_server: RedisServer) -> None:
+    """release(claim, due) holds the message until due (a paced relay's wait), and a deferral
+    that came with no reply shows none."""
+    queue, _ = _redis_queue(redis_server)
+    held = queue.enqueue(_redis_message("held@example.org", ""), b"x", 1)
+    quiet = queue.enqueue(_redis_message("quiet@example.org", ""), b"x", 1)
+    claims, _ = queue.claim(2)
+    for claim in claims:
+        if claim.name.id == held:
+            queue.release(claim, T_QUEUE + 60)
+        else:
+            queue.defer(claim, T_QUEUE + 30)
+    assert queue.claim(2)[0] == []
+    assert [(r["id"], r["attempt"], r["next_try"], r["last_reply"]) for r in queue.entries()] == [
+        (quiet, 1, T_QUEUE + 30, ""), (held, 0, T_QUEUE + 60, "")]
+
+
+def test_redis_retry_leaves_redacted_dead_letters_alone(redis_server: RedisServer) -> None:
+    """A dead letter whose secret was redacted cannot be sent again: retry skips it."""
+    queue, _ = _redis_queue(redis_server)
+    ident = queue.enqueue(_header(), b"body", 0)
+    [claim], _ = queue.claim(1)
+    queue.fail(claim, {"reason": "rejected", "redacted": True})
+    assert queue.retry() == [] and queue.retry([ident]) == []
+    assert [letter["id"] for letter in queue.failed()] == [ident]
+
+
+def test_redis_pace_is_kept_per_relay_and_the_daily_count_per_day(
+        redis_server: RedisServer) -> None:
+    """Each relay has its own bucket and its own count of the day; the count starts again
+    on the next day (UTC)."""
+    queue, _ = _redis_queue(redis_server)
+    day = 20_000 * 86400.0
+
+    def take(relay: str, now: float) -> tuple[float, int]:
+        return queue.take_pace(relay, now, 1.0, 1.0, 1.0, 100.0, (now // 86400 + 1) * 86400)
+    assert take("a", day) == (0.0, 1)
+    wait, used = take("a", day)
+    assert wait > 0 and used == 1  # the bucket is empty: nothing taken, nothing counted
+    assert take("b", day) == (0.0, 1)  # another relay: its own bucket, its own count
+    assert take("a", day + 10) == (0.0, 2)
+    assert take("a", day + 86400 + 10) == (0.0, 1)  # a new day
+
+
 def test_redis_dead_letters_all_listed_and_retried_one_by_id(redis_server: RedisServer) -> None:
     """failed() lists every dead letter; retry(ids) moves just those asked for."""
     queue, clock = _redis_queue(redis_server)
