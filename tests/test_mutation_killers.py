@@ -651,16 +651,24 @@ def test_each_refusal_at_rcpt_is_reported_with_the_relays_own_words(rig: Rig) ->
     """A 450, then a 550 at RCPT TO: the 450 is no bounce, and the 550 after it is reported
     whole: hard, its address, its status, the relay's reply as the reason, the Message-ID,
     the envelope sender, from the source "rcpt"."""
+    policy = "550 5.7.1 <pol@example.org>: mailbox unavailable by policy"
+    vague = "550 5.0.0 <old@example.org>: User unknown"
     rig.server.sink.refuse_rcpt({"later@example.org": "450 4.2.1 mailbox busy",
-                                 "gone@example.org": GONE})
-    message_id = rig.mailer.enqueue_message(
-        ["later@example.org", "gone@example.org", "ok@example.org"], "Hello", "Text")
+                                 "gone@example.org": GONE, "pol@example.org": policy,
+                                 "old@example.org": vague})
+    rcpts = ["later@example.org", "gone@example.org", "pol@example.org", "old@example.org"]
+    message_id = rig.mailer.enqueue_message([*rcpts, "ok@example.org"], "Hello", "Text")
     bounces = RecordedBounces()
     sender = _sender_with(rig, bounces)
     assert sender.run_once() == sysmail.DeliveryCounts(sent=1, failed=1, deferred=1)
-    assert bounces.handled == [(
-        sysmail.BounceReport("hard", ("gone@example.org",), "5.1.1", GONE, message_id),
-        rig.mailer.config.from_addr, "rcpt")]
+    # the status decides (5.7.1: the relay's policy, soft, whatever the words); a vague
+    # status (5.0.0) leaves it to the words
+    assert bounces.handled == [
+        (sysmail.BounceReport(kind, (rcpt,), status, reply, message_id),
+         rig.mailer.config.from_addr, "rcpt")
+        for kind, rcpt, status, reply in (("hard", rcpts[1], "5.1.1", GONE),
+                                          ("soft", rcpts[2], "5.7.1", policy),
+                                          ("hard", rcpts[3], "5.0.0", vague))]
 
 
 def test_a_bounce_handler_that_fails_is_logged_and_the_message_stays_settled(
