@@ -712,6 +712,39 @@ class GatedSink(SmtpSink):
         return await super().handle_RCPT(server, session, envelope, address, options)
 
 
+class SenderRefusingSink(SmtpSink):
+    """A relay that refuses the envelope sender itself (SPF, an unknown sender domain)."""
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        return "550 5.7.1 <" + address + ">: Sender address rejected: not owned by user"
+
+
+def test_a_relay_refusing_the_sender_fails_the_message_with_its_reply(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 550 at MAIL FROM refuses every recipient at once: a dead letter with that reply,
+    not an internal error."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    server = SmtpServer("smtp+plain")
+    server.sink = SenderRefusingSink()
+    server.start()
+    config = sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SMTP_URL": server.url,
+        "SYSMAIL_SPOOL": str(tmp_path / "spool")})
+    mailer = sysmail.Mailer(config, clock=FakeClock())
+    mailer.enqueue_message("ada@example.org", "Hello", "Text")
+    sender = mailer.sender()
+    try:
+        assert sender.run_once() == sysmail.DeliveryCounts(failed=1)
+    finally:
+        sender.close()
+        server.stop()
+    [letter] = mailer.spool.failed()
+    assert (letter["reason"], letter["code"]) == ("rejected", 550)
+    assert "Sender address rejected" in letter["reply"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_a_stop_while_the_relay_holds_a_transaction_puts_the_message_back_unharmed(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SIGTERM's path: the stop comes while the relay still holds RCPT TO; once it answers,
