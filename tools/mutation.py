@@ -92,12 +92,18 @@ SECTIONS: dict[str, list[str]] = {
 # killers written for issue 15. mutmut runs, per mutant, only those of them that reach the
 # mutated function in-process, fastest first, stopping at the first failure.
 KILLERS = "tests/test_mutation_killers.py"
-# Tests to leave out of the mutation runs: a latency bound (mutmut's tracing run of the
-# unmutated code is several times slower, so its first pass fails on the bound and the run
-# stops; the wake-up it guards is also checked by test_faults' wake-up tests).
+# Tests to leave out of the mutation runs: time bounds that the trampolined copy of
+# sysmail.py cannot meet (every call goes through mutmut's trampoline: the copy runs about 7x
+# slower, so mutmut's first pass fails on the bound and the run stops). A wake-up latency
+# (also checked by test_faults' wake-up tests), and `serve` stopping within 5 s of SIGTERM
+# (0.8 s here, 5.9 s in the copy); these run sysmail only in a subprocess, so mutmut never
+# runs them for a mutant anyway.
 DESELECTED: tuple[str, ...] = (
     ("tests/test_spool_and_crashes.py::"
      "test_an_idle_worker_wakes_at_once_when_another_process_queues_mail"),
+    "tests/test_http_api.py::test_tokens_never_reach_the_log",
+    "tests/test_http_api.py::test_signal_while_idle_exits_0",
+    "tests/test_http_api.py::test_sigterm_lets_a_request_in_flight_finish",
 )
 TESTS: dict[str, list[str]] = {
     "spool": ["tests/test_spool_and_crashes.py", "tests/test_queue_contract.py",
