@@ -328,6 +328,49 @@ def test_idempotency_key_still_in_progress_is_a_409_after_about_a_second(
         thread.join(10)
 
 
+def test_idempotency_key_taken_exactly_the_taken_time_ago_is_still_in_progress(
+        tmp_path: Path) -> None:
+    """An empty key (a first request still writing) counts as abandoned only once it is
+    strictly older than IDEMPOTENCY_TAKEN_SECONDS: at exactly that age it is a 409."""
+    folder = tmp_path / "keys"
+    keys = sysmail.IdempotencyKeys(folder, Clock(T0))
+    keys.remember("other", lambda: "<other>")  # makes the folder and prunes at T0
+    taken = _key_file(folder, "k")
+    taken.touch()
+    edge = T0 - sysmail.IDEMPOTENCY_TAKEN_SECONDS
+    os.utime(taken, (edge, edge))
+    with pytest.raises(sysmail.HttpError) as caught:
+        keys.remember("k", lambda: "<second>")
+    assert caught.value.status == 409
+    os.utime(taken, (edge - 1, edge - 1))
+    assert keys.remember("k", lambda: "<second>") == ("<second>", True)
+
+
+def test_idempotency_key_the_full_disk_cannot_bind_is_released_not_wedged(
+        small_mount: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:
+    """The message is queued but its id cannot be written into the key (ENOSPC): the key is
+    released with a warning naming the message, so a retry of the request is not refused
+    with 409 for a key that holds nothing."""
+    caplog.set_level(logging.INFO, logger="sysmail")
+    disk = small_mount("size=64k")
+    folder = disk / "keys"
+    keys = sysmail.IdempotencyKeys(folder, Clock(T0))
+    keys.remember("warm", lambda: "<warm>")
+    filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    for size in (4096, 1):  # to the last byte
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(filler, b"\0" * size)
+    os.close(filler)
+    assert keys.remember("k", lambda: "<first>") == ("<first>", True)
+    assert not _key_file(folder, "k").exists()
+    released = [r for r in caplog.records if r.getMessage() == "idempotency_key_released"]
+    assert [(r.levelno, r.fields) for r in released] == [
+        (logging.WARNING, {"messageId": "<first>"})]
+    (disk / "filler").unlink()
+    assert keys.remember("k", lambda: "<retry>") == ("<retry>", True)
+
+
 # --------------------------------------------------------------------------- rate limits
 
 
