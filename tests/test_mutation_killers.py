@@ -131,6 +131,20 @@ def test_memory_store_add_user_keeps_name_and_password_and_counts_ids_from_one()
     assert bob.id not in store.passwords
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_both_stores_keep_a_users_language_and_refuse_a_malformed_one(
+        kind: str, tmp_path: Path) -> None:
+    """The locale given to add_user is on the User returned and on the one found later (the
+    reset mail's language); "english!" is no language tag."""
+    store = sysmail.MemoryStore() if kind == "memory" else sysmail.SqliteStore(tmp_path / "s.db")
+    assert store.add_user("ada@example.com", locale="de").locale == "de"
+    assert store.find_user("ada@example.com").locale == "de"
+    assert store.add_user("bob@example.com").locale == ""
+    with pytest.raises(sysmail.MessageError, match="language tag"):
+        store.add_user("eve@example.com", locale="english!")
+    assert store.find_user("eve@example.com") is None
+
+
 def test_memory_store_keeps_when_a_token_was_made() -> None:
     """save_token records the creation time next to the expiry."""
     store = sysmail.MemoryStore()
