@@ -482,15 +482,30 @@ class Rig:
     server: SmtpServer
 
 
+def _unsigned_mailer(server: SmtpServer, tmp_path: Path, clock: FakeClock) -> sysmail.Mailer:
+    return sysmail.Mailer(sysmail.Config.from_env({
+        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SMTP_URL": server.url,
+        "SYSMAIL_SPOOL": str(tmp_path / "spool")}), clock=clock)
+
+
+@contextlib.contextmanager
+def relay_with(sink: SmtpSink) -> Iterator[SmtpServer]:
+    """A relay on loopback answering through sink (a scripted SmtpSink subclass)."""
+    server = SmtpServer("smtp+plain")
+    server.sink = sink
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def rig(smtp_server: SmtpServer, tmp_path: Path) -> Iterator[Rig]:
     """An unsigned sender (rand() = 0.5: no jitter) with its own Metrics, logs at INFO."""
-    config = sysmail.Config.from_env({
-        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SMTP_URL": smtp_server.url,
-        "SYSMAIL_SPOOL": str(tmp_path / "spool")})
     clock = FakeClock()
-    mailer = sysmail.Mailer(config, clock=clock)
-    sender = sysmail.Sender(mailer.spool, sysmail.transport_from_config(config), None,
+    mailer = _unsigned_mailer(smtp_server, tmp_path, clock)
+    sender = sysmail.Sender(mailer.spool, sysmail.transport_from_config(mailer.config), None,
                             clock=clock, rand=lambda: 0.5, metrics=sysmail.Metrics(),
                             retry=sysmail.RetryPolicy(schedule=(1.0, 100.0)))
     yield Rig(clock, mailer, sender, smtp_server)
@@ -782,20 +797,14 @@ def test_a_relay_refusing_the_sender_fails_the_message_with_its_reply(
     """A 550 at MAIL FROM refuses every recipient at once: a dead letter with that reply,
     not an internal error."""
     caplog.set_level(logging.INFO, logger="sysmail")
-    server = SmtpServer("smtp+plain")
-    server.sink = SenderRefusingSink()
-    server.start()
-    config = sysmail.Config.from_env({
-        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SMTP_URL": server.url,
-        "SYSMAIL_SPOOL": str(tmp_path / "spool")})
-    mailer = sysmail.Mailer(config, clock=FakeClock())
-    mailer.enqueue_message("ada@example.org", "Hello", "Text")
-    sender = mailer.sender()
-    try:
-        assert sender.run_once() == sysmail.DeliveryCounts(failed=1)
-    finally:
-        sender.close()
-        server.stop()
+    with relay_with(SenderRefusingSink()) as server:
+        mailer = _unsigned_mailer(server, tmp_path, FakeClock())
+        mailer.enqueue_message("ada@example.org", "Hello", "Text")
+        sender = mailer.sender()
+        try:
+            assert sender.run_once() == sysmail.DeliveryCounts(failed=1)
+        finally:
+            sender.close()
     [letter] = mailer.spool.failed()
     assert (letter["reason"], letter["code"]) == ("rejected", 550)
     assert "Sender address rejected" in letter["reply"]
@@ -808,31 +817,23 @@ def test_a_stop_while_the_relay_holds_a_transaction_puts_the_message_back_unharm
     the transaction is abandoned and the message goes back to the queue as it was (no
     attempt spent, no dead letter, no error), to be sent after the restart."""
     caplog.set_level(logging.INFO, logger="sysmail")
-    server = SmtpServer("smtp+plain")
-    server.sink = sink = GatedSink()
-    server.start()
-    clock = FakeClock()
-    config = sysmail.Config.from_env({
-        "SYSTEM_DOMAIN": DOMAIN, "SYSMAIL_ALLOW_UNSIGNED": "1", "SMTP_URL": server.url,
-        "SYSMAIL_SPOOL": str(tmp_path / "spool")})
-    mailer = sysmail.Mailer(config, clock=clock)
-    sender = sysmail.Sender(mailer.spool, sysmail.transport_from_config(config), None,
-                            clock=clock, metrics=sysmail.Metrics())
-    mailer.enqueue_message("ada@example.org", "Hello", "Text")
-    stop = threading.Event()
-    worker = threading.Thread(target=sender.run, args=(stop,))
-    try:
-        worker.start()
-        assert sink.waiting.wait(30)
-        stop.set()
-        sender.wake()
-        sink.gate.set()
-        worker.join(30)
-        assert not worker.is_alive()
-    finally:
-        stop.set()
-        sink.gate.set()
-        server.stop()
+    sink, stop = GatedSink(), threading.Event()
+    with relay_with(sink) as server:
+        mailer = _unsigned_mailer(server, tmp_path, FakeClock())
+        sender = mailer.sender()
+        mailer.enqueue_message("ada@example.org", "Hello", "Text")
+        worker = threading.Thread(target=sender.run, args=(stop,))
+        try:
+            worker.start()
+            assert sink.waiting.wait(30)
+            stop.set()
+            sender.wake()
+            sink.gate.set()
+            worker.join(30)
+            assert not worker.is_alive()
+        finally:
+            stop.set()
+            sink.gate.set()
     assert [(row["state"], row["attempt"]) for row in mailer.spool.entries()] == [("new", 0)]
     assert mailer.spool.failed() == [] and server.messages == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
