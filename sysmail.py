@@ -5445,11 +5445,24 @@ class _Settler:
             self._record_rest(claim, message, unserved, counts)
 
     def _record_rest(self, claim: Claim, message: SpooledMessage, unserved: list[Verdict],
-                     counts: DeliveryCounts, again: bool = False) -> None:
+                     counts: DeliveryCounts) -> None:
+        """Record the unserved groups; when the queue cannot take them now, count and log it
+        once (record_leftovers tries again quietly): whoever accepted the message must never
+        get it again."""
+        failure = self._write_rest(claim, message, unserved, counts)
+        if failure is not None:
+            rest, exc = failure
+            self.metrics.inc("sysmail_unrecorded_total")
+            log_event(logging.ERROR, "unrecorded", id=claim.name.id, reason=str(exc),
+                      rfcMessageId=message.message_id,
+                      to=[r for v in rest for r in v.rcpts],
+                      note="delivered to the others; kept in memory and recorded again later")
+
+    def _write_rest(self, claim: Claim, message: SpooledMessage, unserved: list[Verdict],
+                    counts: DeliveryCounts) -> tuple[list[Verdict], Exception] | None:
         """Write a copy of the message per unserved group, then forget the claim. When the
         queue cannot take them (a full disk), the claim stays ours and the rest is kept here
-        to record later (counted and logged once, not at every try again): whoever accepted
-        the message must never get it again."""
+        to record later; that rest and the error are returned."""
         try:
             while unserved:
                 self._settle(claim, message, unserved[0], counts, whole=False)
@@ -5458,20 +5471,15 @@ class _Settler:
         except (QueueUnavailable, SpoolError, OSError) as exc:
             with self._lock:
                 self._unrecorded.append((claim, message, unserved))
-            if again:
-                return
-            self.metrics.inc("sysmail_unrecorded_total")
-            log_event(logging.ERROR, "unrecorded", id=claim.name.id, reason=str(exc),
-                      rfcMessageId=message.message_id,
-                      to=[r for v in unserved for r in v.rcpts],
-                      note="delivered to the others; kept in memory and recorded again later")
+            return unserved, exc
+        return None
 
     def record_leftovers(self, counts: DeliveryCounts) -> None:
         """Try again to record what a failing queue could not take; then to put back claims."""
         with self._lock:
             unrecorded, self._unrecorded = self._unrecorded, []
         for claim, message, unserved in unrecorded:
-            self._record_rest(claim, message, unserved, counts, again=True)
+            self._write_rest(claim, message, unserved, counts)
         self.release_leftovers()
 
     def _settle(self, claim: Claim, message: SpooledMessage | None, verdict: Verdict,
