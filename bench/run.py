@@ -59,16 +59,17 @@ class Sizes:
     http_seconds: float
     scale_queued: int
     scale_small: int
+    scale_window: int  # messages drained from the huge backlog in each of its windows
     openssl_seconds: int
     batch: int
     backlog: int
 
 
 FULL = Sizes(enqueue=1500, delivery=4000, naive=120, latency_seconds=8.0, http_seconds=10.0,
-             scale_queued=1_000_000, scale_small=1000, openssl_seconds=3, batch=100_000,
+             scale_queued=1_000_000, scale_small=1000, scale_window=5000, openssl_seconds=3, batch=100_000,
              backlog=20_000)
 SMOKE = Sizes(enqueue=30, delivery=60, naive=4, latency_seconds=0.3, http_seconds=0.3,
-              scale_queued=400, scale_small=60, openssl_seconds=1, batch=600,
+              scale_queued=3000, scale_small=60, scale_window=60, openssl_seconds=1, batch=600,
               backlog=300)
 
 
@@ -183,6 +184,8 @@ def bulk_fill(env: dict[str, str], count: int, priority: int = sysmail.URGENT) -
                   "template": template.name, "queued_at": now, "expires_at": now + 86400}
         name = sysmail.SpoolName(priority, int(now * 1000), 0, f"b{number:08d}")
         (spool.root / "new" / str(name)).write_bytes(sysmail._entry_bytes(header, data, key))
+    os.sync()  # real enqueues leave nothing to write back: the drain measured next must not
+    # share the disk with the writeback of gigabytes of set-up
 
 
 def run_workers(env: dict[str, str], count: int, *args: str) -> list[subprocess.Popen]:
@@ -694,18 +697,21 @@ def answer_times(env: dict[str, str]) -> tuple[float, float]:
 
 
 def bench_scale(bench: Bench) -> list[Row]:
-    """Delivery with a huge backlog against a small one, three windows each, alternated."""
+    """Delivery with a huge backlog against a small one, five windows each, alternated. The
+    small one drains whole (its 1,000 messages, about a second); the huge one's windows are
+    five times longer, so a worker's first second there (some start with a few hundred
+    messages at half speed) weighs like it would in a real drain of a million."""
     sizes = bench.sizes
     small_rates, large_rates, rss, starts = [], [], 0.0, []
     sink = Sink(bench.folder)
     try:
         large_env = bench.env(sink)
         bulk_fill(large_env, sizes.scale_queued)
-        for _ in range(3):
+        for _ in range(5):
             small_env = bench.env(sink)
             bulk_fill(small_env, sizes.scale_small)
             small_rates.append(drain_window(small_env, sink, sizes.scale_small)[0])
-            rate, peak, first = drain_window(large_env, sink, sizes.scale_small)
+            rate, peak, first = drain_window(large_env, sink, sizes.scale_window)
             large_rates.append(rate)
             rss, starts = max(rss, peak), [*starts, first]
         status_ms, metrics_ms = answer_times(large_env)
@@ -713,13 +719,14 @@ def bench_scale(bench: Bench) -> list[Row]:
         sink.stop()
     small, large = statistics.median(small_rates), statistics.median(large_rates)
     return [
-        Row(f"delivery with {sizes.scale_queued:,} queued", f"{large:,.0f}/s",
-            f"with {sizes.scale_small:,} queued {small:,.0f}/s (medians of 3)", large / small,
+        Row(f"delivery with {sizes.scale_queued:,} queued",
+            f"{large:,.0f}/s ({sizes.scale_window:,}-message windows)",
+            f"with {sizes.scale_small:,} queued {small:,.0f}/s (medians of 5)", large / small,
             ">= 0.9", large / small >= 0.9),
         Row(f"worker peak RSS with {sizes.scale_queued:,} queued", f"{rss:.0f} MB",
             "limit 150 MB", rss / 150, "< 150 MB", rss < 150),
         Row(f"worker start to first delivery, {sizes.scale_queued:,} queued",
-            f"{max(starts):.2f} s (worst of 3)", "limit 5 s", max(starts) / 5, "< 5 s",
+            f"{max(starts):.2f} s (worst of 5)", "limit 5 s", max(starts) / 5, "< 5 s",
             max(starts) < 5),
         Row(f"status / GET /metrics with {sizes.scale_queued:,} queued",
             f"{status_ms:.0f} ms / {metrics_ms:.0f} ms", "limit 100 ms",
