@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ("durable enqueue", "delivery, RSA-2048 DKIM", "delivery vs the signing limit",
         "latency enqueue->250, in-process", "latency enqueue->250, cross-process",
-        "HTTP forgot-password", "HTTP /v1/emails", "delivery with 400 queued",
+        "HTTP forgot-password", "HTTP /v1/emails", "delivery with 3,000 queued",
         "worker peak RSS")
 
 
