@@ -454,9 +454,11 @@ def process_cpu(pid: int) -> float:
 # ---- 3. latency ---- #
 
 
-def paced_enqueues(target: sysmail.Mailer, seconds: float, rate: float) -> dict[str, float]:
-    """Enqueue at an even rate; return Message-ID -> the time enqueue was called."""
-    sent: dict[str, float] = {}
+def paced_enqueues(target: sysmail.Mailer, seconds: float, rate: float
+                   ) -> dict[str, tuple[float, float]]:
+    """Enqueue at an even rate; return Message-ID -> (the time enqueue was called, the time it
+    returned, the message durable)."""
+    sent: dict[str, tuple[float, float]] = {}
     interval, next_at = 1 / rate, time.time()
     end = next_at + seconds
     number = 0
@@ -465,15 +467,18 @@ def paced_enqueues(target: sysmail.Mailer, seconds: float, rate: float) -> dict[
         started = time.time()
         message_id = target.enqueue("two-factor-code", to=f"user{number}@example.com",
                                     code="123456")
-        sent[message_id] = started
+        sent[message_id] = (started, time.time())
         number += 1
         next_at += interval
     return sent
 
 
-def latencies(sent: dict[str, float], sink: Sink) -> list[float]:
+def latencies(sent: dict[str, tuple[float, float]], sink: Sink
+              ) -> tuple[list[float], list[float]]:
+    """Milliseconds from each enqueue call to its 250, and of each enqueue call itself."""
     received = sink.wait_for(set(sent), 10)
-    return [(received[m] - t) * 1000 for m, t in sent.items() if m in received]
+    return ([(received[m] - called) * 1000 for m, (called, _) in sent.items() if m in received],
+            [(durable - called) * 1000 for called, durable in sent.values()])
 
 
 def warm_send_latency(sink: Sink, key: str, count: int) -> float:
@@ -517,19 +522,20 @@ def bench_latency(bench: Bench) -> list[Row]:
     finally:
         sink.stop()
     backlog = urgent_during_backlog(bench)
-    for label, values, limit in (("in-process (serve, embedding), 20/s", same, 25),
-                                 ("cross-process (send -> worker), 20/s", other, 50),
-                                 (f"codes at 10/s during a {bench.sizes.backlog:,} bulk drain",
-                                  backlog, 50)):
+    for label, (values, durable), limit in (
+            ("in-process (serve, embedding), 20/s", same, 25),
+            ("cross-process (send -> worker), 20/s", other, 50),
+            (f"codes at 10/s during a {bench.sizes.backlog:,} bulk drain", backlog, 50)):
         p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
         rows.append(Row(f"latency enqueue->250, {label}",
-                        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (the durable enqueue call alone: "
+                        f"p99 {percentile(durable, 0.99):.1f} ms)",
                         f"sign+send on an open connection p50 {reference:.1f} ms",
                         p99 / reference, f"p99 < {limit} ms", p99 < limit))
     return rows
 
 
-def urgent_during_backlog(bench: Bench) -> list[float]:
+def urgent_during_backlog(bench: Bench) -> tuple[list[float], list[float]]:
     """Enqueue-to-250 of two-factor codes queued at 10 a second while one worker process
     drains a backlog of bulk mail."""
     sink = Sink(bench.folder)
