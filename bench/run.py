@@ -66,8 +66,8 @@ class Sizes:
 
 
 FULL = Sizes(enqueue=1500, delivery=4000, naive=120, latency_seconds=8.0, http_seconds=10.0,
-             scale_queued=1_000_000, scale_small=1000, scale_window=5000, openssl_seconds=3, batch=100_000,
-             backlog=20_000)
+             scale_queued=1_000_000, scale_small=1000, scale_window=5000, openssl_seconds=3,
+             batch=100_000, backlog=20_000)
 SMOKE = Sizes(enqueue=30, delivery=60, naive=4, latency_seconds=0.3, http_seconds=0.3,
               scale_queued=3000, scale_small=60, scale_window=60, openssl_seconds=1, batch=600,
               backlog=300)
